@@ -1,0 +1,39 @@
+# Every target sets itself up from nothing: a .venv with torch==$(TORCH_VERSION) installed first
+# (a plain `torch` requirement would pull a multi-GB CUDA build), then the project and its extras.
+TORCH_VERSION ?= 2.13.0
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: install test test-gpu bench bench-full kernel-report clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# CPU test suite: the reference everywhere, the Triton kernels in Triton's interpreter.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# On a CUDA machine: the same tests on the real kernels (no interpreter).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+bench-full: $(STAMP)
+	$(PY) -m bench.run --full
+
+# Ahead-of-time compile of every shipped kernel config for sm_80 / sm_90: registers, spills, mma count.
+kernel-report: $(STAMP)
+	$(PY) -m scd_triton.kernels.report
+
+clean:
+	rm -rf $(VENV) build *.egg-info
