@@ -1,0 +1,45 @@
+"""Converters to and from the published layers' parameter layouts.
+
+Pisoni's Keras ``CosSimConv2D`` keeps a kernel of shape ``(1, 9·C, O)``: tap-major,
+channel-minor, taps in row-major order, so ``kernel[0, (3·i + j)·C + c, o] = weight[o, c, i, j]``;
+its ``p`` has shape ``(O,)`` and ``q`` shape ``(1,)``. Rohrer's ``SharpCosSim2d`` state_dict
+(``weight``, ``p``, ``log_q``) loads as it is into ``SCD2d(..., parameterization="rohrer")``.
+"""
+import numpy as np
+import torch
+
+from .modules import SCD2d
+
+_TAPS = 3  # the Keras layer is 3×3, stride 1, padding "same"
+
+
+def from_pisoni_keras(kernel, p, q, dtype=torch.float32, device=None) -> SCD2d:
+    """An ``SCD2d`` whose output on NCHW input equals the Keras layer's on the same NHWC input."""
+    kernel, p, q = (np.asarray(v) for v in (kernel, p, q))
+    if kernel.ndim != 3 or kernel.shape[0] != 1 or kernel.shape[1] % (_TAPS * _TAPS):
+        raise ValueError(f"kernel must have shape (1, 9*C, O), got {kernel.shape}")
+    channels, out_channels = kernel.shape[1] // (_TAPS * _TAPS), kernel.shape[2]
+    if p.shape != (out_channels,):
+        raise ValueError(f"p must have shape ({out_channels},), got {p.shape}")
+    if q.shape != (1,):
+        raise ValueError(f"q must have shape (1,), got {q.shape}")
+    layer = SCD2d(channels, out_channels, _TAPS, padding="same", parameterization="pisoni",
+                  dtype=dtype, device=device)
+    weight = kernel[0].reshape(_TAPS, _TAPS, channels, out_channels).transpose(3, 2, 0, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        layer.p_raw.copy_(torch.from_numpy(p))
+        layer.q_raw.copy_(torch.from_numpy(q))
+    return layer
+
+
+def to_pisoni_keras(layer: SCD2d):
+    """The Keras layer's ``(kernel, p, q)`` numpy arrays for a 3×3 "pisoni" ``SCD2d``."""
+    if not isinstance(layer, SCD2d) or layer.parameterization != "pisoni":
+        raise TypeError("layer must be an SCD2d with parameterization='pisoni'")
+    if layer.kernel_size != (_TAPS, _TAPS) or layer.groups != 1:
+        raise ValueError(f"the Keras layer is 3x3 with groups=1, got kernel_size="
+                         f"{layer.kernel_size}, groups={layer.groups}")
+    weight = layer.weight.detach().cpu().numpy()
+    kernel = weight.transpose(2, 3, 1, 0).reshape(1, -1, layer.out_channels)
+    return kernel, layer.p_raw.detach().cpu().numpy(), layer.q_raw.detach().cpu().numpy()

@@ -1,0 +1,209 @@
+"""Public functions: argument validation (the one place), padding and backend resolution.
+
+``scd2d`` normalises the kernels (``ŵ = w / (sqrt(Σw² + norm_eps) + q)``, plain torch ops that
+autograd differentiates) and calls the core op ``scd2d_normalized``; ``scd1d`` is the 2-D case
+with ``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU.
+"""
+import numbers
+import os
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+BACKENDS = ("auto", "reference", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tuple(value, n, name):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, tuple, list)):
+        raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+    values = (int(value),) * n if isinstance(value, numbers.Integral) else tuple(value)
+    if len(values) != n or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                   for v in values):
+        raise TypeError(f"{name} must be an int or a tuple of {n} ints, got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+def _positive(value, n, name):
+    values = _tuple(value, n, name)
+    if min(values) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return values
+
+
+def resolve_padding(padding, kernel_size, stride, dilation):
+    """Per-side padding ``(top, bottom, left, right)``; "same" pads as ``nn.Conv2d`` does."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+        if any(s != 1 for s in stride):
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+        sides = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            sides += [total // 2, total - total // 2]
+        return tuple(sides)
+    pads = _tuple(padding, len(kernel_size), "padding")
+    if min(pads) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding!r}")
+    return tuple(side for pad in pads for side in (pad, pad))
+
+
+def resolve_backend(backend, device: torch.device) -> str:
+    """"reference" or "triton" for this call; ``None`` reads ``SCD_BACKEND`` (default "auto")."""
+    if backend is None:
+        backend = os.environ.get("SCD_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or None), got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    if backend == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                               "triton is imported (Triton's interpreter); use backend='reference' "
+                               "or CUDA tensors")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"backend='triton' runs on CUDA tensors, got device {device}")
+    return backend
+
+
+def _effective(value, name, x, out_channels):
+    """p or q as a float tensor of shape [O] on x's device (a shared value is expanded)."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = torch.tensor(float(value), device=x.device)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if value.device != x.device:
+        raise RuntimeError(f"{name} is on {value.device} but x is on {x.device}")
+    if value.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{name} must be float32 or x's dtype ({x.dtype}), got {value.dtype}")
+    if value.shape not in ((), (out_channels,)):
+        raise ValueError(f"{name} must have shape () or ({out_channels},) (out_channels), "
+                         f"got {tuple(value.shape)}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return value.to(dtype).expand(out_channels)
+
+
+def _check_tensors(x, weight, ndim):
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if x.dim() != ndim + 2:
+        layout = "[N, C, H, W]" if ndim == 2 else "[N, C, L]"
+        raise ValueError(f"x must be {ndim + 2}-D {layout}, got shape {tuple(x.shape)}")
+    if weight.dim() != ndim + 2:
+        raise ValueError(f"weight must be {ndim + 2}-D [O, C/groups, *kernel], got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise RuntimeError(f"weight is on {weight.device} but x is on {x.device}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+
+
+def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim):
+    """Validates everything but p, q; returns the 2-D conv arguments of the core op."""
+    _check_tensors(x, weight, ndim)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    C, O = x.shape[1], weight.shape[0]
+    if C % groups or O % groups:
+        raise ValueError(f"in_channels ({C}) and out_channels ({O}) must be divisible by "
+                         f"groups ({groups})")
+    if weight.shape[1] != C // groups:
+        raise ValueError(f"weight.shape[1] must be C/groups = {C // groups}, got {weight.shape[1]}")
+    if min(weight.shape[2:]) < 1 or O < 1:
+        raise ValueError(f"weight must have a non-empty kernel and out_channels, got "
+                         f"{tuple(weight.shape)}")
+    for name, value in (("eps", eps), ("norm_eps", norm_eps)):
+        if not isinstance(value, numbers.Real) or value < 0:
+            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    stride = _positive(stride, ndim, "stride")
+    dilation = _positive(dilation, ndim, "dilation")
+    kernel = tuple(weight.shape[2:])
+    pads = resolve_padding(padding, kernel, stride, dilation)
+    if ndim == 1:  # the 2-D case with H = R = 1
+        stride, dilation, kernel, pads = (1, *stride), (1, *dilation), (1, *kernel), (0, 0, *pads)
+    out_hw = ops.output_hw(x.shape[-2:] if ndim == 2 else (1, x.shape[-1]), kernel, stride, pads,
+                           dilation)
+    if min(out_hw) < 1:
+        raise ValueError(f"output size {out_hw} is < 1 for input {tuple(x.shape)}, kernel {kernel}, "
+                         f"stride {stride}, padding {pads}, dilation {dilation}")
+    return list(stride), list(pads), list(dilation), int(groups)
+
+
+def _autocast(x, weight):
+    """Runs in the autocast dtype, as conv2d does under ``torch.autocast``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+def _scd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, ndim,
+         normalized):
+    args = _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim)
+    O = weight.shape[0]
+    p_eff, q_eff = _effective(p, "p", x, O), _effective(q, "q", x, O)
+    backend = resolve_backend(backend, x.device)
+    x, weight = _autocast(x, weight)
+    if not normalized:
+        norms = weight.to(p_eff.dtype).square().sum(tuple(range(1, weight.dim())), keepdim=True)
+        shape = (O,) + (1,) * (weight.dim() - 1)
+        weight = (weight / ((norms + norm_eps).sqrt() + q_eff.view(shape))).to(weight.dtype)
+    if ndim == 1:
+        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
+    y, _, _ = ops.scd2d_core(x, weight, p_eff, q_eff, *args, float(eps), float(norm_eps), backend)
+    return y.squeeze(2) if ndim == 1 else y
+
+
+def scd2d_normalized(x, w_hat, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12,
+                     norm_eps=1e-12, backend=None):
+    """The core op on pre-normalised kernels ``w_hat`` (SPEC section 1).
+
+    ``y = sign(d) · (|d / (‖s‖ + q)| + eps) ** p`` with ``d = s · ŵ`` the conv2d output and
+    ``‖s‖ = sqrt(Σ s² + norm_eps)`` the norm of each patch over its group's channels.
+    Arguments and shapes as :func:`scd2d`.
+    """
+    return _scd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 2, True)
+
+
+def scd2d(x, weight, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12, norm_eps=1e-12,
+          backend=None):
+    """Sharpened cosine similarity of each patch of ``x`` with each kernel of ``weight``.
+
+    Args:
+        x: ``[N, C, H, W]`` float16 / bfloat16 / float32 / float64 (NCHW or channels_last).
+        weight: ``[O, C/groups, R, S]``, same dtype and device as ``x``.
+        p: sharpening exponent, ``> 0``: a float or a tensor of shape ``()`` or ``[O]``.
+        q: norm offset, ``>= 0``, added to both the patch and the kernel norms; same shapes.
+        stride, padding, dilation, groups: as ``torch.nn.functional.conv2d``; padding also
+            takes ``"same"`` (stride 1) and ``"valid"``.
+        eps: added to ``|cos|`` before the power; norm_eps: added to ``Σ s²`` and ``Σ w²``.
+        backend: ``None`` (``$SCD_BACKEND`` or "auto"), "auto", "reference" or "triton".
+    Returns:
+        ``[N, O, OH, OW]`` in ``x``'s dtype and memory format.
+    Example::
+        >>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+        >>> scd2d(x, w, p=2.0, q=0.1, padding="same").shape
+        torch.Size([2, 4, 8, 8])
+    """
+    return _scd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 2, False)
+
+
+def scd1d(x, weight, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12, norm_eps=1e-12,
+          backend=None):
+    """1-D :func:`scd2d`: ``x [N, C, L]``, ``weight [O, C/groups, K]`` -> ``[N, O, L_out]``."""
+    return _scd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 1, False)
+
+
+def scd1d_normalized(x, w_hat, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12,
+                     norm_eps=1e-12, backend=None):
+    """1-D :func:`scd2d_normalized`."""
+    return _scd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 1, True)

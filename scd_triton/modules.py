@@ -1,0 +1,179 @@
+"""Layers: ``SCD2d`` / ``SCD1d`` with the published parameterizations, and ``MaxAbsPool``.
+
+A parameterization maps a layer's trainable raw parameters to the effective normalised kernels
+``ŵ`` and effective ``p``, ``q`` of the core op, with plain torch ops that autograd differentiates:
+
+- ``"rohrer"`` (default): ``SharpCosSim2d`` of brohrer/sharpened-cosine-similarity. Parameters
+  ``weight [n_kernels, C/groups, *k]`` (U(-w_max, w_max), clamped in place to ±w_max before each
+  forward), ``p [1, n_kernels, 1, 1]`` used directly (U(1, 3), clamped in place to ``>= p_min``),
+  ``log_q [1, 1, 1, 1]`` with ``q = exp(log_q)`` on the patch norm only; kernel norm
+  ``sqrt(Σ w²)``; ``eps = norm_eps`` (1e-6). ``shared_weights`` (grouped layers) tiles
+  ``n_kernels = out_channels / groups`` kernels over the groups.
+- ``"pisoni"``: the Keras ``CosSimConv2D``: ``p = softmax(p_raw)`` over output channels,
+  ``q = q_raw² / 10`` on both norms, Glorot-uniform weights as Keras draws them, eps 1e-12.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import _positive, _tuple, scd1d_normalized, scd2d, scd1d, scd2d_normalized
+
+
+class _RohrerParameterization:
+    defaults = dict(shared_weights=False, w_max=1.0, p_min=0.1, q_init=1e-3, eps=1e-6)
+
+    def create(self, layer, factory):
+        o = layer.options
+        if layer.groups == 1:
+            o["shared_weights"] = False
+        n_kernels = layer.out_channels // layer.groups if o["shared_weights"] else layer.out_channels
+        layer.n_kernels = n_kernels
+        ones = (1,) * layer.ndim
+        layer.weight = nn.Parameter(torch.empty(n_kernels, layer.in_channels // layer.groups,
+                                                *layer.kernel_size, **factory))
+        layer.p = nn.Parameter(torch.empty(1, n_kernels, *ones, **factory))
+        layer.log_q = nn.Parameter(torch.empty(1, 1, *ones, **factory))
+
+    def reset(self, layer):
+        o = layer.options
+        nn.init.uniform_(layer.weight, -o["w_max"], o["w_max"])
+        nn.init.uniform_(layer.p, 1.0, 3.0)
+        nn.init.constant_(layer.log_q, math.log(o["q_init"]))
+
+    def effective(self, layer):
+        o = layer.options
+        with torch.no_grad():  # the published layer clamps the stored parameters in place
+            layer.weight.clamp_(-o["w_max"], o["w_max"])
+            layer.p.clamp_(min=o["p_min"])
+        weight, p = layer.weight, layer.p.reshape(-1)
+        if o["shared_weights"]:
+            weight = weight.repeat(layer.groups, *(1,) * (weight.dim() - 1))
+            p = p.repeat(layer.groups)
+        dims = tuple(range(1, weight.dim()))
+        w_hat = weight / weight.square().sum(dims, keepdim=True).sqrt()
+        q = torch.exp(layer.log_q).reshape(())
+        return w_hat, p, q, dict(eps=o["eps"], norm_eps=o["eps"]), True
+
+
+class _PisoniParameterization:
+    defaults = dict(eps=1e-12)
+
+    def create(self, layer, factory):
+        layer.weight = nn.Parameter(torch.empty(layer.out_channels, layer.in_channels // layer.groups,
+                                                *layer.kernel_size, **factory))
+        layer.p_raw = nn.Parameter(torch.empty(layer.out_channels, **factory))
+        layer.q_raw = nn.Parameter(torch.empty(1, **factory))
+
+    def reset(self, layer):
+        # Keras' glorot_uniform on its (1, taps·C, O) kernel: fan_in = taps·C, fan_out = O.
+        fan_in = layer.weight[0].numel()
+        limit = math.sqrt(6.0 / (fan_in + layer.out_channels))
+        nn.init.uniform_(layer.weight, -limit, limit)
+        nn.init.zeros_(layer.p_raw)
+        nn.init.zeros_(layer.q_raw)
+
+    def effective(self, layer):
+        eps = layer.options["eps"]
+        p = torch.softmax(layer.p_raw, dim=0)
+        q = (layer.q_raw.square() / 10).reshape(())
+        return layer.weight, p, q, dict(eps=eps, norm_eps=eps), False
+
+
+PARAMETERIZATIONS = {"rohrer": _RohrerParameterization, "pisoni": _PisoniParameterization}
+
+
+class _SCDNd(nn.Module):
+    ndim = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, parameterization="rohrer", device=None, dtype=None, **options):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {sorted(PARAMETERIZATIONS)}, got "
+                             f"{parameterization!r}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must "
+                             f"be divisible by groups ({groups})")
+        self.param = PARAMETERIZATIONS[parameterization]()
+        unknown = set(options) - set(self.param.defaults)
+        if unknown:
+            raise TypeError(f"unknown options for parameterization {parameterization!r}: "
+                            f"{sorted(unknown)}; it takes {sorted(self.param.defaults)}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _positive(kernel_size, self.ndim, "kernel_size")
+        self.stride = _positive(stride, self.ndim, "stride")
+        self.dilation = _positive(dilation, self.ndim, "dilation")
+        self.padding = padding if isinstance(padding, str) else _tuple(padding, self.ndim, "padding")
+        self.parameterization = parameterization
+        self.options = {**self.param.defaults, **options}
+        self.param.create(self, dict(device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.param.reset(self)
+
+    def forward(self, x):
+        w_hat, p, q, eps, normalized = self.param.effective(self)
+        fn = {(2, True): scd2d_normalized, (2, False): scd2d,
+              (1, True): scd1d_normalized, (1, False): scd1d}[self.ndim, normalized]
+        return fn(x, w_hat, p, q, self.stride, self.padding, self.dilation,
+                  self.groups, **eps)
+
+    def extra_repr(self):
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding!r}")
+        if self.dilation != (1,) * self.ndim:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        return s + f", parameterization={self.parameterization!r}"
+
+
+class SCD2d(_SCDNd):
+    """Sharpened cosine similarity layer, a drop-in for ``nn.Conv2d`` (input ``[N, C, H, W]``).
+
+    ``parameterization`` is "rohrer" (default) or "pisoni"; ``**options`` are its own
+    (rohrer: shared_weights, w_max, p_min, q_init, eps; pisoni: eps).
+    """
+    ndim = 2
+
+
+class SCD1d(_SCDNd):
+    """1-D :class:`SCD2d`: input ``[N, C, L]``."""
+    ndim = 1
+
+
+class _MaxAbsPoolNd(nn.Module):
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.ceil_mode = dilation, ceil_mode
+
+    def forward(self, x):
+        pool = F.max_pool2d if self.ndim == 2 else F.max_pool1d
+        if x.dim() != self.ndim + 2:
+            raise ValueError(f"x must be {self.ndim + 2}-D, got shape {tuple(x.shape)}")
+        _, index = pool(x.detach().abs(), self.kernel_size, self.stride, self.padding,
+                        self.dilation, self.ceil_mode, return_indices=True)
+        flat = x.flatten(start_dim=2)
+        return flat.gather(2, index.flatten(start_dim=2)).view_as(index)
+
+    def extra_repr(self):
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}")
+
+
+class MaxAbsPool2d(_MaxAbsPoolNd):
+    """Per window, the value of largest magnitude with its sign (``nn.MaxPool2d`` arguments)."""
+    ndim = 2
+
+
+class MaxAbsPool1d(_MaxAbsPoolNd):
+    """1-D :class:`MaxAbsPool2d`."""
+    ndim = 1

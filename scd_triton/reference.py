@@ -1,0 +1,100 @@
+"""Pure-PyTorch core op: the CPU path and the backward of every backend.
+
+The forward is one ``conv2d`` for the dot products, one depthwise box-sum of the per-group
+channel sums of ``x²`` for the patch norms and one elementwise epilogue; no unfold. The backward
+is the analytic formula of SPEC section 2 on the saved ``x``, ``ŵ``, ``c`` and norms, so autograd
+never keeps the output-sized intermediates of the formula.
+
+Shapes: ``x [N, C, H, W]``, ``w_hat [O, C/G, R, S]``, ``p, q [O]``; ``padding`` is
+``(top, bottom, left, right)`` so that ``padding="same"`` with even kernels is exact.
+Outputs: ``y, c [N, O, OH, OW]`` in the input dtype, ``norm [N, G, OH, OW]`` in the compute
+dtype (float32, or float64 for float64 input).
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout outputs take: channels_last when x is (only) channels_last, as conv2d does."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _pad_input(x, padding):
+    """Returns (input for conv2d, conv2d's symmetric padding): pads explicitly only if asymmetric."""
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        return x, (top, left)
+    return F.pad(x, (left, right, top, bottom)), (0, 0)
+
+
+def _box_sum_weight(groups, kernel_size, like):
+    """A ones kernel that sums each group's single channel over an R×S window."""
+    return like.new_ones(groups, 1, *kernel_size)
+
+
+def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps):
+    cdt = compute_dtype(x.dtype)
+    xc, wc = x.to(cdt), w_hat.to(cdt)
+    N, C, _, _ = x.shape
+    O, _, R, S = w_hat.shape
+    G, Og = groups, O // groups
+    xp, conv_pad = _pad_input(xc, padding)
+    d = F.conv2d(xp, wc, None, stride, conv_pad, dilation, groups)
+    OH, OW = d.shape[-2:]
+    # Σ s² per (n, g, position): channel sums of squares per group, then an R×S box sum.
+    sq = xp.square().view(N, G, C // G, *xp.shape[-2:]).sum(2)
+    ssq = F.conv2d(sq, _box_sum_weight(G, (R, S), sq), None, stride, conv_pad, dilation, G)
+    norm = (ssq + norm_eps).sqrt()                                   # [N, G, OH, OW]
+    a = norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1)           # [N, G, Og, OH, OW]
+    c = d.view(N, G, Og, OH, OW) / a
+    y = c.sign() * (c.abs() + eps).pow(p.to(cdt).view(1, G, Og, 1, 1))
+    fmt = memory_format(x)
+    as_output = lambda t: t.reshape(N, O, OH, OW).to(x.dtype).contiguous(memory_format=fmt)
+    return as_output(y), as_output(c), norm.contiguous()
+
+
+def core_backward(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
+    """Gradients (x, ŵ, p, q) of the core op from the saved tensors (SPEC section 2)."""
+    cdt = compute_dtype(x.dtype)
+    N, C, H, W = x.shape
+    O, _, R, S = w_hat.shape
+    G, Og = groups, O // groups
+    OH, OW = c.shape[-2:]
+    c5 = c.to(cdt).reshape(N, G, Og, OH, OW)
+    gy5 = grad_y.to(cdt).reshape(N, G, Og, OH, OW)
+    p5 = p.to(cdt).view(1, G, Og, 1, 1)
+    a = norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1)
+    base = c5.abs() + eps
+    pow_pm1 = base.pow(p5 - 1)                                       # (|c|+eps)^(p-1)
+    g = gy5 * p5 * pow_pm1 * (c5 != 0)
+    grad_d = g / a
+    g_c_over_a = grad_d * c5
+    grad_norm = -g_c_over_a.sum(2)                                   # [N, G, OH, OW]
+    grad_q = -g_c_over_a.sum((0, 3, 4)).reshape(O)
+    y = c5.sign() * base * pow_pm1
+    grad_p = (gy5 * y * base.log()).sum((0, 3, 4)).reshape(O)
+
+    xc, wc = x.to(cdt), w_hat.to(cdt)
+    xp, conv_pad = _pad_input(xc, padding)
+    grad_d = grad_d.reshape(N, O, OH, OW)
+    grad_xp = conv2d_input(xp.shape, wc, grad_d, stride, conv_pad, dilation, groups)
+    box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, (R, S), xc),
+                       grad_norm / norm, stride, conv_pad, dilation, G)
+    grad_xp = grad_xp + (xp.view(N, G, C // G, *xp.shape[-2:]) * box.unsqueeze(2)).view_as(xp)
+    if xp is xc:
+        grad_x = grad_xp
+    else:  # asymmetric padding was applied explicitly: crop it off
+        top, _, left, _ = padding
+        grad_x = grad_xp[..., top:top + H, left:left + W]
+    grad_w = conv2d_weight(xp, w_hat.shape, grad_d, stride, conv_pad, dilation, groups)
+    fmt = memory_format(x)
+    return (grad_x.to(x.dtype).contiguous(memory_format=fmt), grad_w.to(w_hat.dtype),
+            grad_p.to(p.dtype), grad_q.to(q.dtype))

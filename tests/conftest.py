@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+# Triton's interpreter must be chosen before triton is imported; `make test` sets it too.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_tf32():
+    """IEEE float32 convolutions for comparisons against float64 (restored afterwards)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old

@@ -1,0 +1,144 @@
+"""Layers: the published parameterizations, state_dicts, Keras converters and MaxAbsPool."""
+import numpy as np
+import pytest
+import torch
+
+import oracle
+import scd_triton
+from helpers import assert_close
+
+
+def _rohrer_state(n_kernels, cpk, k, w_scale=1.5):
+    """A state_dict as the published SharpCosSim2d saves it (some values outside its clamps)."""
+    return {"weight": torch.empty(n_kernels, cpk, k, k).uniform_(-w_scale, w_scale),
+            "p": torch.empty(1, n_kernels, 1, 1).uniform_(0.0, 3.0),
+            "log_q": torch.full((1, 1, 1, 1), -2.0)}
+
+
+def test_rohrer_loads_published_state_dict_and_matches_formula():
+    layer = scd_triton.SCD2d(3, 5, 3, padding=1)
+    state = _rohrer_state(5, 3, 3)
+    layer.load_state_dict(state)
+    x = torch.randn(2, 3, 8, 8)
+    y = layer(x)
+    clamped_w = state["weight"].clamp(-1, 1)
+    clamped_p = state["p"].clamp(min=0.1)
+    ref = oracle.rohrer_sharp_cos_sim2d(x, clamped_w, clamped_p, state["log_q"], padding=1)
+    assert_close("y", y, ref, torch.float32, reduce_dim=27)
+    # the published layer clamps its stored parameters in place
+    assert layer.weight.abs().max() <= 1 and layer.p.min() >= 0.1
+    assert set(layer.state_dict()) == {"weight", "p", "log_q"}
+
+
+def test_rohrer_shared_weights_depthwise():
+    layer = scd_triton.SCD2d(4, 8, 3, padding=1, groups=4, shared_weights=True)
+    assert layer.weight.shape == (2, 1, 3, 3) and layer.p.shape == (1, 2, 1, 1)
+    x = torch.randn(1, 4, 6, 6)
+    y = layer(x)
+    tiled_w = layer.weight.detach().repeat(4, 1, 1, 1)
+    tiled_p = layer.p.detach().repeat(1, 4, 1, 1)
+    ref = oracle.rohrer_sharp_cos_sim2d(x, tiled_w, tiled_p, layer.log_q.detach(), padding=1,
+                                        groups=4)
+    assert_close("y", y, ref, torch.float32, reduce_dim=9)
+    y.sum().backward()
+    assert layer.weight.grad.shape == (2, 1, 3, 3) and layer.log_q.grad is not None
+
+
+def test_rohrer_init_ranges():
+    layer = scd_triton.SCD2d(8, 16, 3, w_max=0.5, q_init=1e-2)
+    assert layer.weight.abs().max() <= 0.5
+    assert 1 <= layer.p.min() and layer.p.max() <= 3
+    assert torch.allclose(layer.log_q.exp(), torch.tensor(1e-2))
+
+
+def test_pisoni_matches_keras_formula_via_converter():
+    C, O = 3, 4
+    kernel = np.random.uniform(-0.5, 0.5, size=(1, 9 * C, O)).astype(np.float32)
+    p_raw = np.random.randn(O).astype(np.float32)
+    q_raw = np.array([0.7], dtype=np.float32)
+    layer = scd_triton.compat.from_pisoni_keras(kernel, p_raw, q_raw)
+    x_nhwc = np.random.randn(2, 6, 7, C).astype(np.float32)
+    y = layer(torch.from_numpy(x_nhwc).permute(0, 3, 1, 2))
+    ref = oracle.pisoni_keras_nhwc(x_nhwc, kernel, p_raw, q_raw)
+    assert_close("y", y.permute(0, 2, 3, 1), torch.from_numpy(ref), torch.float32, reduce_dim=27)
+    back = scd_triton.compat.to_pisoni_keras(layer)
+    for got, want in zip(back, (kernel, p_raw, q_raw)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_pisoni_init_is_keras_glorot_and_zeros():
+    layer = scd_triton.SCD2d(16, 32, 3, padding="same", parameterization="pisoni")
+    limit = (6 / (16 * 9 + 32)) ** 0.5
+    assert layer.weight.abs().max() <= limit and layer.weight.abs().max() > 0.9 * limit
+    assert (layer.p_raw == 0).all() and (layer.q_raw == 0).all()
+
+
+def test_compat_rejects_bad_layouts():
+    with pytest.raises(ValueError, match="kernel must have shape"):
+        scd_triton.compat.from_pisoni_keras(np.zeros((1, 10, 4)), np.zeros(4), np.zeros(1))
+    with pytest.raises(TypeError, match="pisoni"):
+        scd_triton.compat.to_pisoni_keras(scd_triton.SCD2d(3, 4, 3))
+
+
+def test_state_dict_round_trip():
+    for parameterization in ("rohrer", "pisoni"):
+        a = scd_triton.SCD2d(3, 6, (3, 5), padding="same", parameterization=parameterization)
+        b = scd_triton.SCD2d(3, 6, (3, 5), padding="same", parameterization=parameterization)
+        b.load_state_dict(a.state_dict())
+        x = torch.randn(1, 3, 7, 7)
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_scd1d_layer_matches_oracle():
+    layer = scd_triton.SCD1d(4, 6, 5, stride=2, padding=2, parameterization="pisoni")
+    x = torch.randn(2, 4, 17)
+    y = layer(x)
+    p = torch.softmax(layer.p_raw.detach(), 0)
+    q = layer.q_raw.detach().square()[0] / 10
+    ref = oracle.scd2d(x.unsqueeze(2), layer.weight.detach().unsqueeze(2), p, q,
+                       stride=(1, 2), padding=(0, 0, 2, 2))
+    assert_close("y", y, ref.squeeze(2), torch.float32, reduce_dim=20)
+
+
+def test_layer_options_and_repr():
+    layer = scd_triton.SCD2d(4, 8, 3, stride=2, padding=1, groups=2)
+    assert repr(layer) == ("SCD2d(4, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), "
+                           "groups=2, parameterization='rohrer')")
+    with pytest.raises(ValueError, match="parameterization must be"):
+        scd_triton.SCD2d(4, 8, 3, parameterization="keras")
+    with pytest.raises(TypeError, match="unknown options"):
+        scd_triton.SCD2d(4, 8, 3, parameterization="pisoni", w_max=1.0)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        scd_triton.SCD2d(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match="kernel_size must be >= 1"):
+        scd_triton.SCD2d(4, 8, 0)
+    layer = scd_triton.SCD2d(2, 3, 3, dtype=torch.float64)
+    assert layer(torch.randn(1, 2, 5, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_maxabspool2d_keeps_signed_largest_magnitude():
+    x = torch.tensor([[[[1.0, -3.0, 0.5, 2.0],
+                        [2.0, 0.0, -0.1, -4.0],
+                        [-5.0, 4.0, 1.0, 1.0],
+                        [0.0, 1.0, 1.0, -1.5]]]], requires_grad=True)
+    y = scd_triton.MaxAbsPool2d(2)(x)
+    torch.testing.assert_close(y, torch.tensor([[[[-3.0, -4.0], [-5.0, -1.5]]]]))
+    y.sum().backward()
+    expected = torch.zeros(4, 4)
+    expected[0, 1] = expected[1, 3] = expected[2, 0] = expected[3, 3] = 1
+    torch.testing.assert_close(x.grad[0, 0], expected)
+
+
+def test_maxabspool_matches_brute_force():
+    x = torch.randn(2, 3, 9, 7)
+    y = scd_triton.MaxAbsPool2d(3, stride=2, padding=1)(x)
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    windows = xp.unfold(2, 3, 2).unfold(3, 3, 2).flatten(-2)
+    ref = windows.gather(-1, windows.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(y, ref)
+    x1 = torch.randn(2, 3, 10)
+    y1 = scd_triton.MaxAbsPool1d(4)(x1)
+    w1 = x1.unfold(2, 4, 4)
+    torch.testing.assert_close(y1, w1.gather(-1, w1.abs().argmax(-1, keepdim=True)).squeeze(-1))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        scd_triton.MaxAbsPool2d(2)(x1)

@@ -1,0 +1,103 @@
+"""torch.library registration, torch.compile, backend dispatch and input validation."""
+import pytest
+import torch
+
+import scd_triton
+from scd_triton.functional import resolve_backend
+
+
+def _args(N=2, C=4, H=6, W=6, O=6, k=3, dtype=torch.float32):
+    return torch.randn(N, C, H, W, dtype=dtype), torch.randn(O, C, k, k, dtype=dtype)
+
+
+def test_opcheck_core_op():
+    x, w = _args()
+    p, q = torch.rand(6) + 1, torch.rand(6)
+    for x_in in (x, x.to(memory_format=torch.channels_last)):
+        args = (x_in.requires_grad_(), w.requires_grad_(), p.requires_grad_(), q.requires_grad_(),
+                [1, 1], [1, 1, 0, 1], [1, 1], 2, 1e-6, 1e-6, "reference")
+        w2 = torch.randn(6, 2, 3, 3, requires_grad=True)
+        torch.library.opcheck(torch.ops.scd_triton.scd2d_core.default, (args[0], w2, *args[2:]))
+
+
+def test_compile_fullgraph_matches_eager():
+    net = torch.nn.Sequential(
+        scd_triton.SCD2d(3, 8, 3, padding=1),
+        scd_triton.MaxAbsPool2d(2),
+        scd_triton.SCD2d(8, 8, 3, padding="same", groups=8, shared_weights=True),
+        scd_triton.SCD2d(8, 4, 1, parameterization="pisoni"),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    eager = net(x)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    compiled = torch.compile(net, fullgraph=True)(x)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip((p.grad for p in net.parameters()), eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("SCD_BACKEND", raising=False)
+    assert resolve_backend(None, cpu) == "reference"
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setenv("SCD_BACKEND", "reference")
+    assert resolve_backend(None, torch.device("cuda")) == "reference"
+    monkeypatch.setenv("SCD_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        resolve_backend(None, cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve_backend("triton", cpu)
+
+
+BAD_CALLS = [
+    # (description, kwargs overriding a valid call, exception, message fragment)
+    ("x rank", dict(x=torch.randn(4, 6, 6)), ValueError, "x must be 4-D"),
+    ("weight rank", dict(weight=torch.randn(6, 4, 3)), ValueError, "weight must be 4-D"),
+    ("int x", dict(x=torch.ones(2, 4, 6, 6, dtype=torch.int64)), TypeError, "x must be float"),
+    ("dtype mismatch", dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError,
+     "weight dtype"),
+    ("groups divide", dict(groups=3), ValueError, "divisible by groups"),
+    ("weight channels", dict(weight=torch.randn(6, 3, 3, 3)), ValueError, "weight.shape\\[1\\]"),
+    ("p shape", dict(p=torch.ones(5)), ValueError, "p must have shape"),
+    ("q shape", dict(q=torch.ones(2, 6)), ValueError, "q must have shape"),
+    ("p dtype", dict(p=torch.ones(6, dtype=torch.float16)), TypeError, "p must be float32"),
+    ("q type", dict(q="0.1"), TypeError, "q must be a float or a tensor"),
+    ("stride 0", dict(stride=0), ValueError, "stride must be >= 1"),
+    ("stride type", dict(stride=1.5), TypeError, "stride must be an int"),
+    ("dilation tuple", dict(dilation=(1, 1, 1)), TypeError, "dilation must be"),
+    ("padding negative", dict(padding=-1), ValueError, "padding must be >= 0"),
+    ("padding name", dict(padding="full"), ValueError, "padding must be"),
+    ("same with stride", dict(padding="same", stride=2), ValueError, "padding='same' needs"),
+    ("output size", dict(x=torch.randn(2, 4, 2, 2)), ValueError, "output size"),
+    ("backend", dict(backend="cuda"), ValueError, "backend must be"),
+    ("groups type", dict(groups=0), ValueError, "groups must be"),
+    ("eps", dict(eps=-1.0), ValueError, "eps must be"),
+]
+
+
+@pytest.mark.parametrize("override, error, match", [pytest.param(*c[1:], id=c[0]) for c in BAD_CALLS])
+def test_validation_errors(override, error, match):
+    x, w = _args()
+    call = dict(x=x, weight=w, p=torch.ones(6), q=torch.zeros(6), backend="reference")
+    call.update(override)
+    with pytest.raises(error, match=match):
+        scd_triton.scd2d(**call)
+
+
+def test_device_mismatch_is_reported():
+    x, w = _args()
+    meta_p = torch.ones(6, device="meta")
+    with pytest.raises(RuntimeError, match="p is on meta"):
+        scd_triton.scd2d(x, w, meta_p, 0.0)
+    with pytest.raises(RuntimeError, match="weight is on meta"):
+        scd_triton.scd2d(x, w.to("meta"), 1.0, 0.0)
+
+
+def test_scd1d_validates_rank():
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        scd_triton.scd1d(torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3), 1.0, 0.0)

@@ -1,0 +1,135 @@
+"""The reference backend (the CPU path) against the independent float64 unfold oracle."""
+import pytest
+import torch
+
+import oracle
+import scd_triton
+from cases import CASES_2D, Case, params, run_against_oracle
+from helpers import assert_close
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", params(CASES_2D))
+def test_scd2d_matches_oracle(case, dtype):
+    run_against_oracle(scd_triton.scd2d, case, dtype, "reference")
+
+
+@pytest.mark.parametrize("case", params(CASES_2D[:3]))
+def test_scd2d_normalized_matches_oracle(case):
+    run_against_oracle(scd_triton.scd2d_normalized, case, torch.float32, "reference", normalized=True)
+
+
+@pytest.mark.parametrize("case", params([CASES_2D[0], CASES_2D[4], CASES_2D[7]]))
+def test_channels_last_matches_oracle(case):
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "reference", channels_last=True)
+
+
+def test_float16_matches_oracle():
+    run_against_oracle(scd_triton.scd2d, CASES_2D[0], torch.float16, "reference")
+
+
+@pytest.mark.parametrize("stride, padding, dilation, groups", [
+    (1, 0, 1, 1), (2, 1, 1, 1), (1, "same", 2, 2), (3, 2, 1, 4)])
+def test_scd1d_matches_oracle(stride, padding, dilation, groups):
+    x = torch.randn(2, 4, 13, requires_grad=True)
+    w = torch.randn(8, 4 // groups, 3, requires_grad=True)
+    p, q = torch.tensor(1.7, requires_grad=True), torch.rand(8).requires_grad_()
+    y = scd_triton.scd1d(x, w, p, q, stride, padding, dilation, groups, backend="reference")
+    pads = oracle.same_padding((1, 3), (1, dilation)) if padding == "same" else (0, 0, padding, padding)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, p, q)]
+    ref = oracle.scd2d(leaves[0].unsqueeze(2), leaves[1].unsqueeze(2), leaves[2], leaves[3],
+                       stride=(1, stride), padding=pads, dilation=(1, dilation), groups=groups)
+    assert_close("y", y, ref.squeeze(2), torch.float32, reduce_dim=12)
+    g = torch.randn_like(ref.squeeze(2))
+    y.backward(g.float())
+    ref.squeeze(2).backward(g)
+    for name, got, want in zip("xwpq", (x, w, p, q), leaves):
+        assert_close(f"grad_{name}", got.grad, want.grad, torch.float32, grad=True, reduce_dim=96)
+
+
+@pytest.mark.parametrize("case", params([
+    Case(1, 2, 5, 5, 3, (3, 3), padding=1),
+    Case(2, 4, 4, 5, 4, (2, 3), stride=2, padding=(1, 0), groups=2,
+         per_channel=False),
+    Case(1, 2, 5, 4, 2, (3, 3), padding="same", dilation=1, groups=2),
+]))
+def test_gradcheck_float64(case):
+    x = torch.randn(case.N, case.C, case.H, case.W, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(case.O, case.C // case.groups, *case.kernel, dtype=torch.float64,
+                    requires_grad=True)
+    shape = (case.O,) if case.per_channel else ()
+    p = torch.empty(shape, dtype=torch.float64).uniform_(1.2, 2.5).requires_grad_()
+    q = torch.empty(shape, dtype=torch.float64).uniform_(0.05, 0.3).requires_grad_()
+    fn = lambda *a: scd_triton.scd2d(*a, eps=1e-6, norm_eps=1e-6, backend="reference",
+                                     **case.conv_kwargs())
+    assert torch.autograd.gradcheck(fn, (x, w, p, q))
+
+
+def _orthogonal_inputs():
+    """x lives in channel 1, every kernel in channel 0: d = 0 exactly on non-zero patches."""
+    x = torch.zeros(1, 2, 6, 6)
+    x[:, 1] = torch.randn(6, 6)
+    x[:, :, :, 4:] = 0                      # and a band of all-zero patches
+    w = torch.zeros(3, 2, 3, 3)
+    w[:, 0] = torch.randn(3, 3, 3)
+    return x, w
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0, 2.0])
+def test_zero_dot_and_zero_patches(p):
+    x, w = _orthogonal_inputs()
+    x.requires_grad_()
+    w.requires_grad_()
+    pt, qt = torch.tensor(p, requires_grad=True), torch.tensor(0.0, requires_grad=True)
+    y = scd_triton.scd2d(x, w, pt, qt, padding=1, backend="reference")
+    assert (y == 0).all(), "d = 0 and all-zero patches must give exactly 0"
+    y.backward(torch.randn_like(y))
+    for name, t in (("x", x), ("w", w), ("p", pt), ("q", qt)):
+        assert torch.isfinite(t.grad).all(), f"grad_{name} not finite"
+    assert (pt.grad == 0).all() and (qt.grad == 0).all()
+
+
+def test_p_near_one_matches_oracle():
+    case = Case(2, 3, 6, 6, 4, (3, 3), padding=1, per_channel=False)
+    x = torch.randn(2, 3, 6, 6)
+    w = torch.randn(4, 3, 3, 3)
+    p, q = torch.tensor(1.0 + 1e-4, requires_grad=True), torch.tensor(0.1, requires_grad=True)
+    y = scd_triton.scd2d(x, w, p, q, padding=1, backend="reference")
+    ref = oracle.scd2d(x.double(), w.double(), p.detach().double(), q.detach().double(),
+                       **case.oracle_kwargs())
+    assert_close("y", y, ref, torch.float32, reduce_dim=27)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend="reference")
+    assert y.shape == (0, 4, 8, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and (w.grad == 0).all()
+
+
+def test_saves_only_x_w_c_and_norms():
+    """Saved for backward: x, ŵ, c (output-sized) and norms, not the formula's temporaries."""
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    saved = []
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = scd_triton.scd2d_normalized(x, w, torch.tensor(2.0), torch.tensor(0.1), padding=1,
+                                        backend="reference")
+    big = [t for t in saved if t.numel() >= y.numel()]
+    assert len(big) == 1 and big[0].shape == y.shape, [tuple(t.shape) for t in saved]
+
+
+def test_autocast_runs_in_autocast_dtype():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend="reference")
+        conv = torch.nn.functional.conv2d(x, w, padding=1)
+    assert y.dtype == conv.dtype == torch.bfloat16
+    ref = oracle.scd2d(x.bfloat16().double(), w.bfloat16().double(), torch.tensor(2.0),
+                       torch.tensor(0.1), padding=(1, 1, 1, 1))
+    assert_close("y", y, ref, torch.bfloat16, reduce_dim=27)
