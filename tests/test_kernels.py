@@ -1,0 +1,128 @@
+"""The fused Triton forward against the float64 oracle.
+
+On CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest / ``make test``);
+on a CUDA machine the same tests run the compiled kernels. The backward is the reference's
+analytic one on the kernel's saved ``c`` and norms, so the gradients check those too.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import scd_triton
+from cases import CASES_2D, Case, params, run_against_oracle
+from scd_triton.kernels import scd2d_fwd, uses_direct_kernel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+
+KERNEL_CASES = CASES_2D + [
+    Case(1, 70, 3, 4, 80, (1, 1), per_channel=False),      # several channel blocks and N tiles
+    Case(1, 3, 12, 11, 17, (5, 5), padding=2),             # first-layer shape: C=3 padded to 16
+    Case(2, 32, 5, 5, 64, (3, 3), padding=1, groups=2),    # grouped GEMM (16 per group)
+]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32(no_tf32):
+    """float32 kernels compared with float64 use IEEE dots (TF32 is a GPU-only rounding)."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", params(KERNEL_CASES))
+def test_forward_matches_oracle(case, dtype):
+    run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
+
+
+@pytest.mark.parametrize("case", params([CASES_2D[0], CASES_2D[7], KERNEL_CASES[-1]]))
+def test_normalized_matches_oracle(case):
+    run_against_oracle(scd_triton.scd2d_normalized, case, torch.float32, "triton", normalized=True,
+                       device=DEVICE)
+
+
+@pytest.mark.parametrize("case", params([CASES_2D[0], CASES_2D[4], CASES_2D[8]]))
+def test_channels_last_equals_nchw(case):
+    y_cl = run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", channels_last=True,
+                              device=DEVICE, grads=False)
+    torch.manual_seed(0)
+    y = run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE,
+                           grads=False)
+    torch.testing.assert_close(y_cl, y, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_patches_and_zero_dots_give_zero():
+    x = torch.zeros(1, 2, 6, 6, device=DEVICE)
+    x[:, 1, :, :3] = torch.randn(6, 3)
+    w = torch.zeros(3, 2, 3, 3, device=DEVICE)
+    w[:, 0] = torch.randn(3, 3, 3)
+    y = scd_triton.scd2d(x, w, 0.5, 0.0, padding=1, backend="triton")
+    assert (y == 0).all()
+
+
+def test_scd1d_through_2d_kernel():
+    x, w = torch.randn(2, 8, 33, device=DEVICE), torch.randn(16, 4, 5, device=DEVICE)
+    args = (x, w, torch.rand(16, device=DEVICE) + 1, 0.1, 2, 3, 1, 2)
+    torch.testing.assert_close(scd_triton.scd1d(*args, backend="triton"),
+                               scd_triton.scd1d(*args, backend="reference"), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch():
+    x, w = torch.randn(0, 4, 6, 6, device=DEVICE), torch.randn(8, 4, 3, 3, device=DEVICE)
+    y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend="triton")
+    assert y.shape == (0, 8, 6, 6)
+
+
+def test_direct_kernel_choice():
+    assert uses_direct_kernel(groups=32, in_per_group=1, out_per_group=1)
+    assert not uses_direct_kernel(groups=1, in_per_group=3, out_per_group=80)
+    assert not uses_direct_kernel(groups=2, in_per_group=16, out_per_group=32)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any torch op creates or copies."""
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_forward_never_materialises_patches():
+    N, C, H, W, O = 2, 16, 8, 8, 4
+    x, w = torch.randn(N, C, H, W, device=DEVICE), torch.randn(O, C, 3, 3, device=DEVICE)
+    p, q = torch.full((O,), 2.0, device=DEVICE), torch.zeros(O, device=DEVICE)
+    with _LargestTensor() as mode:
+        y, c, norm = scd2d_fwd(x, w, p, q, (1, 1), (1, 1, 1, 1), (1, 1), 1, 1e-12, 1e-12)
+    unfold_bytes = N * C * 9 * H * W * x.element_size()
+    assert mode.largest <= max(x.numel(), y.numel()) * x.element_size() < unfold_bytes
+    assert norm.shape == (N, 1, H, W) and norm.dtype == torch.float32
+
+
+@gpu
+@pytest.mark.parametrize("case", params([CASES_2D[0], CASES_2D[7], KERNEL_CASES[-1]]))
+def test_bfloat16_matches_oracle(case):
+    run_against_oracle(scd_triton.scd2d, case, torch.bfloat16, "triton", device=DEVICE)
+
+
+@gpu
+def test_tf32_follows_cudnn_flag():
+    torch.backends.cudnn.allow_tf32 = True
+    x = torch.randn(4, 64, 16, 16, device=DEVICE)
+    w = torch.randn(64, 64, 3, 3, device=DEVICE)
+    tf32 = scd_triton.scd2d(x, w, 1.0, 0.0, padding=1)
+    torch.backends.cudnn.allow_tf32 = False
+    ieee = scd_triton.scd2d(x, w, 1.0, 0.0, padding=1)
+    ref = scd_triton.scd2d(x.double(), w.double(), 1.0, 0.0, padding=1)
+    err = lambda t: ((t.double() - ref).norm() / ref.norm()).item()
+    assert err(ieee) < 1e-5 and 1e-5 < err(tf32) < 2e-3
+
+
+@gpu
+def test_int64_offsets_past_2_pow_31():
+    x = torch.randn(33, 64, 1024, 1024, device=DEVICE, dtype=torch.bfloat16)  # 2.2e9 elements
+    w = torch.randn(16, 64, 1, 1, device=DEVICE, dtype=torch.bfloat16)
+    y = scd_triton.scd2d(x, w, 1.0, 0.0)
+    tail = scd_triton.scd2d(x[-1:], w, 1.0, 0.0, backend="reference")
+    torch.testing.assert_close(y[-1:], tail, rtol=2e-2, atol=2e-2)
