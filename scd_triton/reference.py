@@ -40,6 +40,11 @@ def _box_sum_weight(groups, kernel_size, like):
     return like.new_ones(groups, 1, *kernel_size)
 
 
+def _signed(magnitude, c):
+    """sign(c) · magnitude with sign(0) = 0, in place on ``magnitude``."""
+    return magnitude.copysign_(c).masked_fill_(c == 0, 0)
+
+
 def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps):
     cdt = compute_dtype(x.dtype)
     xc, wc = x.to(cdt), w_hat.to(cdt)
@@ -53,9 +58,9 @@ def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_ep
     sq = xp.square().view(N, G, C // G, *xp.shape[-2:]).sum(2)
     ssq = F.conv2d(sq, _box_sum_weight(G, (R, S), sq), None, stride, conv_pad, dilation, G)
     norm = (ssq + norm_eps).sqrt()                                   # [N, G, OH, OW]
-    a = norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1)           # [N, G, Og, OH, OW]
-    c = d.view(N, G, Og, OH, OW) / a
-    y = c.sign() * (c.abs() + eps).pow(p.to(cdt).view(1, G, Og, 1, 1))
+    # In-place where possible: fresh output-sized buffers cost page faults on CPU.
+    c = d.view(N, G, Og, OH, OW).div_(norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1))
+    y = _signed(c.abs().add_(eps).pow_(p.to(cdt).view(1, G, Og, 1, 1)), c)
     fmt = memory_format(x)
     as_output = lambda t: t.reshape(N, O, OH, OW).to(x.dtype).contiguous(memory_format=fmt)
     return as_output(y), as_output(c), norm.contiguous()
@@ -72,15 +77,15 @@ def core_backward(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, gr
     gy5 = grad_y.to(cdt).reshape(N, G, Og, OH, OW)
     p5 = p.to(cdt).view(1, G, Og, 1, 1)
     a = norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1)
-    base = c5.abs() + eps
+    base = c5.abs().add_(eps)                                        # |c| + eps
     pow_pm1 = base.pow(p5 - 1)                                       # (|c|+eps)^(p-1)
-    g = gy5 * p5 * pow_pm1 * (c5 != 0)
-    grad_d = g / a
+    # G = grad_y · p · (|c|+eps)^(p-1) · [d ≠ 0];  grad_d = G / a
+    grad_d = (gy5 * p5).mul_(pow_pm1).masked_fill_(c5 == 0, 0).div_(a)
     g_c_over_a = grad_d * c5
-    grad_norm = -g_c_over_a.sum(2)                                   # [N, G, OH, OW]
-    grad_q = -g_c_over_a.sum((0, 3, 4)).reshape(O)
-    y = c5.sign() * base * pow_pm1
-    grad_p = (gy5 * y * base.log()).sum((0, 3, 4)).reshape(O)
+    grad_norm = g_c_over_a.sum(2).neg_()                             # [N, G, OH, OW]
+    grad_q = g_c_over_a.sum((0, 3, 4)).neg_().reshape(O)
+    y = _signed(pow_pm1.mul_(base), c5)                              # reuses the forward's power
+    grad_p = base.log_().mul_(y).mul_(gy5).sum((0, 3, 4)).reshape(O)
 
     xc, wc = x.to(cdt), w_hat.to(cdt)
     xp, conv_pad = _pad_input(xc, padding)
