@@ -114,8 +114,12 @@ def scd2d_fwd_direct_kernel(
 
 
 # (BM, BN, BK, num_warps, num_stages): large tiles with deep pipelines for tensor cores; the
-# first is the main bf16 config (128×128×64 at 8 warps compiles without spills on sm_80/sm_90).
+# first is the main bf16/fp16 config (128×128×64 at 8 warps compiles without spills on sm_80 and
+# sm_90, see `make kernel-report`). float32 (TF32) keeps the tiles that do not spill there
+# (128×128×32 at 8 warps and 64×128×32 at 4 warps spill on sm_90).
 GEMM_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 3)]
+GEMM_CONFIGS_FP32 = [(128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (128, 64, 32, 4, 3),
+                     (64, 64, 32, 4, 3)]
 DIRECT_CONFIGS = [(64, 64, 4, 2), (128, 32, 4, 2), (32, 128, 4, 2)]
 
 
@@ -124,9 +128,11 @@ def _configs(table, names):
             for c in table]
 
 
-_gemm_autotuned = triton.autotune(_configs(GEMM_CONFIGS, ("BM", "BN", "BK")),
-                                  key=["Cg", "Og", "R", "S", "M_BUCKET", "PRECISION"])(
+_gemm_key = ["Cg", "Og", "R", "S", "M_BUCKET", "PRECISION"]
+_gemm_autotuned = triton.autotune(_configs(GEMM_CONFIGS, ("BM", "BN", "BK")), key=_gemm_key)(
     scd2d_fwd_kernel)
+_gemm_autotuned_fp32 = triton.autotune(_configs(GEMM_CONFIGS_FP32, ("BM", "BN", "BK")),
+                                       key=_gemm_key)(scd2d_fwd_kernel)
 _direct_autotuned = triton.autotune(_configs(DIRECT_CONFIGS, ("BM", "BO")),
                                     key=["Cg", "Og", "R", "S"])(scd2d_fwd_direct_kernel)
 
@@ -177,7 +183,8 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps):
     # ŵ as [G, R·S, C/G, O/G]: the B tile of each K step is one contiguous row block
     w_gemm = w_hat.reshape(G, Og, Cg, R * S).permute(0, 3, 2, 1).contiguous()
     precision = "tf32" if x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
-    kernel = _gemm_autotuned if tuned else scd2d_fwd_kernel
+    tuned_kernel = _gemm_autotuned_fp32 if x.dtype == torch.float32 else _gemm_autotuned
+    kernel = tuned_kernel if tuned else scd2d_fwd_kernel
     fixed = {} if tuned else dict(BM=64, BN=_pow2_between(Og, 16, 64), BK=_pow2_between(Cg, 16, 64))
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(Og, meta["BN"]), G)
     kernel[grid](x, w_gemm, p, q, y, c, norm, N, H, W, G, Cg, Og, OH, OW, M,

@@ -19,7 +19,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .fwd import DIRECT_CONFIGS, GEMM_CONFIGS, scd2d_fwd_direct_kernel, scd2d_fwd_kernel
+from .fwd import (DIRECT_CONFIGS, GEMM_CONFIGS, GEMM_CONFIGS_FP32, scd2d_fwd_direct_kernel,
+                  scd2d_fwd_kernel)
 
 ARCHS = (80, 90)
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
@@ -94,9 +95,11 @@ def compile_config(kernel, config, dtype, arch):
 
 
 def all_rows():
-    jobs = [("scd2d_fwd_kernel", c) for c in GEMM_CONFIGS]
-    jobs += [("scd2d_fwd_direct_kernel", c) for c in DIRECT_CONFIGS]
-    return [compile_config(k, c, d, a) for k, c in jobs for d in DTYPES for a in ARCHS]
+    """Every shipped config: GEMM configs for their dtypes, direct configs for all dtypes."""
+    jobs = [("scd2d_fwd_kernel", c, d) for c in GEMM_CONFIGS for d in ("bf16", "fp16")]
+    jobs += [("scd2d_fwd_kernel", c, "fp32") for c in GEMM_CONFIGS_FP32]
+    jobs += [("scd2d_fwd_direct_kernel", c, d) for c in DIRECT_CONFIGS for d in DTYPES]
+    return [compile_config(k, c, d, a) for k, c, d in jobs for a in ARCHS]
 
 
 def format_table(rows):
