@@ -53,15 +53,22 @@ def resolve_padding(padding, kernel_size, stride, dilation):
     return tuple(side for pad in pads for side in (pad, pad))
 
 
-def resolve_backend(backend, device: torch.device) -> str:
-    """"reference" or "triton" for this call; ``None`` reads ``SCD_BACKEND`` (default "auto")."""
+def resolve_backend(backend, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """"reference" or "triton" for this call; ``None`` reads ``SCD_BACKEND`` (default "auto").
+
+    "auto" takes the kernels for CUDA tensors of float16 / bfloat16 / float32 and the reference
+    otherwise (CPU tensors, float64).
+    """
     if backend is None:
         backend = os.environ.get("SCD_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or None), got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "reference"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "reference"
     if backend == "triton":
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' runs float16, bfloat16 and float32; float64 runs "
+                            "with backend='reference' (or 'auto')")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                                "triton is imported (Triton's interpreter); use backend='reference' "
@@ -151,7 +158,7 @@ def _scd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, back
     args = _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim)
     O = weight.shape[0]
     p_eff, q_eff = _effective(p, "p", x, O), _effective(q, "q", x, O)
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, x.dtype)
     x, weight = _autocast(x, weight)
     if not normalized:
         norms = weight.to(p_eff.dtype).square().sum(tuple(range(1, weight.dim())), keepdim=True)

@@ -44,6 +44,9 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("SCD_BACKEND", raising=False)
     assert resolve_backend(None, cpu) == "reference"
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "reference"
+    with pytest.raises(TypeError, match="float64 runs"):
+        resolve_backend("triton", cpu, torch.float64)
     monkeypatch.setenv("SCD_BACKEND", "reference")
     assert resolve_backend(None, torch.device("cuda")) == "reference"
     monkeypatch.setenv("SCD_BACKEND", "bogus")
