@@ -42,7 +42,7 @@ def _box_sum_weight(groups, kernel_size, like):
 
 def _signed(magnitude, c):
     """sign(c) · magnitude with sign(0) = 0, in place on ``magnitude``."""
-    return magnitude.copysign_(c).masked_fill_(c == 0, 0)
+    return magnitude.mul_(c.sign())
 
 
 def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps):
@@ -55,7 +55,9 @@ def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_ep
     d = F.conv2d(xp, wc, None, stride, conv_pad, dilation, groups)
     OH, OW = d.shape[-2:]
     # Σ s² per (n, g, position): channel sums of squares per group, then an R×S box sum.
-    sq = xp.square().view(N, G, C // G, *xp.shape[-2:]).sum(2)
+    sq = xp.square()
+    if C != G:
+        sq = sq.view(N, G, C // G, *xp.shape[-2:]).sum(2)
     ssq = F.conv2d(sq, _box_sum_weight(G, (R, S), sq), None, stride, conv_pad, dilation, G)
     norm = (ssq + norm_eps).sqrt()                                   # [N, G, OH, OW]
     # In-place where possible: fresh output-sized buffers cost page faults on CPU.
