@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import memory_format, output_hw  # the layout and sizes the fake op promises
 from ._common import output_positions, sharpen
 
 
@@ -155,11 +156,9 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps):
     N, C, H, W = x.shape
     O, Cg, R, S = w_hat.shape
     G, Og = groups, O // groups
-    OH = (H + padding[0] + padding[1] - dilation[0] * (R - 1) - 1) // stride[0] + 1
-    OW = (W + padding[2] + padding[3] - dilation[1] * (S - 1) - 1) // stride[1] + 1
-    fmt = (torch.channels_last if not x.is_contiguous() and
-           x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
-    y = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
+    OH, OW = output_hw((H, W), (R, S), stride, padding, dilation)
+    y = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device,
+                    memory_format=memory_format(x))
     c = torch.empty_like(y)
     norm = torch.empty((N, G, OH, OW), dtype=torch.float32, device=x.device)
     M = N * OH * OW

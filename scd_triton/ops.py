@@ -26,17 +26,10 @@ def scd2d_core(x: Tensor, w_hat: Tensor, p: Tensor, q: Tensor, stride: list[int]
     return _forward_impl(backend)(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps)
 
 
-def output_hw(x_hw, kernel_hw, stride, padding, dilation):
-    """Output height and width of a convolution with (top, bottom, left, right) padding."""
-    pads = (padding[0] + padding[1], padding[2] + padding[3])
-    return tuple((size + pad - dil * (k - 1) - 1) // s + 1
-                 for size, k, s, pad, dil in zip(x_hw, kernel_hw, stride, pads, dilation))
-
-
 @scd2d_core.register_fake
 def _(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend):
     N, O = x.shape[0], w_hat.shape[0]
-    OH, OW = output_hw(x.shape[-2:], w_hat.shape[-2:], stride, padding, dilation)
+    OH, OW = reference.output_hw(x.shape[-2:], w_hat.shape[-2:], stride, padding, dilation)
     fmt = reference.memory_format(x)
     y = x.new_empty((N, O, OH, OW)).contiguous(memory_format=fmt)
     norm = x.new_empty((N, groups, OH, OW), dtype=reference.compute_dtype(x.dtype))

@@ -27,6 +27,13 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def output_hw(x_hw, kernel_hw, stride, padding, dilation):
+    """Output height and width of a convolution with (top, bottom, left, right) padding."""
+    pads = (padding[0] + padding[1], padding[2] + padding[3])
+    return tuple((size + pad - dil * (k - 1) - 1) // s + 1
+                 for size, k, s, pad, dil in zip(x_hw, kernel_hw, stride, pads, dilation))
+
+
 def _pad_input(x, padding):
     """Returns (input for conv2d, conv2d's symmetric padding): pads explicitly only if asymmetric."""
     top, bottom, left, right = padding
