@@ -1,4 +1,15 @@
-"""Triton kernels and their launchers (installed as ``scd_triton.kernels``)."""
-from .fwd import scd2d_fwd, uses_direct_kernel
+"""Triton kernels and their launchers (installed as ``scd_triton.kernels``).
 
-__all__ = ["scd2d_fwd", "uses_direct_kernel"]
+Launchers are imported lazily, so that ``scd_triton.kernels.shapes`` (used by the pure-PyTorch
+path) does not import Triton.
+"""
+_LAUNCHERS = {"scd2d_fwd": "fwd", "uses_direct_kernel": "fwd"}
+
+__all__ = list(_LAUNCHERS)
+
+
+def __getattr__(name):
+    if name in _LAUNCHERS:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAUNCHERS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

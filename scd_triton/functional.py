@@ -10,7 +10,8 @@ import os
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import ops
+from .kernels.shapes import output_hw
 
 BACKENDS = ("auto", "reference", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -137,7 +138,7 @@ def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim
     if ndim == 1:  # the 2-D case with H = R = 1
         stride, dilation, kernel, pads = (1, *stride), (1, *dilation), (1, *kernel), (0, 0, *pads)
     x_hw = x.shape[-2:] if ndim == 2 else (1, x.shape[-1])
-    out_hw = reference.output_hw(x_hw, kernel, stride, pads, dilation)
+    out_hw = output_hw(x_hw, kernel, stride, pads, dilation)
     if min(out_hw) < 1:
         raise ValueError(f"output size {out_hw} is < 1 for input {tuple(x.shape)}, kernel {kernel}, "
                          f"stride {stride}, padding {pads}, dilation {dilation}")

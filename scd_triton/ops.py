@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .kernels.shapes import compute_dtype, memory_format, output_hw
 
 
 def _forward_impl(backend):
@@ -29,10 +30,10 @@ def scd2d_core(x: Tensor, w_hat: Tensor, p: Tensor, q: Tensor, stride: list[int]
 @scd2d_core.register_fake
 def _(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend):
     N, O = x.shape[0], w_hat.shape[0]
-    OH, OW = reference.output_hw(x.shape[-2:], w_hat.shape[-2:], stride, padding, dilation)
-    fmt = reference.memory_format(x)
+    OH, OW = output_hw(x.shape[-2:], w_hat.shape[-2:], stride, padding, dilation)
+    fmt = memory_format(x)
     y = x.new_empty((N, O, OH, OW)).contiguous(memory_format=fmt)
-    norm = x.new_empty((N, groups, OH, OW), dtype=reference.compute_dtype(x.dtype))
+    norm = x.new_empty((N, groups, OH, OW), dtype=compute_dtype(x.dtype))
     return y, torch.empty_like(y), norm
 
 
@@ -47,7 +48,7 @@ def scd2d_core_backward(grad_y: Tensor, x: Tensor, w_hat: Tensor, p: Tensor, q: 
 
 @scd2d_core_backward.register_fake
 def _(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
-    grad_x = torch.empty_like(x, memory_format=reference.memory_format(x))
+    grad_x = torch.empty_like(x, memory_format=memory_format(x))
     return grad_x, torch.empty_like(w_hat), torch.empty_like(p), torch.empty_like(q)
 
 
