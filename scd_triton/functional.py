@@ -4,6 +4,7 @@
 autograd differentiates) and calls the core op ``scd2d_normalized``; ``scd1d`` is the 2-D case
 with ``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU.
 """
+import math
 import numbers
 import os
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels.shapes import output_hw
+from .kernels.shapes import compute_dtype, output_hw
 
 BACKENDS = ("auto", "reference", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -54,37 +55,70 @@ def resolve_padding(padding, kernel_size, stride, dilation):
     return tuple(side for pad in pads for side in (pad, pad))
 
 
+def _backend_setting(backend):
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (or None), got {backend!r}")
+        return backend
+    backend = os.environ.get("SCD_BACKEND") or "auto"   # an empty value means unset
+    if backend not in BACKENDS:
+        raise ValueError(f"environment variable SCD_BACKEND must be one of {BACKENDS} (or unset), "
+                         f"got {backend!r}")
+    return backend
+
+
+def _triton_interpreter_on() -> bool:
+    """TRITON_INTERPRET as Triton itself reads it (1/true/on, any case)."""
+    from triton import knobs
+    return bool(knobs.runtime.interpret)
+
+
 def resolve_backend(backend, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """"reference" or "triton" for this call; ``None`` reads ``SCD_BACKEND`` (default "auto").
 
     "auto" takes the kernels for CUDA tensors of float16 / bfloat16 / float32 and the reference
     otherwise (CPU tensors, float64).
     """
-    if backend is None:
-        backend = os.environ.get("SCD_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (or None), got {backend!r}")
+    backend = _backend_setting(backend)
     if backend == "auto":
         return "triton" if device.type == "cuda" and dtype != torch.float64 else "reference"
     if backend == "triton":
         if dtype == torch.float64:
             raise TypeError("backend='triton' runs float16, bfloat16 and float32; float64 runs "
                             "with backend='reference' (or 'auto')")
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                               "triton is imported (Triton's interpreter); use backend='reference' "
-                               "or CUDA tensors")
-        if device.type not in ("cpu", "cuda"):
+        if device.type == "cpu":
+            if not _triton_interpreter_on():
+                raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set "
+                                   "before triton is imported (Triton's interpreter); use "
+                                   "backend='reference' or CUDA tensors")
+            if dtype == torch.bfloat16:
+                raise TypeError("backend='triton' on CPU runs in Triton's interpreter, which "
+                                "computes bfloat16 wrongly; use float16 / float32 there, or "
+                                "backend='reference'")
+        elif device.type != "cuda":
             raise RuntimeError(f"backend='triton' runs on CUDA tensors, got device {device}")
     return backend
 
 
-def _effective(value, name, x, out_channels):
-    """p or q as a float tensor of shape [O] on x's device (a shared value is expanded)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        value = torch.tensor(float(value), device=x.device)
-    if not isinstance(value, Tensor):
+def _check_scalar(value, name, positive=False):
+    """A finite Python float >= 0 (> 0 if ``positive``); values inside tensors are not read."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
+
+
+def _effective(value, name, x, out_channels):
+    """p or q as a float tensor of shape [O] on x's device (a shared value is expanded).
+
+    A Python float is validated here and filled on the device (no host-to-device copy, so no
+    synchronisation); the values of a tensor are the caller's job (reading them would sync).
+    """
+    dtype = compute_dtype(x.dtype)
+    if not isinstance(value, Tensor):
+        _check_scalar(value, name, positive=name == "p")
+        return torch.full((out_channels,), float(value), dtype=dtype, device=x.device)
     if value.device != x.device:
         raise RuntimeError(f"{name} is on {value.device} but x is on {x.device}")
     if value.dtype not in (torch.float32, x.dtype):
@@ -92,7 +126,6 @@ def _effective(value, name, x, out_channels):
     if value.shape not in ((), (out_channels,)):
         raise ValueError(f"{name} must have shape () or ({out_channels},) (out_channels), "
                          f"got {tuple(value.shape)}")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return value.to(dtype).expand(out_channels)
 
 
@@ -110,13 +143,12 @@ def _check_tensors(x, weight, ndim):
                          f"{tuple(weight.shape)}")
     if weight.device != x.device:
         raise RuntimeError(f"weight is on {weight.device} but x is on {x.device}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
 
 
 def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim):
-    """Validates everything but p, q; returns the 2-D conv arguments of the core op."""
-    _check_tensors(x, weight, ndim)
+    """Validates shapes and conv arguments; returns the 2-D conv arguments of the core op."""
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     C, O = x.shape[1], weight.shape[0]
@@ -128,9 +160,8 @@ def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim
     if min(weight.shape[2:]) < 1 or O < 1:
         raise ValueError(f"weight must have a non-empty kernel and out_channels, got "
                          f"{tuple(weight.shape)}")
-    for name, value in (("eps", eps), ("norm_eps", norm_eps)):
-        if not isinstance(value, numbers.Real) or value < 0:
-            raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    _check_scalar(eps, "eps")
+    _check_scalar(norm_eps, "norm_eps")
     stride = _positive(stride, ndim, "stride")
     dilation = _positive(dilation, ndim, "dilation")
     kernel = tuple(weight.shape[2:])
@@ -146,28 +177,38 @@ def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim
 
 
 def _autocast(x, weight):
-    """Runs in the autocast dtype, as conv2d does under ``torch.autocast``."""
+    """Casts to the autocast dtype, as conv2d does under ``torch.autocast`` (float64 stays)."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return x.to(dtype), weight.to(dtype)
+        cast = lambda t: t if t.dtype == torch.float64 else t.to(dtype)
+        return cast(x), cast(weight)
     return x, weight
 
 
-def _scd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, ndim,
-         normalized):
+def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, ndim,
+           weight_norm="norm_q", weight_norm_eps=None):
+    """Validates a call and runs the core op once; the public functions and layers call this.
+
+    ``weight_norm`` says how the op normalises ``weight`` (``ops.WEIGHT_NORMS``): "norm_q"
+    divides by ``sqrt(Σw² + weight_norm_eps) + q`` (scd2d), "norm" by ``sqrt(Σw² +
+    weight_norm_eps)`` (the Rohrer layer), "none" takes it as given (scd2d_normalized).
+    ``weight_norm_eps`` defaults to ``norm_eps``.
+    """
+    _check_tensors(x, weight, ndim)
+    x, weight = _autocast(x, weight)
     args = _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim)
+    if weight_norm_eps is None:
+        weight_norm_eps = norm_eps
+    else:
+        _check_scalar(weight_norm_eps, "weight_norm_eps")
     O = weight.shape[0]
     p_eff, q_eff = _effective(p, "p", x, O), _effective(q, "q", x, O)
     backend = resolve_backend(backend, x.device, x.dtype)
-    x, weight = _autocast(x, weight)
-    if not normalized:
-        norms = weight.to(p_eff.dtype).square().sum(tuple(range(1, weight.dim())), keepdim=True)
-        shape = (O,) + (1,) * (weight.dim() - 1)
-        weight = (weight / ((norms + norm_eps).sqrt() + q_eff.view(shape))).to(weight.dtype)
     if ndim == 1:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
-    y, _, _ = ops.scd2d_core(x, weight, p_eff, q_eff, *args, float(eps), float(norm_eps), backend)
+    y = ops.scd2d(x, weight, p_eff, q_eff, *args, float(eps), float(norm_eps), weight_norm,
+                  float(weight_norm_eps), backend)
     return y.squeeze(2) if ndim == 1 else y
 
 
@@ -179,7 +220,7 @@ def scd2d_normalized(x, w_hat, p, q, stride=1, padding=0, dilation=1, groups=1, 
     ``‖s‖ = sqrt(Σ s² + norm_eps)`` the norm of each patch over its group's channels.
     Arguments and shapes as :func:`scd2d`.
     """
-    return _scd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 2, True)
+    return scd_nd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 2, "none")
 
 
 def scd2d(x, weight, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12, norm_eps=1e-12,
@@ -202,16 +243,16 @@ def scd2d(x, weight, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12,
         >>> scd2d(x, w, p=2.0, q=0.1, padding="same").shape
         torch.Size([2, 4, 8, 8])
     """
-    return _scd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 2, False)
+    return scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 2)
 
 
 def scd1d(x, weight, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12, norm_eps=1e-12,
           backend=None):
     """1-D :func:`scd2d`: ``x [N, C, L]``, ``weight [O, C/groups, K]`` -> ``[N, O, L_out]``."""
-    return _scd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 1, False)
+    return scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 1)
 
 
 def scd1d_normalized(x, w_hat, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12,
                      norm_eps=1e-12, backend=None):
     """1-D :func:`scd2d_normalized`."""
-    return _scd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 1, True)
+    return scd_nd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, 1, "none")

@@ -1,71 +1,153 @@
-"""``torch.library`` registration of the core op, so that ``torch.compile`` traces it whole.
+"""The core op, one dispatch per call: the kernel normalisation and the SCD forward, and the
+analytic backward of both (no autograd through intermediates).
 
-``scd_triton::scd2d_core`` returns ``(y, c, norm)``: the output and what the backward needs.
-Its autograd formula calls ``scd_triton::scd2d_core_backward`` (the analytic backward of
-``reference.core_backward``). ``backend`` is already resolved ("reference" or "triton") by
-``functional``; both backends share the fake (shape) implementation below.
+``scd2d`` picks the path: under ``torch.compile`` the ``torch.library`` custom op
+``scd_triton::scd2d_core`` (with ``scd2d_core_backward``), which the compiler traces whole; in
+eager mode the same two functions as a plain ``torch.autograd.Function``, because the custom-op
+dispatcher costs more host time per call than a small layer's kernels; with nothing requiring
+grad, the forward alone, storing ``y`` only. ``backend`` is already resolved ("reference" or
+"triton") by ``functional``.
+
+``weight_norm`` (``WEIGHT_NORMS``) says how ``weight`` becomes ŵ, see
+``reference.normalize_weight``; its Jacobian is applied in the backward, so autograd keeps no
+weight-sized intermediate.
 """
+import contextlib
+
 import torch
 from torch import Tensor
 
 from . import reference
 from .kernels.shapes import compute_dtype, memory_format, output_hw
 
+WEIGHT_NORMS = ("none", "norm", "norm_q")
 
-def _forward_impl(backend):
+
+def _launchers(backend):
+    """(forward, backward) of the core op on pre-normalised kernels for ``backend``."""
     if backend == "reference":
-        return reference.core_forward
+        return reference.core_forward, reference.core_backward
     from .kernels import scd2d_fwd  # imported lazily: importing triton is slow
-    return scd2d_fwd
+    return scd2d_fwd, reference.core_backward
+
+
+def _no_autocast(x):
+    """The op computes in its inputs' dtypes: autocast (if on) must not recast its internals."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
+            weight_norm_eps, backend, save_for_backward):
+    """``(y, c, norm)``; ``c`` and ``norm`` are empty unless ``save_for_backward``."""
+    fwd, _ = _launchers(backend)
+    with _no_autocast(x):
+        w_hat, _ = reference.normalize_weight(weight, q, weight_norm, weight_norm_eps)
+        return fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
+                   save_for_backward)
+
+
+def backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, weight_norm,
+             weight_norm_eps, backend):
+    """Gradients ``(x, weight, p, q)`` from what the forward saved."""
+    _, bwd = _launchers(backend)
+    with _no_autocast(x):
+        w_hat, scale = reference.normalize_weight(weight, q, weight_norm, weight_norm_eps)
+        grad_x, grad_w_hat, grad_p, grad_q = bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding,
+                                                 dilation, groups, eps)
+        grad_w, grad_q_kernel = reference.normalize_weight_backward(
+            grad_w_hat, weight, q, scale, weight_norm, weight_norm_eps)
+    if grad_q_kernel is not None:
+        grad_q = grad_q + grad_q_kernel
+    return grad_x, grad_w, grad_p, grad_q
 
 
 @torch.library.custom_op("scd_triton::scd2d_core", mutates_args=())
-def scd2d_core(x: Tensor, w_hat: Tensor, p: Tensor, q: Tensor, stride: list[int], padding: list[int],
-               dilation: list[int], groups: int, eps: float, norm_eps: float,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Core op on pre-normalised kernels: ``(y, c, norm)``, see ``reference.core_forward``."""
-    return _forward_impl(backend)(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps)
+def scd2d_core(x: Tensor, weight: Tensor, p: Tensor, q: Tensor, stride: list[int],
+               padding: list[int], dilation: list[int], groups: int, eps: float, norm_eps: float,
+               weight_norm: str, weight_norm_eps: float, backend: str,
+               save_for_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, c, norm)`` of the core op, see :func:`forward`."""
+    return forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
+                   weight_norm_eps, backend, save_for_backward)
 
 
 @scd2d_core.register_fake
-def _(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend):
-    N, O = x.shape[0], w_hat.shape[0]
-    OH, OW = output_hw(x.shape[-2:], w_hat.shape[-2:], stride, padding, dilation)
-    fmt = memory_format(x)
-    y = x.new_empty((N, O, OH, OW)).contiguous(memory_format=fmt)
+def _(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
+      weight_norm_eps, backend, save_for_backward):
+    N, O = x.shape[0], weight.shape[0]
+    OH, OW = output_hw(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    y = x.new_empty((N, O, OH, OW)).contiguous(memory_format=memory_format(x))
+    if not save_for_backward:
+        return y, x.new_empty((0,)), x.new_empty((0,), dtype=compute_dtype(x.dtype))
     norm = x.new_empty((N, groups, OH, OW), dtype=compute_dtype(x.dtype))
     return y, torch.empty_like(y), norm
 
 
 @torch.library.custom_op("scd_triton::scd2d_core_backward", mutates_args=())
-def scd2d_core_backward(grad_y: Tensor, x: Tensor, w_hat: Tensor, p: Tensor, q: Tensor, c: Tensor,
+def scd2d_core_backward(grad_y: Tensor, x: Tensor, weight: Tensor, p: Tensor, q: Tensor, c: Tensor,
                         norm: Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                        groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. ``(x, w_hat, p, q)``, see ``reference.core_backward``."""
-    return reference.core_backward(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation,
-                                   groups, eps)
+                        groups: int, eps: float, weight_norm: str, weight_norm_eps: float,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. ``(x, weight, p, q)``, see :func:`backward`."""
+    return backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
+                    weight_norm, weight_norm_eps, backend)
 
 
 @scd2d_core_backward.register_fake
-def _(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
+def _(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, weight_norm,
+      weight_norm_eps, backend):
     grad_x = torch.empty_like(x, memory_format=memory_format(x))
-    return grad_x, torch.empty_like(w_hat), torch.empty_like(p), torch.empty_like(q)
+    return grad_x, torch.empty_like(weight), torch.empty_like(p), torch.empty_like(q)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_hat, p, q, stride, padding, dilation, groups, eps, _norm_eps, _backend = inputs
+    x, weight, p, q, stride, padding, dilation, groups, eps, _, weight_norm, weight_norm_eps, \
+        backend, _ = inputs
     _y, c, norm = output
     ctx.mark_non_differentiable(c, norm)
-    ctx.save_for_backward(x, w_hat, p, q, c, norm)
-    ctx.conv_args = (stride, padding, dilation, groups, eps)
+    ctx.save_for_backward(x, weight, p, q, c, norm)
+    ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
 
 
 def _backward(ctx, grad_y, _grad_c, _grad_norm):
-    x, w_hat, p, q, c, norm = ctx.saved_tensors
-    if grad_y is None:
-        return (None,) * 11
-    grads = torch.ops.scd_triton.scd2d_core_backward(grad_y, x, w_hat, p, q, c, norm, *ctx.conv_args)
-    return (*grads, None, None, None, None, None, None, None)
+    x, weight, p, q, c, norm = ctx.saved_tensors
+    grads = torch.ops.scd_triton.scd2d_core_backward(grad_y, x, weight, p, q, c, norm, *ctx.args)
+    return (*grads,) + (None,) * 10
 
 
 scd2d_core.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerSCD2d(torch.autograd.Function):
+    """The custom op's forward and backward without the dispatcher (eager mode, grad needed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
+                weight_norm, weight_norm_eps, backend):
+        y, c, norm = forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
+                             weight_norm, weight_norm_eps, backend, True)
+        ctx.save_for_backward(x, weight, p, q, c, norm)
+        ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, p, q, c, norm = ctx.saved_tensors
+        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args),) + (None,) * 9
+
+
+def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
+          weight_norm_eps, backend):
+    """``y`` of the core op on validated arguments (p, q of shape [O]), through the path that
+    fits the call: the custom op under torch.compile, else an autograd.Function or the bare
+    forward."""
+    args = (stride, padding, dilation, groups, eps, norm_eps, weight_norm, weight_norm_eps, backend)
+    save = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or p.requires_grad or q.requires_grad)
+    if torch.compiler.is_compiling():
+        return torch.ops.scd_triton.scd2d_core(x, weight, p, q, *args, save)[0]
+    if save:
+        return _EagerSCD2d.apply(x, weight, p, q, *args)
+    return forward(x, weight, p, q, *args, False)[0]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from .kernels.shapes import compute_dtype, memory_format
+from .kernels.shapes import compute_dtype, memory_format, output_hw
 
 
 def _pad_input(x, padding):
@@ -35,15 +35,59 @@ def _signed(magnitude, c):
     return magnitude.mul_(c.sign())
 
 
-def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps):
+def normalize_weight(weight, q, mode, eps):
+    """``(ŵ, scale)`` with ``ŵ = weight · scale`` per output channel (``scale [O]``, compute dtype).
+
+    mode "norm_q": ``scale = 1 / (sqrt(Σw² + eps) + q)``; "norm": ``1 / sqrt(Σw² + eps)``;
+    "none": ŵ is ``weight`` itself (scale None). A zero denominator (an all-zero kernel with
+    ``eps = q = 0``) gives scale 0: that kernel matches nothing (y = 0) and gets no gradient.
+    NaN in a kernel stays NaN.
+    """
+    if mode == "none":
+        return weight, None
+    O = weight.shape[0]
+    sumsq = weight.to(compute_dtype(weight.dtype)).reshape(O, -1).square().sum(1)
+    denom = (sumsq + eps).sqrt()
+    if mode == "norm_q":
+        denom = denom + q
+    scale = torch.where(denom == 0, 0.0, 1.0 / denom)
+    w_hat = (weight * scale.view(O, *(1,) * (weight.dim() - 1))).to(weight.dtype)
+    return w_hat, scale
+
+
+def normalize_weight_backward(grad_w_hat, weight, q, scale, mode, eps):
+    """``(grad_weight, grad_q [O])`` of :func:`normalize_weight` from ``grad_ŵ`` (its Jacobian).
+
+    With ``n = sqrt(Σw² + eps)`` and ``k = Σ grad_ŵ · w`` per channel:
+    ``grad_w = scale · grad_ŵ − w · k · scale² / n`` and, for "norm_q", ``grad_q = −k · scale²``
+    (None for the other modes, where q does not enter ŵ).
+    """
+    if mode == "none":
+        return grad_w_hat, None
+    O, cdt = weight.shape[0], scale.dtype
+    w, g = weight.to(cdt).reshape(O, -1), grad_w_hat.to(cdt).reshape(O, -1)
+    k = (g * w).sum(1)
+    n = (w.square().sum(1) + eps).sqrt()
+    coef = torch.where(n == 0, 0.0, k * scale.square() / n)
+    grad_w = (g * scale[:, None] - w * coef[:, None]).view_as(weight).to(weight.dtype)
+    grad_q = (-k * scale.square()).to(q.dtype) if mode == "norm_q" else None
+    return grad_w, grad_q
+
+
+def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
+                 save_for_backward=True):
+    """``(y, c, norm)``; without ``save_for_backward`` c and norm are empty (0,) tensors."""
     cdt = compute_dtype(x.dtype)
     xc, wc = x.to(cdt), w_hat.to(cdt)
     N, C, _, _ = x.shape
     O, _, R, S = w_hat.shape
     G, Og = groups, O // groups
     xp, conv_pad = _pad_input(xc, padding)
-    d = F.conv2d(xp, wc, None, stride, conv_pad, dilation, groups)
-    OH, OW = d.shape[-2:]
+    OH, OW = output_hw(x.shape[-2:], (R, S), stride, padding, dilation)
+    if C:
+        d = F.conv2d(xp, wc, None, stride, conv_pad, dilation, groups)
+    else:  # conv2d returns no output channels for an input without channels; all dots are 0
+        d = xc.new_zeros(N, O, OH, OW)
     # Σ s² per (n, g, position): channel sums of squares per group, then an R×S box sum.
     sq = xp.square()
     if C != G:
@@ -55,6 +99,8 @@ def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_ep
     y = _signed(c.abs().add_(eps).pow_(p.to(cdt).view(1, G, Og, 1, 1)), c)
     fmt = memory_format(x)
     as_output = lambda t: t.reshape(N, O, OH, OW).to(x.dtype).contiguous(memory_format=fmt)
+    if not save_for_backward:
+        return as_output(y), x.new_empty((0,)), x.new_empty((0,), dtype=cdt)
     return as_output(y), as_output(c), norm.contiguous()
 
 

@@ -10,14 +10,17 @@ def _args(N=2, C=4, H=6, W=6, O=6, k=3, dtype=torch.float32):
     return torch.randn(N, C, H, W, dtype=dtype), torch.randn(O, C, k, k, dtype=dtype)
 
 
-def test_opcheck_core_op():
-    x, w = _args()
+@pytest.mark.parametrize("weight_norm", ["none", "norm", "norm_q"])
+def test_opcheck_core_op(weight_norm):
+    x, _ = _args()
     p, q = torch.rand(6) + 1, torch.rand(6)
+    w = torch.randn(6, 2, 3, 3)
     for x_in in (x, x.to(memory_format=torch.channels_last)):
-        args = (x_in.requires_grad_(), w.requires_grad_(), p.requires_grad_(), q.requires_grad_(),
-                [1, 1], [1, 1, 0, 1], [1, 1], 2, 1e-6, 1e-6, "reference")
-        w2 = torch.randn(6, 2, 3, 3, requires_grad=True)
-        torch.library.opcheck(torch.ops.scd_triton.scd2d_core.default, (args[0], w2, *args[2:]))
+        for save in (True, False):  # without saving, the op is only called where no grad is needed
+            tensors = [t.detach().requires_grad_(save) for t in (x_in, w, p, q)]
+            args = (*tensors, [1, 1], [1, 1, 0, 1], [1, 1], 2, 1e-6, 1e-6, weight_norm, 1e-6,
+                    "reference", save)
+            torch.library.opcheck(torch.ops.scd_triton.scd2d_core.default, args)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -50,11 +53,31 @@ def test_backend_resolution(monkeypatch):
     monkeypatch.setenv("SCD_BACKEND", "reference")
     assert resolve_backend(None, torch.device("cuda")) == "reference"
     monkeypatch.setenv("SCD_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="environment variable SCD_BACKEND must be one of"):
         resolve_backend(None, cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        resolve_backend("triton", cpu)
+    monkeypatch.setenv("SCD_BACKEND", "")               # empty means unset
+    assert resolve_backend(None, cpu) == "reference"
+    assert resolve_backend(None, torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("", False), ("off", False), ("1", True),
+                                       ("true", True), ("ON", True)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    if on:
+        assert resolve_backend("triton", torch.device("cpu")) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            resolve_backend("triton", torch.device("cpu"))
+
+
+def test_bfloat16_in_the_interpreter_is_refused(monkeypatch):
+    """Triton's interpreter computes bf16 wrongly: a clear error, never a silent garbage result."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = _args(dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="interpreter, which computes bfloat16 wrongly"):
+        scd_triton.scd2d(x, w, 2.0, 0.1, backend="triton")
+    assert scd_triton.scd2d(x, w, 2.0, 0.1).dtype == torch.bfloat16      # auto: the reference
 
 
 BAD_CALLS = [
@@ -80,6 +103,13 @@ BAD_CALLS = [
     ("backend", dict(backend="cuda"), ValueError, "backend must be"),
     ("groups type", dict(groups=0), ValueError, "groups must be"),
     ("eps", dict(eps=-1.0), ValueError, "eps must be"),
+    ("eps nan", dict(eps=float("nan")), ValueError, "eps must be a finite float"),
+    ("norm_eps inf", dict(norm_eps=float("inf")), ValueError, "norm_eps must be a finite float"),
+    ("p zero", dict(p=0.0), ValueError, "p must be a finite float > 0"),
+    ("p negative", dict(p=-1.0), ValueError, "p must be a finite float > 0"),
+    ("p nan", dict(p=float("nan")), ValueError, "p must be a finite float > 0"),
+    ("q negative", dict(q=-0.1), ValueError, "q must be a finite float >= 0"),
+    ("q inf", dict(q=float("inf")), ValueError, "q must be a finite float >= 0"),
 ]
 
 

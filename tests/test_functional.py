@@ -1,0 +1,127 @@
+"""Behaviour of the public functions that users rely on, on every backend: NaN propagation,
+all-zero kernels, autocast chains, zero channels, and what nothing-requires-grad calls store."""
+import pytest
+import torch
+
+import oracle
+import scd_triton
+from helpers import assert_close
+from scd_triton.functional import scd_nd
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["reference", "triton"]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32(no_tf32):
+    """float32 kernels compared with float64 use IEEE dots."""
+
+
+def _leaves(*tensors):
+    return [t.to(DEVICE).requires_grad_() for t in tensors]
+
+
+def _patch_mask(shape, where, kernel=3, padding=1):
+    """Output positions [OH, OW] whose 3×3 padded patch contains input position ``where``."""
+    marker = torch.zeros(1, 1, *shape, dtype=torch.float64)
+    marker[0, 0][where] = 1
+    hit = torch.nn.functional.conv2d(marker, torch.ones(1, 1, kernel, kernel, dtype=torch.float64),
+                                     padding=padding)
+    return hit[0, 0] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_x_reaches_exactly_the_outputs_whose_patch_has_it(backend, bad):
+    x, w = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 3, 3)
+    x[1, 2, 3, 4] = bad
+    x, w, p, q = _leaves(x, w, torch.full((4,), 1.5), torch.full((4,), 0.1))
+    y = scd_triton.scd2d(x, w, p, q, padding=1, backend=backend)
+    reached = _patch_mask((6, 7), (3, 4)).to(DEVICE)
+    assert torch.isnan(y[1][:, reached]).all(), "NaN/Inf in a patch must give NaN"
+    assert torch.isfinite(y[1][:, ~reached]).all() and torch.isfinite(y[0]).all()
+    y.backward(torch.ones_like(y))
+    assert torch.isnan(x.grad[1]).any() and torch.isfinite(x.grad[0]).all()
+    for name, t in (("w", w), ("p", p), ("q", q)):
+        assert torch.isnan(t.grad).all(), f"grad_{name} must be NaN: every kernel saw the NaN patch"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_kernel_gives_nan_in_its_channel(backend):
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    w[2, 1, 0, 0] = float("nan")
+    x, w, p, q = _leaves(x, w, torch.full((4,), 2.0), torch.full((4,), 0.1))
+    y = scd_triton.scd2d(x, w, p, q, padding=1, backend=backend)
+    assert torch.isnan(y[:, 2]).all()
+    assert torch.isfinite(y[:, [0, 1, 3]]).all()
+    y.backward(torch.ones_like(y))
+    assert torch.isnan(w.grad[2]).all() and torch.isfinite(w.grad[[0, 1, 3]]).all()
+    assert torch.isnan(x.grad).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_kernel_matches_nothing_and_gets_no_gradient(backend):
+    """With no eps or q on the kernel norm (the Rohrer layer), an all-zero kernel gives y = 0 and a
+    zero gradient for that kernel, on every backend; the other kernels are unaffected."""
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    w[1] = 0
+    x, w, p, q = _leaves(x, w, torch.full((4,), 2.0), torch.tensor(0.1))
+    y = scd_nd(x, w, p, q, 1, 1, 1, 1, 1e-6, 1e-6, backend, 2, weight_norm="norm",
+               weight_norm_eps=0.0)
+    assert (y[:, 1] == 0).all()
+    w_hat = w.detach().double().cpu()
+    w_hat = w_hat / w_hat.flatten(1).norm(dim=1).clamp_min(1e-300).view(-1, 1, 1, 1)
+    ref = oracle.scd2d_normalized(x.detach().double().cpu(), w_hat, p.detach().double().cpu(),
+                                  q.detach().double().cpu(), padding=(1, 1, 1, 1), eps=1e-6,
+                                  norm_eps=1e-6)
+    assert_close("y", y.detach().cpu(), ref, torch.float32, reduce_dim=27)
+    y.backward(torch.randn_like(y))
+    assert (w.grad[1] == 0).all()
+    for name, t in (("x", x), ("w", w), ("p", p), ("q", q)):
+        assert torch.isfinite(t.grad).all(), f"grad_{name} not finite"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_chain_of_layers_runs_like_conv2d(dtype):
+    device = DEVICE
+    if device == "cpu" and dtype == torch.float16 and not torch.backends.mkldnn.is_available():
+        pytest.skip("no float16 CPU autocast")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(scd_triton.SCD2d(3, 8, 3, padding=1), scd_triton.MaxAbsPool2d(2),
+                              scd_triton.SCD2d(8, 4, 3, padding=1, parameterization="pisoni"))
+    convs = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3))
+    net, convs = net.to(device), convs.to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    with torch.autocast(device, dtype=dtype):
+        y = net(x)
+        y_conv = convs(x)
+    assert y.dtype == y_conv.dtype == dtype
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in net.parameters())
+    with torch.no_grad():
+        full = net(x)
+    err = ((y.float() - full).norm() / full.norm()).item()
+    # two layers of 8-bit (bf16) or 11-bit (fp16) mantissas, sharpened by p up to 3
+    assert err < 6e-2, f"autocast chain drifts from float32: {err:.2e}"
+
+
+def test_zero_input_channels_on_the_reference():
+    x, w = torch.randn(2, 0, 5, 5, requires_grad=True), torch.randn(3, 0, 3, 3, requires_grad=True)
+    y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend="reference")
+    assert y.shape == (2, 3, 5, 5) and (y == 0).all()
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_without_grad_stores_only_y(backend):
+    """With nothing requiring grad the op returns empty c / norm: only y is written."""
+    x, w = torch.randn(2, 4, 6, 6, device=DEVICE), torch.randn(5, 4, 3, 3, device=DEVICE)
+    p, q = torch.full((5,), 2.0, device=DEVICE), torch.full((5,), 0.1, device=DEVICE)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, 1e-12, 1e-12, "norm_q", 1e-12, backend)
+    y, c, norm = scd_triton.ops.forward(x, w, p, q, *args, False)
+    assert c.numel() == 0 and norm.numel() == 0
+    y_saved, c, norm = scd_triton.ops.forward(x, w, p, q, *args, True)
+    assert c.shape == y.shape and norm.shape == (2, 1, 6, 6)
+    torch.testing.assert_close(y, y_saved, rtol=0, atol=0)
