@@ -31,18 +31,22 @@ def _launchers(backend):
     return scd2d_fwd, reference.core_backward
 
 
-def _no_autocast(x):
-    """The op computes in its inputs' dtypes: autocast (if on) must not recast its internals."""
+def _guard(x):
+    """The op runs on x's device, in its inputs' dtypes: kernels launch on x's GPU (not the
+    current one) and autocast, if on, does not recast the op's internals."""
+    stack = contextlib.ExitStack()
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        stack.enter_context(torch.cuda.device(x.device))
     if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
+        stack.enter_context(torch.autocast(x.device.type, enabled=False))
+    return stack
 
 
 def forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
             weight_norm_eps, backend, save_for_backward):
     """``(y, c, norm)``; ``c`` and ``norm`` are empty unless ``save_for_backward``."""
     fwd, _ = _launchers(backend)
-    with _no_autocast(x):
+    with _guard(x):
         w_hat, _ = reference.normalize_weight(weight, q, weight_norm, weight_norm_eps)
         return fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
                    save_for_backward)
@@ -52,7 +56,7 @@ def backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups
              weight_norm_eps, backend):
     """Gradients ``(x, weight, p, q)`` from what the forward saved."""
     _, bwd = _launchers(backend)
-    with _no_autocast(x):
+    with _guard(x):
         w_hat, scale = reference.normalize_weight(weight, q, weight_norm, weight_norm_eps)
         grad_x, grad_w_hat, grad_p, grad_q = bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding,
                                                  dilation, groups, eps)

@@ -134,3 +134,49 @@ def test_device_mismatch_is_reported():
 def test_scd1d_validates_rank():
     with pytest.raises(ValueError, match="x must be 3-D"):
         scd_triton.scd1d(torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3), 1.0, 0.0)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("p, q", [(2.0, 0.1), (None, None)])
+def test_a_training_step_never_synchronises(p, q):
+    """No host-device synchronisation in forward or backward (Python-float or tensor p, q)."""
+    layer = scd_triton.SCD2d(8, 16, 3, padding=1, device="cuda")
+    x = torch.randn(4, 8, 12, 12, device="cuda", requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, device="cuda", requires_grad=True)
+    if p is None:
+        p, q = torch.full((16,), 2.0, device="cuda"), torch.tensor(0.1, device="cuda")
+    scd_triton.scd2d(x, w, p, q, padding=1).sum().backward()     # first call compiles
+    layer(x).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scd_triton.scd2d(x, w, p, q, padding=1).sum().backward()
+        layer(x).sum().backward()
+        with torch.no_grad():
+            layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+def test_capturable_in_cuda_graphs():
+    """torch.compile(mode="reduce-overhead") captures the layer in a CUDA graph; replays match eager."""
+    layer = scd_triton.SCD2d(8, 16, 3, padding=1, device="cuda")
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 8, 12, 12, device="cuda")
+        with torch.no_grad():
+            got = compiled(x).clone()
+            torch.testing.assert_close(got, layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_on_the_tensors_device():
+    x, w = torch.randn(2, 4, 6, 6, device="cuda:1"), torch.randn(6, 4, 3, 3, device="cuda:1")
+    with torch.cuda.device(0):
+        y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1)
+    ref = scd_triton.scd2d(x.cpu(), w.cpu(), 2.0, 0.1, padding=1)
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-3, atol=1e-3)
