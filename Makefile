@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: install test test-gpu bench bench-full kernel-report clean
+.PHONY: install test test-gpu gpu-check bench bench-full kernel-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 # On a CUDA machine: the same tests on the real kernels (no interpreter).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a CUDA machine whose torch is already installed (no network, no venv): GPU tests, a quick
+# benchmark of every provider in bf16 and fp32, and a host/kernel time profile per shape.
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m bench.gpu_check
 
 bench: $(STAMP)
 	$(PY) -m bench.run

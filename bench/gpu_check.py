@@ -1,0 +1,137 @@
+"""`make gpu-check`: everything a lent CUDA machine should run, in one command of < 8 minutes.
+
+    python -m bench.gpu_check [--out-dir bench/results] [--skip-tests] [--skip-compile]
+
+1. the test suite on the real kernels (no interpreter), with a time limit;
+2. a quick benchmark of every provider on the whole suite in bfloat16 and float32 (the
+   ``torch.compile`` providers on a few shapes only: each compile takes tens of seconds);
+3. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
+   kernels (forward, and forward+backward).
+It writes ``<out-dir>/<gpu>.json`` (rows, profile, test summary) and ``<gpu>.png``, and prints the
+tables. It needs torch with CUDA and the project installed (``pip install --no-deps
+--no-build-isolation -e .``); it uses no network.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench import run as bench
+from bench.shapes import suite
+
+FAST_PROVIDERS = ["conv2d", "unfold", "rohrer", "reference", "triton"]
+COMPILE_PROVIDERS = ["conv2d", "rohrer+compile", "triton"]
+COMPILE_SHAPES = ("resnet18/3x3_128_28", "cifar_wide/scs3x3_256-256_8",
+                  "cifar10_80_25214/scs5x5_3-80_32")
+DTYPES = ["bfloat16", "float32"]
+
+
+def run_tests(timeout_s):
+    """The test suite on the GPU kernels; returns (exit code, last summary line, seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    start = time.time()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        out, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code = "timeout"
+    print(out[-6000:])
+    lines = [l for l in out.splitlines() if l.strip()]
+    return code, (lines[-1] if lines else ""), time.time() - start
+
+
+def _host_and_kernel_us(step, calls=20):
+    """(host µs per call without waiting for the GPU, GPU kernel µs per call) of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    kernel = sum(e.device_time for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA) / calls
+    return host, kernel
+
+
+def profile_summary(shapes, dtype=torch.bfloat16):
+    """Per shape: host and kernel time of the triton provider's forward and forward+backward."""
+    device = torch.device("cuda")
+    rows = []
+    for shape in shapes:
+        fn = bench.make_provider("triton", shape, device)
+        x, w, p, q = bench.make_inputs(shape, dtype, device)
+        def fwd():
+            with torch.no_grad():
+                fn(x, w, p, q)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        grad = torch.randn_like(fn(x, w, p, q))
+        def train():
+            torch.autograd.grad(fn(xg, wg, p, q), (xg, wg), grad)
+        row = dict(shape=shape.label)
+        row["fwd_host_us"], row["fwd_kernel_us"] = _host_and_kernel_us(fwd)
+        row["train_host_us"], row["train_kernel_us"] = _host_and_kernel_us(train)
+        rows.append(row)
+        print(f"{shape.label:40s} fwd host {row['fwd_host_us']:7.1f} µs kernels "
+              f"{row['fwd_kernel_us']:8.1f} µs | fwd+bwd host {row['train_host_us']:7.1f} µs "
+              f"kernels {row['train_kernel_us']:8.1f} µs")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true", help="no torch.compile providers")
+    parser.add_argument("--test-timeout", type=float, default=240.0)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gpu-check needs a CUDA device")
+    start = time.time()
+    name = bench.device_name(torch.device("cuda"))
+    print(f"== {name}, torch {torch.__version__}, triton {bench._triton_version()}")
+    tests = None
+    if not args.skip_tests:
+        print("== tests (real kernels)")
+        code, summary, seconds = run_tests(args.test_timeout)
+        tests = dict(exit_code=code, summary=summary, seconds=round(seconds, 1))
+        print(f"-- tests: {summary} ({seconds:.0f} s, exit {code})")
+    torch.backends.cudnn.benchmark = True
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
+    shapes = suite(True, "cuda")
+    device = torch.device("cuda")
+    print("== benchmark")
+    rows = bench.run(shapes, FAST_PROVIDERS, DTYPES, device)
+    if not args.skip_compile:
+        few = [s for s in shapes if s.label in COMPILE_SHAPES]
+        compiled = bench.run(few, COMPILE_PROVIDERS, ["bfloat16"], device)
+        rows += [r for r in compiled if r["provider"] != "triton" and r["provider"] != "conv2d"]
+    print("== profile (triton, bfloat16)")
+    profile = profile_summary(shapes)
+    result = dict(device=name, torch=torch.__version__, triton=bench._triton_version(),
+                  date=datetime.date.today().isoformat(), tests=tests, profile=profile, rows=rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, bench.slug(name))
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    bench.plot(rows, base + ".png", f"SCD vs conv2d on {name}")
+    print(f"\n{bench.format_table(rows)}\n")
+    print(f"written: {base}.json, {base}.png ({time.time() - start:.0f} s in all)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Kernel normalisation ``ŵ = w · scale`` and its Jacobian, one small launch each.
+
+The forward writes ŵ straight into the layout the GEMM kernels read (any strides per group,
+channel-in-group, input channel and tap), so normalising and re-laying out the weight costs one
+launch per call instead of a chain of small torch ops. Per output channel ``o``:
+
+    n = sqrt(Σ w_o² + eps);  scale = 1 / (n + q_o) (MODE 2, "norm_q"), 1 / n (MODE 1, "norm"),
+    1 (MODE 0, "none");  a zero denominator gives scale 0 (an all-zero kernel matches nothing)
+    grad_w = scale · grad_ŵ − w · k · scale² / n,  grad_q = − k · scale²,  k = Σ grad_ŵ · w
+
+NaN in a kernel stays NaN (the zero test is ``== 0``, false for NaN).
+"""
+import torch
+import triton
+import triton.language as tl
+
+MODES = {"none": 0, "norm": 1, "norm_q": 2}
+
+
+@triton.jit
+def _scale(sumsq, q, eps, MODE: tl.constexpr):
+    """(scale, n) per channel from Σw² (see the module docstring)."""
+    n = tl.sqrt(sumsq + eps)
+    if MODE == 2:
+        denom = n + q
+    else:
+        denom = n
+    scale = tl.where(denom == 0, 0.0, 1.0 / denom)
+    if MODE == 0:
+        scale = tl.full(sumsq.shape, 1.0, tl.float32)
+    return scale, n
+
+
+@triton.jit
+def normalize_weight_kernel(
+    W, Q, W_HAT, SCALE, O, K, RS, Og, s_g, s_j, s_c, s_t, eps,
+    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+):
+    """ŵ[o, c, tap] = w[o, c, tap] · scale[o], written at ``g·s_g + j·s_j + c·s_c + tap·s_t``
+    (``o = g·Og + j``); W is [O, K = C/G·R·S] contiguous. Also stores scale [O] (float32)."""
+    i_o = tl.program_id(0)
+    o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
+    m_o = o_o < O
+    o_k = tl.arange(0, BK)
+    p_w = W + o_o.to(tl.int64)[:, None] * K                              # [BO, 1]
+    sumsq = tl.zeros((BO,), dtype=tl.float32)
+    if MODE != 0:
+        for k0 in range(0, K, BK):
+            m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
+            b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
+            sumsq += tl.sum(b_w * b_w, axis=1)
+    b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
+    b_scale, _ = _scale(sumsq, b_q, eps, MODE)
+    tl.store(SCALE + o_o, b_scale, mask=m_o)
+    o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO]
+    for k0 in range(0, K, BK):
+        o_kk = k0 + o_k                                                   # [BK] (c, tap)
+        m = m_o[:, None] & (o_kk < K)[None, :]
+        b_w = tl.load(p_w + o_kk[None, :], mask=m, other=0.0).to(tl.float32)
+        o_c = o_kk // RS
+        p_dst = W_HAT + o_dst[:, None] + (o_c * s_c + (o_kk - o_c * RS) * s_t)[None, :]
+        tl.store(p_dst, (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def normalize_weight_backward_kernel(
+    GW_HAT, W, Q, GW, GQ, O, K, eps,
+    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+):
+    """grad_w and grad_q (MODE 2) from grad_ŵ; GW_HAT, W, GW are [O, K] contiguous."""
+    i_o = tl.program_id(0)
+    o_o = i_o * BO + tl.arange(0, BO)
+    m_o = o_o < O
+    o_k = tl.arange(0, BK)
+    row = o_o.to(tl.int64)[:, None] * K                                  # [BO, 1]
+    sumsq = tl.zeros((BO,), dtype=tl.float32)
+    dot = tl.zeros((BO,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
+        b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+        b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+        sumsq += tl.sum(b_w * b_w, axis=1)
+        dot += tl.sum(b_g * b_w, axis=1)
+    b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
+    b_scale, b_n = _scale(sumsq, b_q, eps, MODE)
+    b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / b_n)       # [BO]
+    if MODE == 2:
+        tl.store(GQ + o_o, -dot * b_scale * b_scale, mask=m_o)
+    for k0 in range(0, K, BK):
+        m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
+        b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+        b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+        b_gw = b_g * b_scale[:, None] - b_w * b_coef[:, None]
+        tl.store(GW + row + (k0 + o_k)[None, :], b_gw.to(GW.dtype.element_ty), mask=m)
+
+
+def _blocks(O, K):
+    """(BO, BK): a few channels per program, the kernel's row in chunks of up to 256."""
+    BK = max(16, min(256, triton.next_power_of_2(K)))
+    return 4, BK
+
+
+def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
+    """``(ŵ, scale)``: ŵ written into ``out`` (default: a new tensor shaped like ``w``) at
+    ``out_strides = (per group, per channel in group, per input channel, per tap)``."""
+    O, Cg, R, S = w.shape
+    K, RS = Cg * R * S, R * S
+    if out is None:
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        out_strides = (O // groups * K, K, RS, 1)
+    scale = torch.empty(O, dtype=torch.float32, device=w.device)
+    BO, BK = _blocks(O, K)
+    normalize_weight_kernel[(triton.cdiv(O, BO),)](
+        w.contiguous(), q, out, scale, O, K, RS, O // groups, *out_strides, eps,
+        MODE=MODES[mode], BO=BO, BK=BK)
+    return out, scale
+
+
+def normalize_weight_backward(grad_w_hat, w, q, mode, eps):
+    """``(grad_w, grad_q or None)`` of :func:`normalize_weight` (mode "none": grad_ŵ itself)."""
+    if mode == "none":
+        return grad_w_hat, None
+    O = w.shape[0]
+    K = w[0].numel()
+    grad_w = torch.empty_like(w, memory_format=torch.contiguous_format)
+    grad_q = torch.empty(O, dtype=torch.float32, device=w.device) if mode == "norm_q" else None
+    BO, BK = _blocks(O, K)
+    normalize_weight_backward_kernel[(triton.cdiv(O, BO),)](
+        grad_w_hat.contiguous(), w.contiguous(), q, grad_w, grad_q if grad_q is not None else q,
+        O, K, eps, MODE=MODES[mode], BO=BO, BK=BK)
+    return grad_w, grad_q
