@@ -44,9 +44,10 @@ class _RohrerParameterization:
 
     def effective(self, layer):
         o = layer.options
-        with torch.no_grad():  # the published layer clamps the stored parameters in place
-            layer.weight.clamp_(-o["w_max"], o["w_max"])
-            layer.p.clamp_(min=o["p_min"])
+        # The published layer clamps the stored parameters in place. Through ``.data`` (same
+        # storage, own version counter) so tensors saved by an earlier forward stay valid.
+        layer.weight.data.clamp_(-o["w_max"], o["w_max"])
+        layer.p.data.clamp_(min=o["p_min"])
         weight, p = layer.weight, layer.p.reshape(-1)
         if o["shared_weights"]:
             weight = weight.repeat(layer.groups, *(1,) * (weight.dim() - 1))

@@ -142,3 +142,68 @@ def test_maxabspool_matches_brute_force():
     torch.testing.assert_close(y1, w1.gather(-1, w1.abs().argmax(-1, keepdim=True)).squeeze(-1))
     with pytest.raises(ValueError, match="x must be 4-D"):
         scd_triton.MaxAbsPool2d(2)(x1)
+
+
+def _rohrer_layer_and_oracle_leaves(channels=3):
+    """A rohrer layer loaded with out-of-clamp values, and float64 leaves of its clamped values."""
+    layer = scd_triton.SCD2d(channels, channels, 3, padding=1)
+    state = _rohrer_state(channels, channels, 3)
+    state["p"][0, 0] = 0.02   # below p_min: clamped to 0.1
+    layer.load_state_dict(state)
+    leaves = (state["weight"].clamp(-1, 1).double().requires_grad_(),
+              state["p"].clamp(min=0.1).double().requires_grad_(),
+              state["log_q"].double().requires_grad_())
+    return layer, leaves
+
+
+def _assert_rohrer_grads(layer, leaves, reduce_dim):
+    for name, got, ref in zip(("weight", "p", "log_q"), (layer.weight, layer.p, layer.log_q),
+                              leaves):
+        assert_close(f"grad_{name}", got.grad, ref.grad, torch.float32, grad=True,
+                     reduce_dim=reduce_dim)
+
+
+def test_rohrer_layer_used_twice_in_one_graph_matches_oracle_gradients():
+    """Weight sharing: the in-place clamp of the second call must not invalidate the first's
+    saved tensors; gradients flow fully to the clamped parameters, as in the published layer."""
+    layer, (w, p, log_q) = _rohrer_layer_and_oracle_leaves()
+    x = torch.randn(2, 3, 6, 6)
+    y = layer(layer(x))
+    assert layer.weight.abs().max() <= 1 and layer.p.min() >= 0.1
+    ref = oracle.rohrer_sharp_cos_sim2d(
+        oracle.rohrer_sharp_cos_sim2d(x, w, p, log_q, padding=1), w, p, log_q, padding=1)
+    assert_close("y", y, ref, torch.float32, reduce_dim=27)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref.backward(grad.double())
+    _assert_rohrer_grads(layer, (w, p, log_q), reduce_dim=2 * 27 * 72)
+
+
+def test_rohrer_eval_forward_between_forward_and_backward():
+    layer, (w, p, log_q) = _rohrer_layer_and_oracle_leaves()
+    x = torch.randn(2, 3, 6, 6)
+    y = layer(x)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 5, 5))
+    layer.train()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    oracle.rohrer_sharp_cos_sim2d(x, w, p, log_q, padding=1).backward(grad.double())
+    _assert_rohrer_grads(layer, (w, p, log_q), reduce_dim=72)
+
+
+def test_rohrer_compiled_then_eager_call_then_backward():
+    """torch.compile(fullgraph=True) traces the clamp without graph breaks, clamps the stored
+    parameters too, and an eager call after it leaves the compiled graph's saved tensors valid."""
+    layer, (w, p, log_q) = _rohrer_layer_and_oracle_leaves()
+    x = torch.randn(2, 3, 6, 6)
+    y1 = torch.compile(layer, fullgraph=True)(x)
+    assert layer.weight.abs().max() <= 1 and layer.p.min() >= 0.1
+    y2 = layer(x)
+    ref = oracle.rohrer_sharp_cos_sim2d(x, w, p, log_q, padding=1)
+    assert_close("y_compiled", y1, ref, torch.float32, reduce_dim=27)
+    grad = torch.randn_like(y1)
+    (y1 * grad + y2 * grad.flip(0)).sum().backward()
+    (ref * grad.double() + ref * grad.double().flip(0)).sum().backward()
+    _assert_rohrer_grads(layer, (w, p, log_q), reduce_dim=2 * 72)
