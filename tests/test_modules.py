@@ -207,3 +207,86 @@ def test_rohrer_compiled_then_eager_call_then_backward():
     (y1 * grad + y2 * grad.flip(0)).sum().backward()
     (ref * grad.double() + ref * grad.double().flip(0)).sum().backward()
     _assert_rohrer_grads(layer, (w, p, log_q), reduce_dim=2 * 72)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(padding=-1), "padding must be >= 0"),
+    (dict(padding=(1, -2)), "padding must be >= 0"),
+    (dict(padding="full"), "padding must be an int, a tuple, 'same' or 'valid'"),
+    (dict(padding="same", stride=2), "padding='same' needs stride 1"),
+    (dict(q_init=0.0), "q_init must be a finite float > 0"),
+    (dict(q_init=-1e-3), "q_init must be a finite float > 0"),
+    (dict(w_max=0.0), "w_max must be a finite float > 0"),
+    (dict(w_max=float("inf")), "w_max must be a finite float > 0"),
+    (dict(w_max=float("nan")), "w_max must be a finite float > 0"),
+    (dict(p_min=0.0), "p_min must be a finite float > 0"),
+    (dict(eps=-1e-6), "eps must be a finite float >= 0"),
+    (dict(eps=float("inf")), "eps must be a finite float >= 0"),
+    (dict(shared_weights="yes"), "shared_weights must be a bool"),
+    (dict(parameterization="pisoni", eps=-1.0), "eps must be a finite float >= 0"),
+    (dict(parameterization="pisoni", eps=float("nan")), "eps must be a finite float >= 0"),
+])
+def test_layer_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        scd_triton.SCD2d(4, 8, 3, **kwargs)
+
+
+def test_layer_constructor_accepts_boundary_arguments():
+    for kwargs in (dict(padding="valid"), dict(padding=0), dict(padding=(0, 2)), dict(eps=0.0),
+                   dict(padding="same", dilation=2), dict(parameterization="pisoni", eps=0.0)):
+        layer = scd_triton.SCD2d(2, 2, 3, **kwargs)
+        assert torch.isfinite(layer(torch.randn(1, 2, 7, 7))).all(), kwargs
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        scd_triton.SCD1d(2, 2, 3, padding=-1)
+
+
+@pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
+def test_layer_names_channel_and_rank_mismatch(parameterization):
+    layer = scd_triton.SCD2d(3, 4, 3, parameterization=parameterization)
+    with pytest.raises(ValueError, match=r"x has 4 channels, this layer expects 3"):
+        layer(torch.randn(1, 4, 6, 6))
+    with pytest.raises(ValueError, match=r"x must be 4-D \[N, C, H, W\], got shape \(3, 6, 6\)"):
+        layer(torch.randn(3, 6, 6))
+    layer1d = scd_triton.SCD1d(3, 4, 3, parameterization=parameterization)
+    with pytest.raises(ValueError, match=r"x has 2 channels, this layer expects 3"):
+        layer1d(torch.randn(1, 2, 9))
+    with pytest.raises(ValueError, match=r"x must be 3-D \[N, C, L\], got shape \(1, 3, 1, 9\)"):
+        layer1d(torch.randn(1, 3, 1, 9))
+
+
+def _maxabs_brute_force_2d(x, k, stride, padding):
+    xp = torch.nn.functional.pad(x, (padding,) * 4)
+    windows = xp.unfold(2, k, stride).unfold(3, k, stride).flatten(-2)
+    return windows.gather(-1, windows.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_maxabspool2d_keeps_memory_format_values_and_gradients(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    base = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+    x = base.clone(memory_format=fmt).requires_grad_()
+    y = scd_triton.MaxAbsPool2d(3, stride=2, padding=1)(x)
+    assert y.is_contiguous(memory_format=fmt)
+    assert y.is_contiguous() == (not channels_last)
+    assert y.stride() == torch.nn.MaxPool2d(3, stride=2, padding=1)(x).stride()
+    leaf = base.clone().requires_grad_()
+    ref = _maxabs_brute_force_2d(leaf, 3, 2, 1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, leaf.grad)   # overlapping windows: sums
+
+
+def test_maxabspool1d_values_and_gradients_on_a_strided_input():
+    base = torch.randn(2, 10, 3, dtype=torch.float64)
+    x = base.clone().requires_grad_()
+    y = scd_triton.MaxAbsPool1d(4, stride=3)(x.transpose(1, 2))   # a non-contiguous [N, C, L]
+    leaf = base.transpose(1, 2).detach().clone().requires_grad_()
+    w = leaf.unfold(2, 4, 3)
+    ref = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad.transpose(1, 2), leaf.grad, rtol=0, atol=0)
