@@ -290,3 +290,46 @@ def test_maxabspool1d_values_and_gradients_on_a_strided_input():
     y.backward(grad)
     ref.backward(grad)
     torch.testing.assert_close(x.grad.transpose(1, 2), leaf.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kernel_size=5, padding="same"), "kernel_size=\\(3, 3\\)"),
+    (dict(kernel_size=(3, 1), padding="same"), "kernel_size=\\(3, 3\\)"),
+    (dict(padding="valid"), "padding 'same'"),
+    (dict(padding=0), "padding 'same'"),
+    (dict(padding=2), "padding 'same'"),
+    (dict(padding=1, stride=2), "stride=\\(1, 1\\)"),
+    (dict(padding="same", dilation=2), "dilation=\\(1, 1\\)"),
+    (dict(padding="same", groups=2), "groups=1"),
+])
+def test_to_pisoni_keras_refuses_what_keras_cannot_express(kwargs, match):
+    kwargs = {"kernel_size": 3, **kwargs}
+    layer = scd_triton.SCD2d(4, 4, parameterization="pisoni", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        scd_triton.compat.to_pisoni_keras(layer)
+
+
+def test_to_pisoni_keras_accepts_explicit_padding_one_as_same():
+    same = scd_triton.SCD2d(3, 4, 3, padding="same", parameterization="pisoni")
+    one = scd_triton.SCD2d(3, 4, 3, padding=1, parameterization="pisoni")
+    one.load_state_dict(same.state_dict())
+    for got, want in zip(scd_triton.compat.to_pisoni_keras(one),
+                         scd_triton.compat.to_pisoni_keras(same)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype, np_dtype", [(torch.bfloat16, np.float32),
+                                             (torch.float16, np.float16),
+                                             (torch.float64, np.float64)])
+def test_to_pisoni_keras_half_and_double_layers(dtype, np_dtype):
+    C, O = 2, 3
+    kernel = np.random.uniform(-0.5, 0.5, size=(1, 9 * C, O)).astype(np.float32)
+    p_raw = np.random.randn(O).astype(np.float32)
+    q_raw = np.array([0.7], dtype=np.float32)
+    layer = scd_triton.compat.from_pisoni_keras(kernel, p_raw, q_raw, dtype=dtype)
+    back = scd_triton.compat.to_pisoni_keras(layer)
+    for got, want in zip(back, (kernel, p_raw, q_raw)):
+        assert got.dtype == np_dtype and got.shape == want.shape
+        # exactly the layer's values: the float32 arrays rounded to the layer's dtype
+        rounded = torch.from_numpy(want).to(dtype).to(torch.float64).numpy()
+        np.testing.assert_array_equal(got.astype(np.float64), rounded)
