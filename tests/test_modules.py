@@ -1,4 +1,6 @@
 """Layers: the published parameterizations, state_dicts, Keras converters and MaxAbsPool."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -333,3 +335,12 @@ def test_to_pisoni_keras_half_and_double_layers(dtype, np_dtype):
         # exactly the layer's values: the float32 arrays rounded to the layer's dtype
         rounded = torch.from_numpy(want).to(dtype).to(torch.float64).numpy()
         np.testing.assert_array_equal(got.astype(np.float64), rounded)
+
+
+@pytest.mark.parametrize("module", ["scd_triton.modules", "bench.run", "test_modules", "oracle"])
+def test_deprecation_warning_from_project_code_fails_the_suite(module):
+    """pyproject's filterwarnings turns them into errors (a third-party one stays a warning)."""
+    with pytest.raises(DeprecationWarning, match="old API"):
+        warnings.warn_explicit("old API", DeprecationWarning, "f.py", 1, module=module)
+    with pytest.warns(DeprecationWarning, match="old API"):
+        warnings.warn_explicit("old API", DeprecationWarning, "f.py", 1, module="numpy.core")
