@@ -1,9 +1,11 @@
 """`make bench`: what an SCD layer costs next to conv2d and next to the published formulations.
 
     python -m bench.run [--full] [--shapes SUBSTR ...] [--providers NAME ...] [--dtype NAME ...]
+                        [--save | --out-dir DIR]
 
-Prints a progress line per measured row, then a table; writes ``bench/results/<device>.json``
-and ``<device>.png`` (time / conv2d time per shape and provider, log scale). Every provider is
+Prints a progress line per measured row, then a table; writes ``<device>.json`` and
+``<device>.png`` (time / conv2d time per shape and provider, log scale) to the git-ignored
+``bench/results/local/``, or with ``--save`` to the committed ``bench/results/``. Every provider is
 checked once against the float64 oracle of the tests before it is timed. 1-D rows run as 2-D
 with H = R = 1 for every provider.
 """
@@ -248,16 +250,29 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+LOCAL_RESULTS_DIR = os.path.join(RESULTS_DIR, "local")   # in .gitignore
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SCD vs conv2d benchmark")
     parser.add_argument("--full", action="store_true", help="full batch sizes on CPU too")
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
     parser.add_argument("--providers", nargs="*", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--dtype", nargs="*", choices=list(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--save", action="store_const", dest="out_dir", const=RESULTS_DIR,
+                     help="write to the committed bench/results/")
+    out.add_argument("--out-dir", help="where to write (default: the git-ignored "
+                                       "bench/results/local/)")
+    parser.set_defaults(out_dir=LOCAL_RESULTS_DIR)
     parser.add_argument("--min-run-time", type=float, default=0.2, help="CPU seconds per timing")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     # one compiled provider function per shape and pass: allow that many specialisations
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024

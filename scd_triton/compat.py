@@ -34,12 +34,25 @@ def from_pisoni_keras(kernel, p, q, dtype=torch.float32, device=None) -> SCD2d:
 
 
 def to_pisoni_keras(layer: SCD2d):
-    """The Keras layer's ``(kernel, p, q)`` numpy arrays for a 3×3 "pisoni" ``SCD2d``."""
+    """The Keras layer's ``(kernel, p, q)`` numpy arrays for a "pisoni" ``SCD2d`` it can express.
+
+    That is 3×3, stride 1, dilation 1, groups 1 and padding "same" or its equal, the explicit
+    padding 1; anything else raises ValueError. Arrays keep the layer's dtype, except bfloat16
+    (numpy has none), which becomes float32 exactly.
+    """
     if not isinstance(layer, SCD2d) or layer.parameterization != "pisoni":
         raise TypeError("layer must be an SCD2d with parameterization='pisoni'")
-    if layer.kernel_size != (_TAPS, _TAPS) or layer.groups != 1:
-        raise ValueError(f"the Keras layer is 3x3 with groups=1, got kernel_size="
-                         f"{layer.kernel_size}, groups={layer.groups}")
-    weight = layer.weight.detach().cpu().numpy()
-    kernel = weight.transpose(2, 3, 1, 0).reshape(1, -1, layer.out_channels)
-    return kernel, layer.p_raw.detach().cpu().numpy(), layer.q_raw.detach().cpu().numpy()
+    wanted = dict(kernel_size=(_TAPS, _TAPS), stride=(1, 1), dilation=(1, 1), groups=1)
+    for name, value in wanted.items():
+        if getattr(layer, name) != value:
+            raise ValueError(f"the Keras layer has {name}={value}, got {getattr(layer, name)}")
+    if layer.padding not in ("same", (1, 1)):
+        raise ValueError(f"the Keras layer has padding 'same' (or its equal, 1), got "
+                         f"{layer.padding!r}")
+
+    def array(t):
+        t = t.detach().cpu()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+    kernel = array(layer.weight).transpose(2, 3, 1, 0).reshape(1, -1, layer.out_channels)
+    return kernel, array(layer.p_raw), array(layer.q_raw)

@@ -13,16 +13,34 @@ A parameterization maps a layer's trainable raw parameters to the effective norm
   ``q = q_raw² / 10`` on both norms, Glorot-uniform weights as Keras draws them, eps 1e-12.
 """
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import _positive, _tuple, scd1d_normalized, scd2d, scd1d, scd2d_normalized
+from .functional import _positive, resolve_padding, scd1d_normalized, scd2d, scd1d, scd2d_normalized
+
+
+def _check_real(options, name, low, strict):
+    """A finite real ``options[name]`` > low (strict) or >= low, else ValueError naming it."""
+    value = options[name]
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if strict else value >= low))
+    if not ok:
+        raise ValueError(f"{name} must be a finite float {'>' if strict else '>='} {low}, "
+                         f"got {value!r}")
 
 
 class _RohrerParameterization:
     defaults = dict(shared_weights=False, w_max=1.0, p_min=0.1, q_init=1e-3, eps=1e-6)
+
+    def check(self, o):
+        if not isinstance(o["shared_weights"], bool):
+            raise ValueError(f"shared_weights must be a bool, got {o['shared_weights']!r}")
+        for name in ("w_max", "p_min", "q_init"):  # q_init > 0: log_q = log(q_init)
+            _check_real(o, name, 0, strict=True)
+        _check_real(o, "eps", 0, strict=False)
 
     def create(self, layer, factory):
         o = layer.options
@@ -44,9 +62,10 @@ class _RohrerParameterization:
 
     def effective(self, layer):
         o = layer.options
-        with torch.no_grad():  # the published layer clamps the stored parameters in place
-            layer.weight.clamp_(-o["w_max"], o["w_max"])
-            layer.p.clamp_(min=o["p_min"])
+        # The published layer clamps the stored parameters in place. Through ``.data`` (same
+        # storage, own version counter) so tensors saved by an earlier forward stay valid.
+        layer.weight.data.clamp_(-o["w_max"], o["w_max"])
+        layer.p.data.clamp_(min=o["p_min"])
         weight, p = layer.weight, layer.p.reshape(-1)
         if o["shared_weights"]:
             weight = weight.repeat(layer.groups, *(1,) * (weight.dim() - 1))
@@ -59,6 +78,9 @@ class _RohrerParameterization:
 
 class _PisoniParameterization:
     defaults = dict(eps=1e-12)
+
+    def check(self, o):
+        _check_real(o, "eps", 0, strict=False)
 
     def create(self, layer, factory):
         layer.weight = nn.Parameter(torch.empty(layer.out_channels, layer.in_channels // layer.groups,
@@ -109,9 +131,11 @@ class _SCDNd(nn.Module):
         self.kernel_size = _positive(kernel_size, self.ndim, "kernel_size")
         self.stride = _positive(stride, self.ndim, "stride")
         self.dilation = _positive(dilation, self.ndim, "dilation")
-        self.padding = padding if isinstance(padding, str) else _tuple(padding, self.ndim, "padding")
+        sides = resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # checks it
+        self.padding = padding if isinstance(padding, str) else sides[::2]
         self.parameterization = parameterization
         self.options = {**self.param.defaults, **options}
+        self.param.check(self.options)
         self.param.create(self, dict(device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -119,6 +143,14 @@ class _SCDNd(nn.Module):
         self.param.reset(self)
 
     def forward(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != self.ndim + 2:
+            layout = "[N, C, H, W]" if self.ndim == 2 else "[N, C, L]"
+            raise ValueError(f"x must be {self.ndim + 2}-D {layout}, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels, this layer expects {self.in_channels} "
+                             f"(x shape {tuple(x.shape)})")
         w_hat, p, q, eps, normalized = self.param.effective(self)
         fn = {(2, True): scd2d_normalized, (2, False): scd2d,
               (1, True): scd1d_normalized, (1, False): scd1d}[self.ndim, normalized]
@@ -161,6 +193,14 @@ class _MaxAbsPoolNd(nn.Module):
             raise ValueError(f"x must be {self.ndim + 2}-D, got shape {tuple(x.shape)}")
         _, index = pool(x.detach().abs(), self.kernel_size, self.stride, self.padding,
                         self.dilation, self.ceil_mode, return_indices=True)
+        if self.ndim == 2 and not x.is_contiguous() and x.is_contiguous(
+                memory_format=torch.channels_last):
+            # gather along H·W of the NHWC view: no copies, and a channels_last output (like
+            # nn.MaxPool2d); max_pool2d gives channels_last indices for channels_last input.
+            n, c, oh, ow = index.shape
+            y = x.permute(0, 2, 3, 1).flatten(1, 2).gather(
+                1, index.permute(0, 2, 3, 1).reshape(n, oh * ow, c))
+            return y.view(n, oh, ow, c).permute(0, 3, 1, 2)
         flat = x.flatten(start_dim=2)
         return flat.gather(2, index.flatten(start_dim=2)).view_as(index)
 

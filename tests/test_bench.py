@@ -1,7 +1,10 @@
 """The benchmark driver on one tiny shape per CPU provider: schema, oracle checks, plot."""
 import json
 import os
+import shutil
+import subprocess
 
+import pytest
 import torch
 
 from bench import run as bench_run
@@ -49,3 +52,20 @@ def test_every_provider_is_checked_against_the_oracle():
     ok, _ = bench_run.check_against_oracle("rohrer", broken, shape, torch.float32,
                                            torch.device("cpu"))
     assert not ok
+
+
+def test_default_out_dir_is_git_ignored_and_save_writes_the_committed_dir():
+    """`make bench` must not dirty committed files: only --save writes bench/results/."""
+    results = os.path.join(os.path.dirname(os.path.abspath(bench_run.__file__)), "results")
+    assert bench_run.parse_args([]).out_dir == os.path.join(results, "local")
+    assert bench_run.parse_args(["--save"]).out_dir == results
+    assert bench_run.parse_args(["--out-dir", "elsewhere"]).out_dir == "elsewhere"
+    with pytest.raises(SystemExit):
+        bench_run.parse_args(["--save", "--out-dir", "elsewhere"])
+    root = os.path.dirname(results)
+    if shutil.which("git") is None or subprocess.run(
+            ["git", "-C", root, "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    ignored = lambda path: subprocess.run(["git", "-C", root, "check-ignore", "-q", path]).returncode
+    assert ignored(os.path.join(results, "local", "cpu.json")) == 0
+    assert ignored(os.path.join(results, "cpu.json")) == 1

@@ -1,4 +1,6 @@
 """Layers: the published parameterizations, state_dicts, Keras converters and MaxAbsPool."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,203 @@ def test_maxabspool_matches_brute_force():
     torch.testing.assert_close(y1, w1.gather(-1, w1.abs().argmax(-1, keepdim=True)).squeeze(-1))
     with pytest.raises(ValueError, match="x must be 4-D"):
         scd_triton.MaxAbsPool2d(2)(x1)
+
+
+def _rohrer_layer_and_oracle_leaves(channels=3):
+    """A rohrer layer loaded with out-of-clamp values, and float64 leaves of its clamped values."""
+    layer = scd_triton.SCD2d(channels, channels, 3, padding=1)
+    state = _rohrer_state(channels, channels, 3)
+    state["p"][0, 0] = 0.02   # below p_min: clamped to 0.1
+    layer.load_state_dict(state)
+    leaves = (state["weight"].clamp(-1, 1).double().requires_grad_(),
+              state["p"].clamp(min=0.1).double().requires_grad_(),
+              state["log_q"].double().requires_grad_())
+    return layer, leaves
+
+
+def _assert_rohrer_grads(layer, leaves, reduce_dim):
+    for name, got, ref in zip(("weight", "p", "log_q"), (layer.weight, layer.p, layer.log_q),
+                              leaves):
+        assert_close(f"grad_{name}", got.grad, ref.grad, torch.float32, grad=True,
+                     reduce_dim=reduce_dim)
+
+
+def test_rohrer_layer_used_twice_in_one_graph_matches_oracle_gradients():
+    """Weight sharing: the in-place clamp of the second call must not invalidate the first's
+    saved tensors; gradients flow fully to the clamped parameters, as in the published layer."""
+    layer, (w, p, log_q) = _rohrer_layer_and_oracle_leaves()
+    x = torch.randn(2, 3, 6, 6)
+    y = layer(layer(x))
+    assert layer.weight.abs().max() <= 1 and layer.p.min() >= 0.1
+    ref = oracle.rohrer_sharp_cos_sim2d(
+        oracle.rohrer_sharp_cos_sim2d(x, w, p, log_q, padding=1), w, p, log_q, padding=1)
+    assert_close("y", y, ref, torch.float32, reduce_dim=27)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref.backward(grad.double())
+    _assert_rohrer_grads(layer, (w, p, log_q), reduce_dim=2 * 27 * 72)
+
+
+def test_rohrer_eval_forward_between_forward_and_backward():
+    layer, (w, p, log_q) = _rohrer_layer_and_oracle_leaves()
+    x = torch.randn(2, 3, 6, 6)
+    y = layer(x)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 3, 5, 5))
+    layer.train()
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    oracle.rohrer_sharp_cos_sim2d(x, w, p, log_q, padding=1).backward(grad.double())
+    _assert_rohrer_grads(layer, (w, p, log_q), reduce_dim=72)
+
+
+def test_rohrer_compiled_then_eager_call_then_backward():
+    """torch.compile(fullgraph=True) traces the clamp without graph breaks, clamps the stored
+    parameters too, and an eager call after it leaves the compiled graph's saved tensors valid."""
+    layer, (w, p, log_q) = _rohrer_layer_and_oracle_leaves()
+    x = torch.randn(2, 3, 6, 6)
+    y1 = torch.compile(layer, fullgraph=True)(x)
+    assert layer.weight.abs().max() <= 1 and layer.p.min() >= 0.1
+    y2 = layer(x)
+    ref = oracle.rohrer_sharp_cos_sim2d(x, w, p, log_q, padding=1)
+    assert_close("y_compiled", y1, ref, torch.float32, reduce_dim=27)
+    grad = torch.randn_like(y1)
+    (y1 * grad + y2 * grad.flip(0)).sum().backward()
+    (ref * grad.double() + ref * grad.double().flip(0)).sum().backward()
+    _assert_rohrer_grads(layer, (w, p, log_q), reduce_dim=2 * 72)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(padding=-1), "padding must be >= 0"),
+    (dict(padding=(1, -2)), "padding must be >= 0"),
+    (dict(padding="full"), "padding must be an int, a tuple, 'same' or 'valid'"),
+    (dict(padding="same", stride=2), "padding='same' needs stride 1"),
+    (dict(q_init=0.0), "q_init must be a finite float > 0"),
+    (dict(q_init=-1e-3), "q_init must be a finite float > 0"),
+    (dict(w_max=0.0), "w_max must be a finite float > 0"),
+    (dict(w_max=float("inf")), "w_max must be a finite float > 0"),
+    (dict(w_max=float("nan")), "w_max must be a finite float > 0"),
+    (dict(p_min=0.0), "p_min must be a finite float > 0"),
+    (dict(eps=-1e-6), "eps must be a finite float >= 0"),
+    (dict(eps=float("inf")), "eps must be a finite float >= 0"),
+    (dict(shared_weights="yes"), "shared_weights must be a bool"),
+    (dict(parameterization="pisoni", eps=-1.0), "eps must be a finite float >= 0"),
+    (dict(parameterization="pisoni", eps=float("nan")), "eps must be a finite float >= 0"),
+])
+def test_layer_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        scd_triton.SCD2d(4, 8, 3, **kwargs)
+
+
+def test_layer_constructor_accepts_boundary_arguments():
+    for kwargs in (dict(padding="valid"), dict(padding=0), dict(padding=(0, 2)), dict(eps=0.0),
+                   dict(padding="same", dilation=2), dict(parameterization="pisoni", eps=0.0)):
+        layer = scd_triton.SCD2d(2, 2, 3, **kwargs)
+        assert torch.isfinite(layer(torch.randn(1, 2, 7, 7))).all(), kwargs
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        scd_triton.SCD1d(2, 2, 3, padding=-1)
+
+
+@pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
+def test_layer_names_channel_and_rank_mismatch(parameterization):
+    layer = scd_triton.SCD2d(3, 4, 3, parameterization=parameterization)
+    with pytest.raises(ValueError, match=r"x has 4 channels, this layer expects 3"):
+        layer(torch.randn(1, 4, 6, 6))
+    with pytest.raises(ValueError, match=r"x must be 4-D \[N, C, H, W\], got shape \(3, 6, 6\)"):
+        layer(torch.randn(3, 6, 6))
+    layer1d = scd_triton.SCD1d(3, 4, 3, parameterization=parameterization)
+    with pytest.raises(ValueError, match=r"x has 2 channels, this layer expects 3"):
+        layer1d(torch.randn(1, 2, 9))
+    with pytest.raises(ValueError, match=r"x must be 3-D \[N, C, L\], got shape \(1, 3, 1, 9\)"):
+        layer1d(torch.randn(1, 3, 1, 9))
+
+
+def _maxabs_brute_force_2d(x, k, stride, padding):
+    xp = torch.nn.functional.pad(x, (padding,) * 4)
+    windows = xp.unfold(2, k, stride).unfold(3, k, stride).flatten(-2)
+    return windows.gather(-1, windows.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_maxabspool2d_keeps_memory_format_values_and_gradients(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    base = torch.randn(2, 5, 9, 7, dtype=torch.float64)
+    x = base.clone(memory_format=fmt).requires_grad_()
+    y = scd_triton.MaxAbsPool2d(3, stride=2, padding=1)(x)
+    assert y.is_contiguous(memory_format=fmt)
+    assert y.is_contiguous() == (not channels_last)
+    assert y.stride() == torch.nn.MaxPool2d(3, stride=2, padding=1)(x).stride()
+    leaf = base.clone().requires_grad_()
+    ref = _maxabs_brute_force_2d(leaf, 3, 2, 1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, leaf.grad)   # overlapping windows: sums
+
+
+def test_maxabspool1d_values_and_gradients_on_a_strided_input():
+    base = torch.randn(2, 10, 3, dtype=torch.float64)
+    x = base.clone().requires_grad_()
+    y = scd_triton.MaxAbsPool1d(4, stride=3)(x.transpose(1, 2))   # a non-contiguous [N, C, L]
+    leaf = base.transpose(1, 2).detach().clone().requires_grad_()
+    w = leaf.unfold(2, 4, 3)
+    ref = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    y.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad.transpose(1, 2), leaf.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kernel_size=5, padding="same"), "kernel_size=\\(3, 3\\)"),
+    (dict(kernel_size=(3, 1), padding="same"), "kernel_size=\\(3, 3\\)"),
+    (dict(padding="valid"), "padding 'same'"),
+    (dict(padding=0), "padding 'same'"),
+    (dict(padding=2), "padding 'same'"),
+    (dict(padding=1, stride=2), "stride=\\(1, 1\\)"),
+    (dict(padding="same", dilation=2), "dilation=\\(1, 1\\)"),
+    (dict(padding="same", groups=2), "groups=1"),
+])
+def test_to_pisoni_keras_refuses_what_keras_cannot_express(kwargs, match):
+    kwargs = {"kernel_size": 3, **kwargs}
+    layer = scd_triton.SCD2d(4, 4, parameterization="pisoni", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        scd_triton.compat.to_pisoni_keras(layer)
+
+
+def test_to_pisoni_keras_accepts_explicit_padding_one_as_same():
+    same = scd_triton.SCD2d(3, 4, 3, padding="same", parameterization="pisoni")
+    one = scd_triton.SCD2d(3, 4, 3, padding=1, parameterization="pisoni")
+    one.load_state_dict(same.state_dict())
+    for got, want in zip(scd_triton.compat.to_pisoni_keras(one),
+                         scd_triton.compat.to_pisoni_keras(same)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype, np_dtype", [(torch.bfloat16, np.float32),
+                                             (torch.float16, np.float16),
+                                             (torch.float64, np.float64)])
+def test_to_pisoni_keras_half_and_double_layers(dtype, np_dtype):
+    C, O = 2, 3
+    kernel = np.random.uniform(-0.5, 0.5, size=(1, 9 * C, O)).astype(np.float32)
+    p_raw = np.random.randn(O).astype(np.float32)
+    q_raw = np.array([0.7], dtype=np.float32)
+    layer = scd_triton.compat.from_pisoni_keras(kernel, p_raw, q_raw, dtype=dtype)
+    back = scd_triton.compat.to_pisoni_keras(layer)
+    for got, want in zip(back, (kernel, p_raw, q_raw)):
+        assert got.dtype == np_dtype and got.shape == want.shape
+        # exactly the layer's values: the float32 arrays rounded to the layer's dtype
+        rounded = torch.from_numpy(want).to(dtype).to(torch.float64).numpy()
+        np.testing.assert_array_equal(got.astype(np.float64), rounded)
+
+
+@pytest.mark.parametrize("module", ["scd_triton.modules", "bench.run", "test_modules", "oracle"])
+def test_deprecation_warning_from_project_code_fails_the_suite(module):
+    """pyproject's filterwarnings turns them into errors (a third-party one stays a warning)."""
+    with pytest.raises(DeprecationWarning, match="old API"):
+        warnings.warn_explicit("old API", DeprecationWarning, "f.py", 1, module=module)
+    with pytest.warns(DeprecationWarning, match="old API"):
+        warnings.warn_explicit("old API", DeprecationWarning, "f.py", 1, module="numpy.core")
