@@ -25,7 +25,8 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
         denom = n + q
     else:
         denom = n
-    scale = tl.where(denom == 0, 0.0, 1.0 / denom)
+    zero = denom == 0
+    scale = tl.where(zero, 0.0, 1.0 / tl.where(zero, 1.0, denom))
     if MODE == 0:
         scale = tl.full(sumsq.shape, 1.0, tl.float32)
     return scale, n
@@ -83,7 +84,7 @@ def normalize_weight_backward_kernel(
         dot += tl.sum(b_g * b_w, axis=1)
     b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
     b_scale, b_n = _scale(sumsq, b_q, eps, MODE)
-    b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / b_n)       # [BO]
+    b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / tl.where(b_n == 0, 1.0, b_n))
     if MODE == 2:
         tl.store(GQ + o_o, -dot * b_scale * b_scale, mask=m_o)
     for k0 in range(0, K, BK):

@@ -1,13 +1,14 @@
 """Layers: ``SCD2d`` / ``SCD1d`` with the published parameterizations, and ``MaxAbsPool``.
 
-A parameterization maps a layer's trainable raw parameters to the effective normalised kernels
-``ŵ`` and effective ``p``, ``q`` of the core op, with plain torch ops that autograd differentiates:
+A parameterization maps a layer's trainable raw parameters to the kernels, the kernel
+normalisation (``ops.WEIGHT_NORMS``, applied inside the core op) and effective ``p``, ``q``, with
+plain torch ops that autograd differentiates:
 
 - ``"rohrer"`` (default): ``SharpCosSim2d`` of brohrer/sharpened-cosine-similarity. Parameters
   ``weight [n_kernels, C/groups, *k]`` (U(-w_max, w_max), clamped in place to ±w_max before each
   forward), ``p [1, n_kernels, 1, 1]`` used directly (U(1, 3), clamped in place to ``>= p_min``),
   ``log_q [1, 1, 1, 1]`` with ``q = exp(log_q)`` on the patch norm only; kernel norm
-  ``sqrt(Σ w²)``; ``eps = norm_eps`` (1e-6). ``shared_weights`` (grouped layers) tiles
+  ``sqrt(Σ w²)`` (an all-zero kernel matches nothing); ``eps = norm_eps`` (1e-6). ``shared_weights`` (grouped layers) tiles
   ``n_kernels = out_channels / groups`` kernels over the groups.
 - ``"pisoni"``: the Keras ``CosSimConv2D``: ``p = softmax(p_raw)`` over output channels,
   ``q = q_raw² / 10`` on both norms, Glorot-uniform weights as Keras draws them, eps 1e-12.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import _positive, resolve_padding, scd1d_normalized, scd2d, scd1d, scd2d_normalized
+from .functional import _positive, resolve_padding, scd_nd
 
 
 def _check_real(options, name, low, strict):
@@ -70,10 +71,10 @@ class _RohrerParameterization:
         if o["shared_weights"]:
             weight = weight.repeat(layer.groups, *(1,) * (weight.dim() - 1))
             p = p.repeat(layer.groups)
-        dims = tuple(range(1, weight.dim()))
-        w_hat = weight / weight.square().sum(dims, keepdim=True).sqrt()
         q = torch.exp(layer.log_q).reshape(())
-        return w_hat, p, q, dict(eps=o["eps"], norm_eps=o["eps"]), True
+        # kernel norm sqrt(Σw²), no eps and no q on it, as published; the op normalises
+        return weight, p, q, dict(eps=o["eps"], norm_eps=o["eps"], weight_norm="norm",
+                                  weight_norm_eps=0.0)
 
 
 class _PisoniParameterization:
@@ -100,7 +101,7 @@ class _PisoniParameterization:
         eps = layer.options["eps"]
         p = torch.softmax(layer.p_raw, dim=0)
         q = (layer.q_raw.square() / 10).reshape(())
-        return layer.weight, p, q, dict(eps=eps, norm_eps=eps), False
+        return layer.weight, p, q, dict(eps=eps, norm_eps=eps, weight_norm="norm_q")
 
 
 PARAMETERIZATIONS = {"rohrer": _RohrerParameterization, "pisoni": _PisoniParameterization}
@@ -151,11 +152,9 @@ class _SCDNd(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels, this layer expects {self.in_channels} "
                              f"(x shape {tuple(x.shape)})")
-        w_hat, p, q, eps, normalized = self.param.effective(self)
-        fn = {(2, True): scd2d_normalized, (2, False): scd2d,
-              (1, True): scd1d_normalized, (1, False): scd1d}[self.ndim, normalized]
-        return fn(x, w_hat, p, q, self.stride, self.padding, self.dilation,
-                  self.groups, **eps)
+        weight, p, q, options = self.param.effective(self)
+        return scd_nd(x, weight, p, q, self.stride, self.padding, self.dilation, self.groups,
+                      backend=None, ndim=self.ndim, **options)
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -344,3 +344,17 @@ def test_deprecation_warning_from_project_code_fails_the_suite(module):
         warnings.warn_explicit("old API", DeprecationWarning, "f.py", 1, module=module)
     with pytest.warns(DeprecationWarning, match="old API"):
         warnings.warn_explicit("old API", DeprecationWarning, "f.py", 1, module="numpy.core")
+
+
+def test_rohrer_all_zero_kernel_matches_nothing():
+    """The published kernel norm has no eps: an all-zero kernel is 0/0, defined as ŵ = 0 (y = 0,
+    zero gradient for it) rather than NaN, on every backend (see docs/DESIGN.md)."""
+    layer = scd_triton.SCD2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        layer.weight[2] = 0
+    x = torch.randn(2, 3, 6, 6)
+    y = layer(x)
+    assert (y[:, 2] == 0).all() and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert (layer.weight.grad[2] == 0).all() and torch.isfinite(layer.weight.grad).all()
+    assert torch.isfinite(layer.p.grad).all() and torch.isfinite(layer.log_q.grad).all()

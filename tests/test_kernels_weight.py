@@ -1,0 +1,66 @@
+"""The kernel-normalisation kernels (kernels/weight.py) against float64 autograd of the formula."""
+import pytest
+import torch
+
+from helpers import assert_close
+from scd_triton.kernels.weight import normalize_weight, normalize_weight_backward
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _formula(w, q, mode, eps):
+    """ŵ from its definition, in float64 (zero denominators as documented: ŵ = 0)."""
+    w = w.double()
+    n = (w.flatten(1).square().sum(1) + eps).sqrt()
+    denom = n + q.double() if mode == "norm_q" else n
+    scale = torch.where(denom == 0, torch.zeros_like(denom), 1 / denom)
+    return w * scale.view(-1, 1, 1, 1) if mode != "none" else w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mode, eps", [("norm_q", 1e-12), ("norm", 0.0), ("norm", 1e-6), ("none", 0.0)])
+def test_normalize_weight_and_its_jacobian(mode, eps, dtype):
+    O, Cg, R, S = 6, 5, 3, 2
+    w = torch.randn(O, Cg, R, S, dtype=torch.float64)
+    q = torch.rand(O, dtype=torch.float64) * 0.3
+    w_hat, scale = normalize_weight(w.to(DEVICE, dtype), q.float().to(DEVICE), mode, eps)
+    w_ref, q_ref = w.to(dtype).double().requires_grad_(), q.clone().requires_grad_()
+    ref = _formula(w_ref, q_ref, mode, eps)
+    assert w_hat.dtype == dtype and scale.shape == (O,)
+    assert_close("w_hat", w_hat.cpu(), ref.detach(), dtype, reduce_dim=Cg * R * S)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    grad_w, grad_q = normalize_weight_backward(grad.to(DEVICE, dtype), w.to(DEVICE, dtype),
+                                               q.float().to(DEVICE), mode, eps)
+    assert_close("grad_w", grad_w.cpu(), w_ref.grad, dtype, grad=True, reduce_dim=Cg * R * S)
+    if mode == "norm_q":
+        assert_close("grad_q", grad_q.cpu(), q_ref.grad, dtype, grad=True,
+                     reduce_dim=Cg * R * S)
+    else:
+        assert grad_q is None
+
+
+def test_writes_into_any_layout():
+    """ŵ lands at the strides the GEMM asks for: here [G, R·S, C/G, O/G] for 2 groups."""
+    G, Og, Cg, R, S = 2, 3, 4, 3, 3
+    w = torch.randn(G * Og, Cg, R, S, device=DEVICE)
+    q = torch.full((G * Og,), 0.1, device=DEVICE)
+    out = torch.full((G, R * S, Cg, Og), float("nan"), device=DEVICE)
+    normalize_weight(w, q, "norm_q", 1e-12, out=out, out_strides=(R * S * Cg * Og, 1, Og, Cg * Og),
+                     groups=G)
+    ref = _formula(w.cpu(), q.cpu(), "norm_q", 1e-12).float()
+    expected = ref.reshape(G, Og, Cg, R * S).permute(0, 3, 2, 1)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_and_nan_kernels():
+    w = torch.randn(3, 2, 3, 3, device=DEVICE)
+    w[0] = 0
+    w[2, 1, 1, 1] = float("nan")
+    q = torch.zeros(3, device=DEVICE)
+    w_hat, scale = normalize_weight(w, q, "norm", 0.0)
+    assert (w_hat[0] == 0).all() and scale[0] == 0
+    assert torch.isfinite(w_hat[1]).all() and torch.isnan(w_hat[2]).all()
+    grad_w, _ = normalize_weight_backward(torch.ones_like(w), w, q, "norm", 0.0)
+    assert (grad_w[0] == 0).all() and torch.isfinite(grad_w[1]).all()
+    assert torch.isnan(grad_w[2]).all()
