@@ -24,8 +24,8 @@ import torch
 from bench import run as bench
 from bench.shapes import suite
 
-FAST_PROVIDERS = ["conv2d", "unfold", "rohrer", "reference", "triton"]
-COMPILE_PROVIDERS = ["conv2d", "rohrer+compile", "triton"]
+FAST_PROVIDERS = ["conv2d", "unfold", "rohrer", "reference", "triton", "triton-cl"]
+COMPILE_PROVIDERS = ["conv2d", "rohrer+compile"]
 COMPILE_SHAPES = ("resnet18/3x3_128_28", "cifar_wide/scs3x3_256-256_8",
                   "cifar10_80_25214/scs5x5_3-80_32")
 DTYPES = ["bfloat16", "float32"]
@@ -118,7 +118,7 @@ def main(argv=None):
     if not args.skip_compile:
         few = [s for s in shapes if s.label in COMPILE_SHAPES]
         compiled = bench.run(few, COMPILE_PROVIDERS, ["bfloat16"], device)
-        rows += [r for r in compiled if r["provider"] != "triton" and r["provider"] != "conv2d"]
+        rows += [r for r in compiled if r["provider"] != "conv2d"]
     print("== profile (triton, bfloat16)")
     profile = profile_summary(shapes)
     result = dict(device=name, torch=torch.__version__, triton=bench._triton_version(),

@@ -30,7 +30,10 @@ from bench.shapes import suite
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import oracle  # noqa: E402  (the test suite's independent float64 oracle)
 
-PROVIDERS = ("conv2d", "unfold", "rohrer", "reference", "reference+compile", "triton")
+PROVIDERS = ("conv2d", "unfold", "rohrer", "rohrer+compile", "reference", "reference+compile",
+             "triton", "triton-cl")
+# input layouts a provider is timed at (the fastest counts); the rest run on NCHW input
+LAYOUTS = {"conv2d": ("nchw", "channels_last"), "triton-cl": ("channels_last",)}
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # dense tensor-core peak (TFLOP/s) per dtype, by GPU name fragment; TF32 for float32
@@ -47,10 +50,13 @@ def _conv_args(shape):
     return (shape.stride,) * 2, (pad,) * 2
 
 
-def make_inputs(shape, dtype, device):
+def make_inputs(shape, dtype, device, layout="nchw"):
+    """x, w, p, q of a shape; ``layout="channels_last"`` lays out x and w so (before timing)."""
     kh = 1 if shape.ndim == 1 else shape.k
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape.N, shape.C, shape.H, shape.W, device=device, dtype=dtype)
     w = torch.randn(shape.O, shape.C // shape.groups, kh, shape.k, device=device, dtype=dtype)
+    x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
     p = torch.empty(shape.O, device=device).uniform_(1.0, 3.0)
     q = torch.full((shape.O,), 0.1, device=device)
     return x, w, p, q
@@ -64,11 +70,12 @@ def make_provider(name, shape, device):
         return lambda x, w, p, q: F.conv2d(x, w, None, stride, padding, 1, G)
     if name == "unfold":
         return lambda x, w, p, q: baselines.unfold_scd2d(x, w, p, q, stride, padding, G)
-    if name == "rohrer":
-        return lambda x, w, p, q: baselines.rohrer_scd2d(x, w, p, q, stride, padding, G)
-    if name == "triton" and device.type != "cuda":
+    if name.startswith("rohrer"):
+        fn = lambda x, w, p, q: baselines.rohrer_scd2d(x, w, p, q, stride, padding, G)
+        return torch.compile(fn, fullgraph=True, dynamic=False) if name.endswith("+compile") else fn
+    if name.startswith("triton") and device.type != "cuda":
         return None
-    backend = "triton" if name == "triton" else "reference"
+    backend = "triton" if name.startswith("triton") else "reference"
     fn = lambda x, w, p, q: scd_triton.scd2d(x, w, p, q, stride, padding, 1, G, backend=backend)
     return torch.compile(fn, fullgraph=True, dynamic=False) if name.endswith("+compile") else fn
 
@@ -115,8 +122,8 @@ def saved_bytes(fn, x, w, p, q):
     return sum(storages.values())
 
 
-def measure(fn, shape, dtype, device, pass_, min_run_time):
-    x, w, p, q = make_inputs(shape, dtype, device)
+def measure(fn, shape, dtype, device, pass_, min_run_time, layout="nchw"):
+    x, w, p, q = make_inputs(shape, dtype, device, layout)
     if pass_ == "fwd":
         def step():
             with torch.no_grad():
@@ -166,15 +173,10 @@ def run(shapes, providers, dtypes, device, min_run_time=0.2, log=print):
                 if fn is None:
                     continue
                 ok, rel = check_against_oracle(name, fn, shape, dtype, device)
-                for pass_ in PASSES:
-                    variants = [("", fn)]
-                    if name == "conv2d":  # cuDNN / oneDNN at its faster layout
-                        cl = lambda x, w, p, q: fn(x.contiguous(memory_format=torch.channels_last),
-                                                   w.contiguous(memory_format=torch.channels_last),
-                                                   p, q)
-                        variants.append(("channels_last", cl))
-                    results = [(layout,) + measure(f, shape, dtype, device, pass_, min_run_time)
-                               for layout, f in variants]
+                for pass_ in PASSES:  # conv2d: cuDNN / oneDNN at its faster layout
+                    results = [(layout,) + measure(fn, shape, dtype, device, pass_, min_run_time,
+                                                   layout)
+                               for layout in LAYOUTS.get(name, ("nchw",))]
                     layout, ms, saved, peak = min(results, key=lambda r: r[1][0])
                     if name == "conv2d":
                         conv_ms[pass_] = ms[0]
@@ -182,7 +184,7 @@ def run(shapes, providers, dtypes, device, min_run_time=0.2, log=print):
                     row = dict(suite=shape.suite, shape=shape.name, dtype=dtype_name, provider=name,
                                pass_=pass_, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2],
                                ratio_to_conv2d=ratio, saved_bytes=saved, peak_bytes=peak,
-                               matches_oracle=ok, oracle_rel_err=rel, layout=layout or "nchw")
+                               matches_oracle=ok, oracle_rel_err=rel, layout=layout)
                     row["pass"] = row.pop("pass_")
                     if device.type == "cuda":
                         flops = shape.flops() * (1 if pass_ == "fwd" else 3)
@@ -258,7 +260,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="SCD vs conv2d benchmark")
     parser.add_argument("--full", action="store_true", help="full batch sizes on CPU too")
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
-    parser.add_argument("--providers", nargs="*", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="*", choices=PROVIDERS,
+                        help="default: all (on CPU all but rohrer+compile, whose compiles "
+                             "would take minutes)")
     parser.add_argument("--dtype", nargs="*", choices=list(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     out = parser.add_mutually_exclusive_group()
@@ -281,7 +285,9 @@ def main(argv=None):
     dtypes = args.dtype or (["float32"] if device.type == "cpu" else ["bfloat16", "float16", "float32"])
     shapes = [s for s in suite(args.full, device.type)
               if not args.shapes or any(f in s.label for f in args.shapes)]
-    providers = [p for p in PROVIDERS if p in args.providers and p != "conv2d"]
+    wanted = args.providers or [p for p in PROVIDERS
+                                if device.type == "cuda" or p != "rohrer+compile"]
+    providers = [p for p in PROVIDERS if p in wanted and p != "conv2d"]
     start = time.time()
     rows = run(shapes, ["conv2d"] + providers, dtypes, device, args.min_run_time)
     name = device_name(device)
@@ -294,8 +300,6 @@ def main(argv=None):
     plot(rows, base + ".png", f"SCD vs conv2d on {name}")
     print(f"\n{name}, torch {torch.__version__}, {time.time() - start:.0f} s\n")
     print(format_table(rows))
-    if "triton" in providers and device.type == "cuda":
-        print("\n(triton: fused forward; its backward is the reference's analytic one)")
     print(f"\nwritten: {base}.json, {base}.png")
     return result
 

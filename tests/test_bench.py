@@ -69,3 +69,13 @@ def test_default_out_dir_is_git_ignored_and_save_writes_the_committed_dir():
     ignored = lambda path: subprocess.run(["git", "-C", root, "check-ignore", "-q", path]).returncode
     assert ignored(os.path.join(results, "local", "cpu.json")) == 0
     assert ignored(os.path.join(results, "cpu.json")) == 1
+
+
+def test_gpu_check_names_real_shapes_and_providers():
+    """`make gpu-check` runs on a GPU only; here its shape and provider names are checked."""
+    from bench import gpu_check
+    labels = {s.label for s in bench_run.suite(True, "cuda")}
+    assert set(gpu_check.COMPILE_SHAPES) <= labels
+    assert set(gpu_check.FAST_PROVIDERS + gpu_check.COMPILE_PROVIDERS) <= set(bench_run.PROVIDERS)
+    assert {"triton", "triton-cl", "rohrer+compile"} <= set(gpu_check.FAST_PROVIDERS
+                                                          + gpu_check.COMPILE_PROVIDERS)
