@@ -4,6 +4,7 @@
 autograd differentiates) and calls the core op ``scd2d_normalized``; ``scd1d`` is the 2-D case
 with ``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU.
 """
+import functools
 import math
 import numbers
 import os
@@ -126,7 +127,9 @@ def _effective(value, name, x, out_channels):
     if value.shape not in ((), (out_channels,)):
         raise ValueError(f"{name} must have shape () or ({out_channels},) (out_channels), "
                          f"got {tuple(value.shape)}")
-    return value.to(dtype).expand(out_channels)
+    if value.dtype != dtype:
+        value = value.to(dtype)
+    return value if value.dim() else value.expand(out_channels)
 
 
 def _check_tensors(x, weight, ndim):
@@ -146,34 +149,60 @@ def _check_tensors(x, weight, ndim):
 
 
 def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim):
-    """Validates shapes and conv arguments; returns the 2-D conv arguments of the core op."""
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    """Validates shapes and conv arguments; returns the 2-D ``(stride, padding, dilation,
+    groups)`` of the core op. Cached per distinct call signature: a layer validates its
+    arguments once, later calls cost one dictionary lookup."""
+    key = (tuple(x.shape), tuple(weight.shape), x.dtype, weight.dtype, _typed(stride),
+           _typed(padding), _typed(dilation), _typed(groups), _typed(eps), _typed(norm_eps), ndim)
+    try:
+        return _geometry(key)
+    except TypeError:      # an unhashable argument: validate without the cache
+        return _geometry.__wrapped__(key)
+
+
+def _typed(value):
+    """A hashable key that tells 1 from True and 1.0 (lists become tuples)."""
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_typed(v) for v in value))
+    return (type(value), value)
+
+
+def _untyped(key):
+    kind, value = key
+    return kind(_untyped(v) for v in value) if kind in (list, tuple) else value
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(key):
+    x_shape, w_shape, x_dtype, w_dtype, stride, padding, dilation, groups, eps, norm_eps, ndim = key
+    stride, padding, dilation, groups, eps, norm_eps = map(
+        _untyped, (stride, padding, dilation, groups, eps, norm_eps))
+    if w_dtype != x_dtype:
+        raise TypeError(f"weight dtype {w_dtype} does not match x dtype {x_dtype}")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
-    C, O = x.shape[1], weight.shape[0]
+    C, O = x_shape[1], w_shape[0]
     if C % groups or O % groups:
         raise ValueError(f"in_channels ({C}) and out_channels ({O}) must be divisible by "
                          f"groups ({groups})")
-    if weight.shape[1] != C // groups:
-        raise ValueError(f"weight.shape[1] must be C/groups = {C // groups}, got {weight.shape[1]}")
-    if min(weight.shape[2:]) < 1 or O < 1:
-        raise ValueError(f"weight must have a non-empty kernel and out_channels, got "
-                         f"{tuple(weight.shape)}")
+    if w_shape[1] != C // groups:
+        raise ValueError(f"weight.shape[1] must be C/groups = {C // groups}, got {w_shape[1]}")
+    if min(w_shape[2:]) < 1 or O < 1:
+        raise ValueError(f"weight must have a non-empty kernel and out_channels, got {w_shape}")
     _check_scalar(eps, "eps")
     _check_scalar(norm_eps, "norm_eps")
     stride = _positive(stride, ndim, "stride")
     dilation = _positive(dilation, ndim, "dilation")
-    kernel = tuple(weight.shape[2:])
+    kernel = tuple(w_shape[2:])
     pads = resolve_padding(padding, kernel, stride, dilation)
     if ndim == 1:  # the 2-D case with H = R = 1
         stride, dilation, kernel, pads = (1, *stride), (1, *dilation), (1, *kernel), (0, 0, *pads)
-    x_hw = x.shape[-2:] if ndim == 2 else (1, x.shape[-1])
+    x_hw = x_shape[-2:] if ndim == 2 else (1, x_shape[-1])
     out_hw = output_hw(x_hw, kernel, stride, pads, dilation)
     if min(out_hw) < 1:
-        raise ValueError(f"output size {out_hw} is < 1 for input {tuple(x.shape)}, kernel {kernel}, "
+        raise ValueError(f"output size {out_hw} is < 1 for input {x_shape}, kernel {kernel}, "
                          f"stride {stride}, padding {pads}, dilation {dilation}")
-    return list(stride), list(pads), list(dilation), int(groups)
+    return stride, pads, dilation, int(groups)
 
 
 def _autocast(x, weight):

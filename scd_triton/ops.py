@@ -151,7 +151,8 @@ def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, wei
     save = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or p.requires_grad or q.requires_grad)
     if torch.compiler.is_compiling():
-        return torch.ops.scd_triton.scd2d_core(x, weight, p, q, *args, save)[0]
+        return torch.ops.scd_triton.scd2d_core(x, weight, p, q, list(stride), list(padding),
+                                               list(dilation), *args[3:], save)[0]
     if save:
         return _EagerSCD2d.apply(x, weight, p, q, *args)
     return forward(x, weight, p, q, *args, False)[0]

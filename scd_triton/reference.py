@@ -1,7 +1,7 @@
 """Pure-PyTorch core op: the CPU path and the backward of every backend.
 
-The forward is one ``conv2d`` for the dot products, one depthwise box-sum of the per-group
-channel sums of ``x²`` for the patch norms and one elementwise epilogue; no unfold. The backward
+The forward is one ``conv2d`` for the dot products, one ``conv2d`` of ``x²`` with a ones
+kernel per group for the patch norms and one elementwise epilogue; no unfold. The backward
 is the analytic formula of SPEC section 2 on the saved ``x``, ``ŵ``, ``c`` and norms, so autograd
 never keeps the output-sized intermediates of the formula.
 
@@ -10,6 +10,8 @@ Shapes: ``x [N, C, H, W]``, ``w_hat [O, C/G, R, S]``, ``p, q [O]``; ``padding`` 
 Outputs: ``y, c [N, O, OH, OW]`` in the input dtype, ``norm [N, G, OH, OW]`` in the compute
 dtype (float32, or float64 for float64 input).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
@@ -45,14 +47,16 @@ def normalize_weight(weight, q, mode, eps):
     """
     if mode == "none":
         return weight, None
-    O = weight.shape[0]
-    sumsq = weight.to(compute_dtype(weight.dtype)).reshape(O, -1).square().sum(1)
-    denom = (sumsq + eps).sqrt()
+    O, cdt = weight.shape[0], compute_dtype(weight.dtype)
+    denom = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim())), dtype=cdt)
+    if eps:
+        denom = denom.square_().add_(eps).sqrt_()                        # sqrt(Σw² + eps)
     if mode == "norm_q":
         denom = denom + q
-    scale = torch.where(denom == 0, 0.0, 1.0 / denom)
-    w_hat = (weight * scale.view(O, *(1,) * (weight.dim() - 1))).to(weight.dtype)
-    return w_hat, scale
+    # 1/0 = inf -> 0 (an all-zero kernel); NaN stays NaN
+    scale = denom.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0)
+    w_hat = weight * scale.view(O, *(1,) * (weight.dim() - 1))
+    return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), scale
 
 
 def normalize_weight_backward(grad_w_hat, weight, q, scale, mode, eps):
@@ -78,30 +82,30 @@ def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_ep
                  save_for_backward=True):
     """``(y, c, norm)``; without ``save_for_backward`` c and norm are empty (0,) tensors."""
     cdt = compute_dtype(x.dtype)
-    xc, wc = x.to(cdt), w_hat.to(cdt)
+    xc = x if x.dtype == cdt else x.to(cdt)
     N, C, _, _ = x.shape
     O, _, R, S = w_hat.shape
     G, Og = groups, O // groups
     xp, conv_pad = _pad_input(xc, padding)
     OH, OW = output_hw(x.shape[-2:], (R, S), stride, padding, dilation)
     if C:
-        d = F.conv2d(xp, wc, None, stride, conv_pad, dilation, groups)
-    else:  # conv2d returns no output channels for an input without channels; all dots are 0
-        d = xc.new_zeros(N, O, OH, OW)
-    # Σ s² per (n, g, position): channel sums of squares per group, then an R×S box sum.
-    sq = xp.square()
-    if C != G:
-        sq = sq.view(N, G, C // G, *xp.shape[-2:]).sum(2)
-    ssq = F.conv2d(sq, _box_sum_weight(G, (R, S), sq), None, stride, conv_pad, dilation, G)
-    norm = (ssq + norm_eps).sqrt()                                   # [N, G, OH, OW]
+        d = F.conv2d(xp, w_hat if w_hat.dtype == cdt else w_hat.to(cdt), None, stride, conv_pad,
+                     dilation, groups)
+        # Σ s² per (n, g, position): the squares box-summed over each group's patch (ones kernel)
+        ssq = F.conv2d(xp.square(), xc.new_ones(G, C // G, R, S), None, stride, conv_pad,
+                       dilation, G)
+    else:  # conv2d returns no output channels for an input without channels: all sums are 0
+        d, ssq = xc.new_zeros(N, O, OH, OW), xc.new_zeros(N, G, OH, OW)
+    norm = ssq.add_(norm_eps).sqrt_()                                # [N, G, OH, OW]
     # In-place where possible: fresh output-sized buffers cost page faults on CPU.
-    c = d.view(N, G, Og, OH, OW).div_(norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1))
-    y = _signed(c.abs().add_(eps).pow_(p.to(cdt).view(1, G, Og, 1, 1)), c)
+    shape5 = (1, G, Og, 1, 1)
+    c = d.view(N, G, Og, OH, OW).div_(norm.view(N, G, 1, OH, OW) + q.view(shape5))
+    y = _signed(c.abs().add_(eps).pow_(p.view(shape5)), c).view(N, O, OH, OW)
     fmt = memory_format(x)
-    as_output = lambda t: t.reshape(N, O, OH, OW).to(x.dtype).contiguous(memory_format=fmt)
+    as_output = lambda t: (t if t.dtype == x.dtype else t.to(x.dtype)).contiguous(memory_format=fmt)
     if not save_for_backward:
         return as_output(y), x.new_empty((0,)), x.new_empty((0,), dtype=cdt)
-    return as_output(y), as_output(c), norm.contiguous()
+    return as_output(y), as_output(c.view(N, O, OH, OW)), norm.contiguous()
 
 
 def core_backward(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):

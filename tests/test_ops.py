@@ -102,6 +102,8 @@ BAD_CALLS = [
     ("output size", dict(x=torch.randn(2, 4, 2, 2)), ValueError, "output size"),
     ("backend", dict(backend="cuda"), ValueError, "backend must be"),
     ("groups type", dict(groups=0), ValueError, "groups must be"),
+    ("groups bool", dict(groups=True), ValueError, "groups must be"),   # not a cached groups=1
+    ("stride bool", dict(stride=(True, 1)), TypeError, "stride must be an int"),
     ("eps", dict(eps=-1.0), ValueError, "eps must be"),
     ("eps nan", dict(eps=float("nan")), ValueError, "eps must be a finite float"),
     ("norm_eps inf", dict(norm_eps=float("inf")), ValueError, "norm_eps must be a finite float"),
