@@ -1,8 +1,9 @@
 """``torch.library`` registration of the core op, so that ``torch.compile`` traces it whole.
 
 ``scd_triton::scd2d_core`` returns ``(y, c, norm)``: the output and what the backward needs.
-Its autograd formula calls ``scd_triton::scd2d_core_backward`` (the analytic backward of
-``reference.core_backward``). ``backend`` is already resolved ("reference" or "triton") by
+Its autograd formula calls ``scd_triton::scd2d_core_backward`` (the analytic backward on the
+forward's backend: ``kernels.scd2d_bwd`` or ``reference.core_backward``). ``backend`` is
+already resolved ("reference" or "triton") by
 ``functional``; both backends share the fake (shape) implementation below.
 """
 import torch
@@ -40,24 +41,29 @@ def _(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps, backend)
 @torch.library.custom_op("scd_triton::scd2d_core_backward", mutates_args=())
 def scd2d_core_backward(grad_y: Tensor, x: Tensor, w_hat: Tensor, p: Tensor, q: Tensor, c: Tensor,
                         norm: Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                        groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. ``(x, w_hat, p, q)``, see ``reference.core_backward``."""
-    return reference.core_backward(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation,
-                                   groups, eps)
+                        groups: int, eps: float,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. ``(x, w_hat, p, q)``, see ``reference.core_backward``; ``backend`` is
+    the forward's."""
+    if backend == "reference":
+        backward = reference.core_backward
+    else:
+        from .kernels import scd2d_bwd as backward  # imported lazily, as the forward
+    return backward(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps)
 
 
 @scd2d_core_backward.register_fake
-def _(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
+def _(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps, backend):
     grad_x = torch.empty_like(x, memory_format=memory_format(x))
     return grad_x, torch.empty_like(w_hat), torch.empty_like(p), torch.empty_like(q)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_hat, p, q, stride, padding, dilation, groups, eps, _norm_eps, _backend = inputs
+    x, w_hat, p, q, stride, padding, dilation, groups, eps, _norm_eps, backend = inputs
     _y, c, norm = output
     ctx.mark_non_differentiable(c, norm)
     ctx.save_for_backward(x, w_hat, p, q, c, norm)
-    ctx.conv_args = (stride, padding, dilation, groups, eps)
+    ctx.conv_args = (stride, padding, dilation, groups, eps, backend)
 
 
 def _backward(ctx, grad_y, _grad_c, _grad_norm):
