@@ -32,41 +32,46 @@ def scd2d_bwd_prologue_kernel(
     M, G, Og, O, OH, OW,
     sgn, sgc, sgh, sgw, scn, scc, sch, scw,
     eps,
-    BP: tl.constexpr, BO: tl.constexpr,
+    BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
 ):
-    """Program (i_m, i_g): BP output positions × all O/G channels of group i_g, in BO blocks."""
+    """Program (i_m, i_g): BP output positions × BG groups × all O/G channels of each group,
+    in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop)."""
     i_m, i_g = tl.program_id(0), tl.program_id(1)
     o_n, o_oh, o_ow, m_m = output_positions(i_m, M, OH, OW, BP)         # [BP]
     o_n64 = o_n.to(tl.int64)
     o_gy = o_n64 * sgn + o_oh * sgh + o_ow * sgw
     o_c = o_n64 * scn + o_oh * sch + o_ow * scw
-    o_gd = (i_m * BP + tl.arange(0, BP)).to(tl.int64) * O + i_g * Og    # [BP] rows of grad_d
-    o_norm = ((o_n64 * G + i_g) * OH + o_oh) * OW + o_ow
-    b_norm = tl.load(Norm + o_norm, mask=m_m, other=1.0)                 # [BP]
-    b_ns = tl.zeros((BP,), dtype=tl.float32)
+    o_gd = (i_m * BP + tl.arange(0, BP)).to(tl.int64) * O               # [BP] rows of grad_d
+    o_g = i_g * BG + tl.arange(0, BG)                                    # [BG]
+    m_g = o_g < G
+    o_norm = ((o_n64 * G)[:, None] + o_g[None, :]) * OH * OW + (o_oh * OW + o_ow)[:, None]
+    m_pg = m_m[:, None] & m_g[None, :]
+    b_norm = tl.load(Norm + o_norm, mask=m_pg, other=1.0)                # [BP, BG]
+    b_ns = tl.zeros((BP, BG), dtype=tl.float32)
     for i_o in range(0, Og, BO):
         o_o = i_o + tl.arange(0, BO)                                     # [BO] channel in group
-        m_o = o_o < Og
-        m = m_m[:, None] & m_o[None, :]
-        o_glob = i_g * Og + o_o
-        b_gy = tl.load(GY + o_gy[:, None] + (o_glob * sgc)[None, :], mask=m, other=0.0)
-        b_c = tl.load(Cin + o_c[:, None] + (o_glob * scc)[None, :], mask=m, other=0.0)
-        b_gy, b_c = b_gy.to(tl.float32), b_c.to(tl.float32)              # [BP, BO]
-        b_p = tl.load(P + o_glob, mask=m_o, other=1.0)[None, :]
-        b_q = tl.load(Q + o_glob, mask=m_o, other=0.0)[None, :]
+        o_glob = o_g[:, None] * Og + o_o[None, :]                        # [BG, BO]
+        m_go = m_g[:, None] & (o_o < Og)[None, :]
+        m = m_m[:, None, None] & m_go[None, :, :]
+        b_gy = tl.load(GY + o_gy[:, None, None] + (o_glob * sgc)[None, :, :], mask=m, other=0.0)
+        b_c = tl.load(Cin + o_c[:, None, None] + (o_glob * scc)[None, :, :], mask=m, other=0.0)
+        b_gy, b_c = b_gy.to(tl.float32), b_c.to(tl.float32)              # [BP, BG, BO]
+        b_p = tl.load(P + o_glob, mask=m_go, other=1.0)[None, :, :]
+        b_q = tl.load(Q + o_glob, mask=m_go, other=0.0)[None, :, :]
         b_base = tl.abs(b_c) + eps
         b_l = tl.log2(b_base)
         b_mag = tl.exp2(b_p * b_l)                                       # |y|
         zero = b_c == 0  # a comparison, so NaN in c stays NaN below
-        b_gd = tl.where(zero, 0.0, b_gy * b_p * (b_mag / b_base)) / (b_norm[:, None] + b_q)
+        b_gd = tl.where(zero, 0.0, b_gy * b_p * (b_mag / b_base)) / (b_norm[:, :, None] + b_q)
         b_gc = b_gd * b_c                                                # G·c/a
-        b_ns += tl.sum(b_gc, axis=1)
+        b_ns += tl.sum(b_gc, axis=2)
         # grad_y·y·ln(|c|+eps), 0 where c = 0 (also when eps = 0, where ln gives -inf)
         b_gp = tl.where(zero, 0.0, b_gy * tl.where(b_c < 0, -b_mag, b_mag) * b_l)
-        tl.store(GD + o_gd[:, None] + o_o[None, :], b_gd.to(GD.dtype.element_ty), mask=m)
-        tl.store(WQ + i_m * O + o_glob, -tl.sum(b_gc, axis=0), mask=m_o)
-        tl.store(WP + i_m * O + o_glob, tl.sum(b_gp, axis=0) * 0.6931471805599453, mask=m_o)
-    tl.store(GNS + o_norm, -b_ns / b_norm, mask=m_m)
+        tl.store(GD + o_gd[:, None, None] + o_glob[None, :, :], b_gd.to(GD.dtype.element_ty),
+                 mask=m)
+        tl.store(WQ + i_m * O + o_glob, -tl.sum(b_gc, axis=0), mask=m_go)
+        tl.store(WP + i_m * O + o_glob, tl.sum(b_gp, axis=0) * 0.6931471805599453, mask=m_go)
+    tl.store(GNS + o_norm, -b_ns / b_norm, mask=m_pg)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -268,7 +273,7 @@ def scd2d_wgrad_direct_kernel(
 
 # CUDA configs, one or two per kernel (no autotune: a GPU compiles little). GEMM tuples are
 # (BM, BN, BK, num_warps, num_stages); the "large" ones serve groups of more than 64 channels.
-PROLOGUE_CONFIG = (64, 64, 4, 1)                  # (BP, BO, warps, stages)
+PROLOGUE_CONFIG = (64, 64, 4, 1)                  # (BP, BO·BG, warps, stages)
 DGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (128, 64, 32, 4, 3)}
 WGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)}
 DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
@@ -340,15 +345,18 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
     p, q, norm = p.float().contiguous(), q.float().contiguous(), norm.contiguous()
 
     # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
-    BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (64, _pow2_between(Og, 16, 64), 4, 1)
+    BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
+    BO = min(BO, triton.next_power_of_2(Og))
+    BG = min(64 // BO, triton.next_power_of_2(G))  # narrow groups: several per tile
     n_blk = triton.cdiv(M, BP)
     grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
-    wp = torch.empty((2, n_blk, O), dtype=torch.float32, device=dev)
-    scd2d_bwd_prologue_kernel[(n_blk, G)](
-        grad_y, c, norm, p, q, grad_d, gns, wp[0], wp[1], M, G, Og, O, OH, OW,
-        *grad_y.stride(), *c.stride(), eps, BP=BP, BO=BO, num_warps=warps, num_stages=stages)
-    grad_pq = wp.sum(1)
+    wp, wq = (torch.empty((n_blk, O), dtype=torch.float32, device=dev) for _ in range(2))
+    scd2d_bwd_prologue_kernel[(n_blk, triton.cdiv(G, BG))](
+        grad_y, c, norm, p, q, grad_d, gns, wp, wq, M, G, Og, O, OH, OW,
+        *grad_y.stride(), *c.stride(), eps, BP=BP, BG=BG, BO=BO, num_warps=warps,
+        num_stages=stages)
+    grad_p, grad_q = wp.sum(0), wq.sum(0)
 
     # 2. dgrad and 3. wgrad
     strides = (*x.stride(), *grad_x.stride())
@@ -365,7 +373,7 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
         scd2d_wgrad_direct_kernel[(triton.cdiv(O, BO), Cg * R * S, ws.shape[0])](
             grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
             R=R, S=S, BP=BP, BO=BO, num_warps=warps, num_stages=stages)
-        return grad_x, _weight_grad(ws, w_hat), grad_pq[0], grad_pq[1]
+        return grad_x, _weight_grad(ws, w_hat), grad_p, grad_q
 
     precision = "tf32" if x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
     BM, BN, BK, warps, stages = _dgrad_config(x.dtype, Cg, Og, cuda)
@@ -389,4 +397,4 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
     scd2d_wgrad_kernel[(tiles, R * S, G * splits)](
         grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
         R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
-    return grad_x, _weight_grad(ws, w_hat), grad_pq[0], grad_pq[1]
+    return grad_x, _weight_grad(ws, w_hat), grad_p, grad_q

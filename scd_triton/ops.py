@@ -62,6 +62,7 @@ def _setup_context(ctx, inputs, output):
     x, w_hat, p, q, stride, padding, dilation, groups, eps, _norm_eps, backend = inputs
     _y, c, norm = output
     ctx.mark_non_differentiable(c, norm)
+    ctx.set_materialize_grads(False)  # no output-sized zero gradients for c and norm
     ctx.save_for_backward(x, w_hat, p, q, c, norm)
     ctx.conv_args = (stride, padding, dilation, groups, eps, backend)
 
