@@ -273,7 +273,7 @@ def scd2d_wgrad_direct_kernel(
 
 # CUDA configs, one or two per kernel (no autotune: a GPU compiles little). GEMM tuples are
 # (BM, BN, BK, num_warps, num_stages); the "large" ones serve groups of more than 64 channels.
-PROLOGUE_CONFIG = (64, 64, 4, 1)                  # (BP, BO·BG, warps, stages)
+PROLOGUE_CONFIG = (64, 32, 4, 1)                  # (BP, BO·BG, warps, stages)
 DGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (128, 64, 32, 4, 3)}
 WGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)}
 DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
@@ -398,3 +398,58 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
         grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
         R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     return grad_x, _weight_grad(ws, w_hat), grad_p, grad_q
+
+
+def report_jobs():
+    """Every (kernel, config, dtype) the CUDA launcher runs, with the runtime ints of a
+    representative channels_last layer (3×3, stride 1, padding 1, 56², N = 32; 64→64 for the
+    "small" GEMM configs, 128→128 for the "large" ones, 128-channel depthwise for the direct
+    kernels), for an ahead-of-time compile (``kernels/report.py``-style specialisation)."""
+    def layer(C, O, G, N=32, H=56, W=56):
+        Cg, Og = C // G, O // G
+        x = dict(sxn=H * W * C, sxc=1, sxh=W * C, sxw=C)
+        conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+        return dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * H * W,
+                    HQ=H, WQ=W, step_h=1, step_w=1, sdn=H * W * C, sdc=1, sdh=W * C, sdw=C,
+                    sgn=H * W * O, sgc=1, sgh=W * O, sgw=O, scn=H * W * O, scc=1, sch=W * O,
+                    scw=O, **x, **conv)
+
+    def ints(fn, lay, **extra):
+        return {k: v for k, v in {**lay, **extra}.items() if k in fn.arg_names}
+
+    jobs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        dt = f"*{dtype}"
+        gemm = ([("small", DGRAD_CONFIG_FP32, WGRAD_CONFIG_FP32)] if dtype == "fp32" else
+                [(n, DGRAD_CONFIGS[n], WGRAD_CONFIGS[n]) for n in ("small", "large")])
+        for size, dcfg, wcfg in gemm:
+            lay = layer(64, 64, 1) if size == "small" else layer(128, 128, 1)
+            for fn, (BM, BN, BK, warps, stages), ptrs, extra in (
+                    (scd2d_dgrad_kernel, dcfg, dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), {}),
+                    (scd2d_wgrad_kernel, wcfg, dict(GD=dt, X=dt, WS="*fp32"),
+                     dict(K_SPLIT=triton.cdiv(lay["M"], 44 * wcfg[2]) * wcfg[2]))):
+                jobs.append(dict(kernel=fn, name=f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
+                                 dtype=dtype, ints=ints(fn, lay, **extra),
+                                 constexprs=dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK),
+                                 pointer_dtypes=ptrs, num_warps=warps, num_stages=stages))
+        dw = layer(128, 128, 128)
+        BP, BO, warps, stages = PROLOGUE_CONFIG
+        jobs.append(dict(kernel=scd2d_bwd_prologue_kernel, name=f"BP{BP}-BG1-BO{BO}-w{warps}",
+                         dtype=dtype, ints=ints(scd2d_bwd_prologue_kernel, layer(64, 64, 1)),
+                         constexprs=dict(BP=BP, BG=1, BO=BO),
+                         pointer_dtypes=dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32",
+                                             GD=dt, GNS="*fp32", WP="*fp32", WQ="*fp32"),
+                         num_warps=warps, num_stages=stages))
+        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
+        jobs.append(dict(kernel=scd2d_dgrad_direct_kernel, name=f"BM{BM}-BC{BC}-w{warps}-s{stages}",
+                         dtype=dtype, ints=ints(scd2d_dgrad_direct_kernel, dw),
+                         constexprs=dict(R=3, S=3, BM=BM, BC=BC),
+                         pointer_dtypes=dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
+                         num_warps=warps, num_stages=stages))
+        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG
+        jobs.append(dict(kernel=scd2d_wgrad_direct_kernel, name=f"BP{BP}-BO{BO}-w{warps}-s{stages}",
+                         dtype=dtype, ints=ints(scd2d_wgrad_direct_kernel, dw, K_SPLIT=4096),
+                         constexprs=dict(R=3, S=3, BP=BP, BO=BO),
+                         pointer_dtypes=dict(GD=dt, X=dt, WS="*fp32"),
+                         num_warps=warps, num_stages=stages))
+    return jobs
