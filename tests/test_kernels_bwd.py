@@ -38,7 +38,7 @@ def test_gradients_match_oracle(case, dtype):
     run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
 
 
-@pytest.mark.parametrize("case", params([KERNEL_CASES[0], KERNEL_CASES[2], KERNEL_CASES[7]]))
+@pytest.mark.parametrize("case", params([KERNEL_CASES[2], KERNEL_CASES[7]]))
 def test_channels_last_gradients(case):
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", channels_last=True,
                        device=DEVICE)
@@ -68,7 +68,7 @@ def test_scd1d_gradients_match_oracle():
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_channel", "shared"])
 def test_p_q_gradients_per_channel_and_shared(shared):
-    case = Case(2, 16, 6, 6, 32, (3, 3), padding=1, groups=2, per_channel=not shared)
+    case = Case(1, 32, 4, 4, 32, (3, 3), padding=1, groups=2, per_channel=not shared)
     run_against_oracle(scd_triton.scd2d_normalized, case, torch.float32, "triton", normalized=True,
                        device=DEVICE)
 
@@ -102,10 +102,10 @@ def test_nan_in_x_gives_nan_gradients(groups):
 
 def test_gradients_are_deterministic():
     case = KERNEL_CASES[-1]
-    x, w, p, q = _leaves((4, 32, 9, 9), (64, 16, 3, 3), (64,), (64,))
+    x, w, p, q = _leaves((2, 32, 7, 7), (64, 16, 3, 3), (64,), (64,))
     with torch.no_grad():
         p.uniform_(0.7, 3.0), q.uniform_(0.0, 0.3)
-    grad_y = torch.randn(4, 64, 5, 5, device=DEVICE)
+    grad_y = torch.randn(2, 64, 4, 4, device=DEVICE)
     fn = lambda *a, **k: scd_triton.scd2d(*a, backend="triton", **k)
     first = _grads(fn, x, w, p, q, grad_y, stride=2, padding=1, groups=case.groups)
     second = _grads(fn, x, w, p, q, grad_y, stride=2, padding=1, groups=case.groups)
@@ -128,9 +128,9 @@ def _is_interpreter_copy(event):
     return os.environ.get("TRITON_INTERPRET") == "1" and "unsigned char" in dtypes
 
 
-@pytest.mark.parametrize("groups", [1, 16], ids=["gemm", "direct"])
+@pytest.mark.parametrize("groups", [1, 8], ids=["gemm", "direct"])
 def test_forward_backward_runs_no_conv_and_no_output_sized_torch_op(groups):
-    N, C, H, W, O = 4, 16, 12, 12, 16
+    N, C, H, W, O = 2, 8, 10, 10, 16
     x, w, p, q = _leaves((N, C, H, W), (O, C // groups, 3, 3), (O,), (O,))
     with torch.no_grad():
         p.uniform_(0.7, 3.0), q.uniform_(0.0, 0.3)
@@ -161,7 +161,7 @@ def test_training_steps_match_reference_backend(monkeypatch):
             scd_triton.SCD2d(16, 16, 3, padding=1, groups=16), scd_triton.MaxAbsPool2d(2),
         ).to(DEVICE)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        x, target = torch.randn(4, 3, 8, 8, device=DEVICE), torch.randn(4, 16, 2, 2, device=DEVICE)
+        x, target = torch.randn(2, 3, 8, 8, device=DEVICE), torch.randn(2, 16, 2, 2, device=DEVICE)
         for _ in range(3):
             opt.zero_grad()
             (net(x) - target).square().mean().backward()
