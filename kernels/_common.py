@@ -28,3 +28,16 @@ def output_positions(i_m, M, OH, OW, BM: tl.constexpr):
     o_ow = o_m % OW
     o_t = o_m // OW
     return o_t // OH, o_t % OH, o_ow, o_m < M
+
+
+@triton.jit
+def dgrad_phase_taps(phase, pad, stride, dil, step, R: tl.constexpr):
+    """Kernel rows that reach input rows ``ih ≡ phase (mod stride)`` in a strided conv: the
+    first such row ``r0`` (``(phase + pad − r0·dil)`` divisible by ``stride``) and how many of
+    ``r0, r0 + step, …`` lie below ``R`` (0 when none), ``step = stride / gcd(stride, dil)``.
+    """
+    r0 = phase * 0 + step + R                                            # "none yet"
+    for i in range(step):
+        ok = (phase + pad - i * dil + stride * dil) % stride == 0        # kept non-negative
+        r0 = tl.where(ok, tl.minimum(r0, i), r0)
+    return r0, tl.maximum(R - r0 + step - 1, 0) // step

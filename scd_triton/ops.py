@@ -27,8 +27,8 @@ def _launchers(backend):
     """(forward, backward) of the core op on pre-normalised kernels for ``backend``."""
     if backend == "reference":
         return reference.core_forward, reference.core_backward
-    from .kernels import scd2d_fwd  # imported lazily: importing triton is slow
-    return scd2d_fwd, reference.core_backward
+    from .kernels import scd2d_bwd, scd2d_fwd  # imported lazily: importing triton is slow
+    return scd2d_fwd, scd2d_bwd
 
 
 def _guard(x):
@@ -111,11 +111,14 @@ def _setup_context(ctx, inputs, output):
         backend, _ = inputs
     _y, c, norm = output
     ctx.mark_non_differentiable(c, norm)
+    ctx.set_materialize_grads(False)   # no output-sized zero gradients for c and norm
     ctx.save_for_backward(x, weight, p, q, c, norm)
     ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
 
 
 def _backward(ctx, grad_y, _grad_c, _grad_norm):
+    if grad_y is None:
+        return (None,) * 14
     x, weight, p, q, c, norm = ctx.saved_tensors
     grads = torch.ops.scd_triton.scd2d_core_backward(grad_y, x, weight, p, q, c, norm, *ctx.args)
     return (*grads,) + (None,) * 10

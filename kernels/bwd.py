@@ -1,0 +1,372 @@
+"""Backward of the SCD core op (SPEC section 2): three launches plus two tiny reductions.
+
+- ``scd2d_bwd_prologue_kernel``: one pass over ``grad_y`` and the saved ``c`` and norms. Per
+  element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =
+  |y|/(|c|+eps)``); stores ``grad_d = G/a`` as ``[N, OH, OW, O]`` in the input dtype (the GEMM
+  operand of both GEMMs, channels contiguous), ``grad_‖s‖/‖s‖`` per (n, group, position) in
+  float32 and per-block partial sums of ``grad_p``, ``grad_q`` (summed on the host, no atomics).
+- ``scd2d_dgrad_kernel``: implicit GEMM of ``grad_d`` with ``ŵ`` onto the input positions of one
+  stride phase ``(ih mod sh, iw mod sw)`` (grid axis 2), so that the kernel taps that reach them
+  are the same for the whole tile and the K loop runs over those taps only (no zero insertion,
+  no scatter). The epilogue adds ``x ⊙ box_sum(grad_‖s‖/‖s‖)``, gathered over the same taps.
+- ``scd2d_wgrad_kernel``: implicit GEMM ``grad_d^T · patches(x)`` per kernel tap, split over
+  ``N·OH·OW`` into a float32 workspace that the host sums (deterministic).
+- ``bwd_direct.py``: the same two products as multiply-accumulate loops for groups too narrow
+  for 16-wide ``tl.dot`` tiles (depthwise).
+"""
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .shapes import memory_format
+from ._common import dgrad_phase_taps, output_positions
+from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
+from .fwd import uses_direct_kernel
+
+
+@triton.jit(do_not_specialize=["M"])
+def scd2d_bwd_prologue_kernel(
+    GY, Cin, Norm, P, Q, GD, GNS, WP, WQ,
+    M, G, Og, O, OH, OW,
+    sgn, sgc, sgh, sgw, scn, scc, sch, scw,
+    eps,
+    BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
+):
+    """Program (i_m, i_g): BP output positions × BG groups × all O/G channels of each group,
+    in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop)."""
+    i_m, i_g = tl.program_id(0), tl.program_id(1)
+    o_n, o_oh, o_ow, m_m = output_positions(i_m, M, OH, OW, BP)         # [BP]
+    o_n64 = o_n.to(tl.int64)
+    o_gy = o_n64 * sgn + o_oh * sgh + o_ow * sgw
+    o_c = o_n64 * scn + o_oh * sch + o_ow * scw
+    o_gd = (i_m * BP + tl.arange(0, BP)).to(tl.int64) * O               # [BP] rows of grad_d
+    o_g = i_g * BG + tl.arange(0, BG)                                    # [BG]
+    m_g = o_g < G
+    o_norm = ((o_n64 * G)[:, None] + o_g[None, :]) * OH * OW + (o_oh * OW + o_ow)[:, None]
+    m_pg = m_m[:, None] & m_g[None, :]
+    b_norm = tl.load(Norm + o_norm, mask=m_pg, other=1.0)                # [BP, BG]
+    b_ns = tl.zeros((BP, BG), dtype=tl.float32)
+    for i_o in range(0, Og, BO):
+        o_o = i_o + tl.arange(0, BO)                                     # [BO] channel in group
+        o_glob = o_g[:, None] * Og + o_o[None, :]                        # [BG, BO]
+        m_go = m_g[:, None] & (o_o < Og)[None, :]
+        m = m_m[:, None, None] & m_go[None, :, :]
+        b_gy = tl.load(GY + o_gy[:, None, None] + (o_glob * sgc)[None, :, :], mask=m, other=0.0)
+        b_c = tl.load(Cin + o_c[:, None, None] + (o_glob * scc)[None, :, :], mask=m, other=0.0)
+        b_gy, b_c = b_gy.to(tl.float32), b_c.to(tl.float32)              # [BP, BG, BO]
+        b_p = tl.load(P + o_glob, mask=m_go, other=1.0)[None, :, :]
+        b_q = tl.load(Q + o_glob, mask=m_go, other=0.0)[None, :, :]
+        b_base = tl.abs(b_c) + eps
+        b_l = tl.log2(b_base)
+        b_mag = tl.exp2(b_p * b_l)                                       # |y|
+        zero = b_c == 0  # a comparison, so NaN in c stays NaN below
+        b_gd = tl.where(zero, 0.0, b_gy * b_p * (b_mag / b_base)) / (b_norm[:, :, None] + b_q)
+        b_gc = b_gd * b_c                                                # G·c/a
+        b_ns += tl.sum(b_gc, axis=2)
+        # grad_y·y·ln(|c|+eps), 0 where c = 0 (also when eps = 0, where ln gives -inf)
+        b_gp = tl.where(zero, 0.0, b_gy * tl.where(b_c < 0, -b_mag, b_mag) * b_l)
+        tl.store(GD + o_gd[:, None, None] + o_glob[None, :, :], b_gd.to(GD.dtype.element_ty),
+                 mask=m)
+        tl.store(WQ + i_m * O + o_glob, -tl.sum(b_gc, axis=0), mask=m_go)
+        tl.store(WP + i_m * O + o_glob, tl.sum(b_gp, axis=0) * 0.6931471805599453, mask=m_go)
+    tl.store(GNS + o_norm, -b_ns / b_norm, mask=m_pg)
+
+
+@triton.jit(do_not_specialize=["N"])
+def scd2d_dgrad_kernel(
+    GD, W, GNS, X, GX,
+    N, H, Wd, G, Cg, Og, O, OH, OW, HQ, WQ,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
+    R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Program (i_m, i_n, i_z): BM input positions of one stride phase × BN input channels.
+
+    W is ŵ as [G, R·S, O/G, C/G]. ``i_z = (g·sh + phase_h)·sw + phase_w``; the positions are
+    ``(n, ihq·sh + phase_h, iwq·sw + phase_w)`` over ``ihq < HQ = ⌈H/sh⌉``, ``iwq < WQ``.
+    """
+    i_m, i_n, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    ph_w = i_z % stride_w
+    ph_h = (i_z // stride_w) % stride_h
+    i_g = (i_z // (stride_w * stride_h)).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_iwq = o_m % WQ                                                     # [BM]
+    o_ihq = (o_m // WQ) % HQ
+    o_n = (o_m // (WQ * HQ)).to(tl.int64)
+    o_ih = o_ihq * stride_h + ph_h
+    o_iw = o_iwq * stride_w + ph_w
+    m_m = (o_n < N) & (o_ih < H) & (o_iw < Wd)
+    # the kernel rows r0, r0 + step_h, ... (nr of them) and columns that reach this phase
+    r0, nr = dgrad_phase_taps(ph_h, pad_h, stride_h, dil_h, step_h, R)
+    s0, ns = dgrad_phase_taps(ph_w, pad_w, stride_w, dil_w, step_w, S)
+    o_c = i_n * BN + tl.arange(0, BN)                                    # [BN] channel in group
+    m_c = o_c < Cg
+    o_k = tl.arange(0, BK)
+    n_ob = tl.cdiv(Og, BK)
+    p_gd = GD + i_g * Og
+    p_ns = GNS + i_g * OH * OW
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    b_box = tl.zeros((BM,), dtype=tl.float32)
+    for i_k in range(nr * ns * n_ob):
+        i_ob = i_k % n_ob
+        i_t = i_k // n_ob
+        r = r0 + (i_t // ns) * step_h
+        s = s0 + (i_t % ns) * step_w
+        # oh·sh = ih + pad_h − r·dil_h, an exact division (uniform over the phase)
+        o_oh = o_ihq + (ph_h + pad_h - r * dil_h) // stride_h
+        o_ow = o_iwq + (ph_w + pad_w - s * dil_w) // stride_w
+        m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
+        o_pos = (o_n * OH + o_oh) * OW + o_ow                            # [BM] int64
+        o_o = i_ob * BK + o_k                                            # [BK] channel in group
+        m_o = o_o < Og
+        b_gd = tl.load(p_gd + o_pos[:, None] * O + o_o[None, :],
+                       mask=m_t[:, None] & m_o[None, :], other=0.0)      # [BM, BK]
+        b_w = tl.load(W + ((i_g * R * S + r * S + s) * Og + o_o[:, None]) * Cg + o_c[None, :],
+                      mask=m_o[:, None] & m_c[None, :], other=0.0)       # [BK, BN]
+        acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
+        m_box = m_t & (o_ihq * 0 + i_ob == 0)  # once per tap (a [BM] mask: the interpreter's
+        b_box += tl.load(p_ns + o_n * G * OH * OW + o_oh * OW + o_ow, mask=m_box,  # scalar and
+                         other=0.0)                                      # [BM] mask do not mix)
+
+    o_x = o_n * sxn + o_ih * sxh + o_iw * sxw
+    m = m_m[:, None] & m_c[None, :]
+    o_cg = (i_g * Cg + o_c)[None, :]
+    b_x = tl.load(X + o_x[:, None] + o_cg * sxc, mask=m, other=0.0).to(tl.float32)
+    b_gx = acc + b_x * b_box[:, None]
+    o_gx = (o_n * sdn + o_ih * sdh + o_iw * sdw)[:, None] + o_cg * sdc
+    tl.store(GX + o_gx, b_gx.to(GX.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def scd2d_wgrad_kernel(
+    GD, X, WS,
+    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Program (i_mn, tap, split·G + g): a [BM out channels, BN in channels] tile of one tap,
+    reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S]."""
+    i_mn, i_tap, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g = i_z % G
+    i_s = i_z // G
+    n_n = tl.cdiv(Cg, BN)
+    o_o = (i_mn // n_n) * BM + tl.arange(0, BM)                          # [BM] out channel in group
+    o_c = (i_mn % n_n) * BN + tl.arange(0, BN)                           # [BN] in channel in group
+    m_o = o_o < Og
+    m_c = o_c < Cg
+    dh = (i_tap // S) * dil_h - pad_h
+    dw = (i_tap % S) * dil_w - pad_w
+    p_gd = GD + (i_g * Og + o_o)[:, None]                                # [BM, 1]
+    p_x = X + ((i_g * Cg + o_c) * sxc)[None, :]                          # [1, BN]
+    k_lo = i_s * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, M)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BK):
+        o_k = k + tl.arange(0, BK)                                       # [BK] output positions
+        m_k = o_k < k_hi
+        o_ow = o_k % OW
+        o_t = o_k // OW
+        o_ih = (o_t % OH) * stride_h + dh
+        o_iw = o_ow * stride_w + dw
+        m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
+        b_gd = tl.load(p_gd + o_k.to(tl.int64)[None, :] * O,
+                       mask=m_o[:, None] & m_k[None, :], other=0.0)      # [BM, BK]
+        o_x = (o_t // OH).to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw
+        b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_c[None, :], other=0.0)  # [BK, BN]
+        acc = tl.dot(b_gd, b_x, acc, input_precision=PRECISION)
+
+    o_ws = i_s.to(tl.int64) * O * Cg * R * S + i_tap
+    o_ws += (((i_g * Og + o_o) * Cg)[:, None] + o_c[None, :]) * (R * S)
+    tl.store(WS + o_ws, acc.to(WS.dtype.element_ty), mask=m_o[:, None] & m_c[None, :])
+
+
+# CUDA configs, one or two per kernel (no autotune: a GPU compiles little). GEMM tuples are
+# (BM, BN, BK, num_warps, num_stages); the "large" ones serve groups of more than 64 channels.
+PROLOGUE_CONFIG = (64, 32, 4, 1)                  # (BP, BO·BG, warps, stages)
+DGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (128, 64, 32, 4, 3)}
+WGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)}
+DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
+WGRAD_CONFIG_FP32 = (64, 64, 32, 4, 3)
+DGRAD_DIRECT_CONFIG = (64, 64, 4, 2)              # (BM, BC, warps, stages)
+WGRAD_DIRECT_CONFIG = (128, 64, 4, 2)             # (BP, BO, warps, stages)
+
+
+def _pow2_between(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _dgrad_config(dtype, Cg, Og, cuda):
+    if not cuda:  # the interpreter: small tiles, few loop steps
+        return 64, _pow2_between(Cg, 16, 64), _pow2_between(Og, 16, 64), 4, 1
+    if dtype == torch.float32:
+        return DGRAD_CONFIG_FP32
+    return DGRAD_CONFIGS["large" if Cg > 64 and Og >= 64 else "small"]
+
+
+def _wgrad_config(dtype, Cg, Og, cuda):
+    if not cuda:
+        return _pow2_between(Og, 16, 64), _pow2_between(Cg, 16, 64), 64, 4, 1
+    if dtype == torch.float32:
+        return WGRAD_CONFIG_FP32
+    return WGRAD_CONFIGS["large" if Cg > 64 and Og > 64 else "small"]
+
+
+def _splits(tiles, M, BK, device):
+    """Split-K count: about three waves of programs, each split at least 8 K steps long.
+    The interpreter takes two splits (when there is room) so tests exercise the reduction."""
+    steps = triton.cdiv(M, BK)
+    if device.type != "cuda":
+        return min(2, steps)
+    return max(1, min(triton.cdiv(3 * _sm_count(device.index or 0), tiles), steps // 8))
+
+
+def _weight_grad(ws, w_hat):
+    return ws[0].to(w_hat.dtype) if ws.shape[0] == 1 else ws.sum(0).to(w_hat.dtype)
+
+
+def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
+    """Gradients ``(x, ŵ, p, q)`` of the core op, as ``reference.core_backward`` computes them.
+
+    ``padding`` is (top, bottom, left, right); only top/left enter the index arithmetic (the
+    saved ``c`` gives the output size). ``grad_x`` takes x's dtype and memory format.
+    """
+    N, C, H, W = x.shape
+    O, Cg, R, S = w_hat.shape
+    G, Og = groups, O // groups
+    OH, OW = c.shape[-2:]
+    dev, cuda = x.device, x.device.type == "cuda"
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=memory_format(x))
+    M = N * OH * OW
+    if M == 0:
+        return (grad_x, torch.zeros(w_hat.shape, dtype=w_hat.dtype, device=dev),
+                torch.zeros(O, device=dev), torch.zeros(O, device=dev))
+    if max(M, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
+        raise ValueError(f"scd2d_bwd indexes positions and per-sample offsets in int32: needs "
+                         f"N·OH·OW = {M}, N·H·W = {N * H * W} and per-sample sizes "
+                         f"C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below 2**31")
+    sh, sw = stride
+    conv = (sh, sw, padding[0], padding[2], *dilation)
+    p, q, norm = p.float().contiguous(), q.float().contiguous(), norm.contiguous()
+
+    # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
+    BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
+    BO = min(BO, triton.next_power_of_2(Og))
+    BG = min(64 // BO, triton.next_power_of_2(G))  # narrow groups: several per tile
+    n_blk = triton.cdiv(M, BP)
+    grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
+    gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
+    wp, wq = (torch.empty((n_blk, O), dtype=torch.float32, device=dev) for _ in range(2))
+    scd2d_bwd_prologue_kernel[(n_blk, triton.cdiv(G, BG))](
+        grad_y, c, norm, p, q, grad_d, gns, wp, wq, M, G, Og, O, OH, OW,
+        *grad_y.stride(), *c.stride(), eps, BP=BP, BG=BG, BO=BO, num_warps=warps,
+        num_stages=stages)
+    grad_p, grad_q = wp.sum(0), wq.sum(0)
+
+    # 2. dgrad and 3. wgrad
+    strides = (*x.stride(), *grad_x.stride())
+    if uses_direct_kernel(G, Cg, Og):
+        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(C, 16, 64), 4, 1)
+        scd2d_dgrad_direct_kernel[(triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))](
+            grad_d, w_hat.contiguous(), gns, x, grad_x, N, H, W, G, Cg, Og, O, C, OH, OW,
+            N * H * W, *strides, *conv, R=R, S=S, BM=BM, BC=BC, num_warps=warps,
+            num_stages=stages)
+        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(O, 16, 64), 4, 1)
+        splits = _splits(triton.cdiv(O, BO) * Cg * R * S, M, BP, dev)
+        k_split = triton.cdiv(triton.cdiv(M, splits), BP) * BP
+        ws = torch.empty((triton.cdiv(M, k_split), O, Cg, R, S), dtype=torch.float32, device=dev)
+        scd2d_wgrad_direct_kernel[(triton.cdiv(O, BO), Cg * R * S, ws.shape[0])](
+            grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
+            R=R, S=S, BP=BP, BO=BO, num_warps=warps, num_stages=stages)
+        return grad_x, _weight_grad(ws, w_hat), grad_p, grad_q
+
+    precision = "tf32" if x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
+    BM, BN, BK, warps, stages = _dgrad_config(x.dtype, Cg, Og, cuda)
+    HQ, WQ = triton.cdiv(H, sh), triton.cdiv(W, sw)
+    step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])
+    # ŵ as [G, R·S, O/G, C/G]: the B tile of each K step is one contiguous row block
+    w_gemm = w_hat.reshape(G, Og, Cg, R * S).permute(0, 3, 1, 2).contiguous()
+    grid = (triton.cdiv(N * HQ * WQ, BM), triton.cdiv(Cg, BN), G * sh * sw)
+    scd2d_dgrad_kernel[grid](
+        grad_d, w_gemm, gns, x, grad_x, N, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, *strides, *conv,
+        step_h, step_w, R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps,
+        num_stages=stages)
+
+    BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda)
+    tiles = triton.cdiv(Og, BM) * triton.cdiv(Cg, BN)
+    splits = _splits(tiles * R * S * G, M, BK, dev)
+    k_split = triton.cdiv(triton.cdiv(M, splits), BK) * BK
+    splits = triton.cdiv(M, k_split)
+    ws_dtype = w_hat.dtype if splits == 1 else torch.float32
+    ws = torch.empty((splits, O, Cg, R, S), dtype=ws_dtype, device=dev)
+    scd2d_wgrad_kernel[(tiles, R * S, G * splits)](
+        grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
+        R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
+    return grad_x, _weight_grad(ws, w_hat), grad_p, grad_q
+
+
+def report_jobs():
+    """Every (kernel, config, dtype) the CUDA launcher runs, with the runtime ints of a
+    representative channels_last layer (3×3, stride 1, padding 1, 56², N = 32; 64→64 for the
+    "small" GEMM configs, 128→128 for the "large" ones, 128-channel depthwise for the direct
+    kernels), for an ahead-of-time compile (``kernels/report.py``-style specialisation)."""
+    def layer(C, O, G, N=32, H=56, W=56):
+        Cg, Og = C // G, O // G
+        x = dict(sxn=H * W * C, sxc=1, sxh=W * C, sxw=C)
+        conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+        return dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * H * W,
+                    HQ=H, WQ=W, step_h=1, step_w=1, sdn=H * W * C, sdc=1, sdh=W * C, sdw=C,
+                    sgn=H * W * O, sgc=1, sgh=W * O, sgw=O, scn=H * W * O, scc=1, sch=W * O,
+                    scw=O, **x, **conv)
+
+    def ints(fn, lay, **extra):
+        return {k: v for k, v in {**lay, **extra}.items() if k in fn.arg_names}
+
+    jobs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        dt = f"*{dtype}"
+        gemm = ([("small", DGRAD_CONFIG_FP32, WGRAD_CONFIG_FP32)] if dtype == "fp32" else
+                [(n, DGRAD_CONFIGS[n], WGRAD_CONFIGS[n]) for n in ("small", "large")])
+        for size, dcfg, wcfg in gemm:
+            lay = layer(64, 64, 1) if size == "small" else layer(128, 128, 1)
+            for fn, (BM, BN, BK, warps, stages), ptrs, extra in (
+                    (scd2d_dgrad_kernel, dcfg, dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), {}),
+                    (scd2d_wgrad_kernel, wcfg, dict(GD=dt, X=dt, WS="*fp32"),
+                     dict(K_SPLIT=triton.cdiv(lay["M"], 44 * wcfg[2]) * wcfg[2]))):
+                jobs.append(dict(kernel=fn, name=f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
+                                 dtype=dtype, ints=ints(fn, lay, **extra),
+                                 constexprs=dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK),
+                                 pointer_dtypes=ptrs, num_warps=warps, num_stages=stages))
+        dw = layer(128, 128, 128)
+        BP, BO, warps, stages = PROLOGUE_CONFIG
+        jobs.append(dict(kernel=scd2d_bwd_prologue_kernel, name=f"BP{BP}-BG1-BO{BO}-w{warps}",
+                         dtype=dtype, ints=ints(scd2d_bwd_prologue_kernel, layer(64, 64, 1)),
+                         constexprs=dict(BP=BP, BG=1, BO=BO),
+                         pointer_dtypes=dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32",
+                                             GD=dt, GNS="*fp32", WP="*fp32", WQ="*fp32"),
+                         num_warps=warps, num_stages=stages))
+        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
+        jobs.append(dict(kernel=scd2d_dgrad_direct_kernel, name=f"BM{BM}-BC{BC}-w{warps}-s{stages}",
+                         dtype=dtype, ints=ints(scd2d_dgrad_direct_kernel, dw),
+                         constexprs=dict(R=3, S=3, BM=BM, BC=BC),
+                         pointer_dtypes=dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
+                         num_warps=warps, num_stages=stages))
+        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG
+        jobs.append(dict(kernel=scd2d_wgrad_direct_kernel, name=f"BP{BP}-BO{BO}-w{warps}-s{stages}",
+                         dtype=dtype, ints=ints(scd2d_wgrad_direct_kernel, dw, K_SPLIT=4096),
+                         constexprs=dict(R=3, S=3, BP=BP, BO=BO),
+                         pointer_dtypes=dict(GD=dt, X=dt, WS="*fp32"),
+                         num_warps=warps, num_stages=stages))
+    return jobs

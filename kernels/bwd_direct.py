@@ -1,0 +1,90 @@
+"""Backward kernels for groups too narrow for 16-wide ``tl.dot`` tiles (depthwise and the like):
+dgrad and wgrad of ``kernels/bwd.py`` as memory-bound multiply-accumulate loops, no GEMM."""
+import triton
+import triton.language as tl
+
+from ._common import output_positions
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def scd2d_dgrad_direct_kernel(
+    GD, W, GNS, X, GX,
+    N, H, Wd, G, Cg, Og, O, C, OH, OW, M,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+):
+    """Program (i_m, i_c): BM input positions × BC global input channels (M = N·H·W); W is ŵ
+    as given, [O, C/G, R, S]. Each tap gathers the output position it maps to, if any."""
+    i_m, i_c = tl.program_id(0), tl.program_id(1)
+    o_n, o_ih, o_iw, m_m = output_positions(i_m, M, H, Wd, BM)          # [BM] input positions
+    o_n = o_n.to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)                                    # [BC]
+    m_c = o_c < C
+    o_g = o_c // Cg
+    p_w = W + (o_g * Og * Cg + o_c % Cg) * R * S                         # [BC]
+
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    b_box = tl.zeros((BM, BC), dtype=tl.float32)
+    for tap in range(R * S):
+        o_th = o_ih + pad_h - (tap // S) * dil_h
+        o_tw = o_iw + pad_w - (tap % S) * dil_w
+        o_oh = o_th // stride_h
+        o_ow = o_tw // stride_w
+        m_t = (m_m & (o_th >= 0) & (o_tw >= 0) & (o_th % stride_h == 0) & (o_tw % stride_w == 0)
+               & (o_oh < OH) & (o_ow < OW))
+        m = m_t[:, None] & m_c[None, :]
+        o_pos = (o_n * OH + o_oh) * OW + o_ow                            # [BM]
+        b_box += tl.load(GNS + (o_n * G * OH * OW + o_oh * OW + o_ow)[:, None]
+                         + (o_g * OH * OW)[None, :], mask=m, other=0.0)  # [BM, BC]
+        p_gd = GD + o_pos[:, None] * O + (o_g * Og)[None, :]
+        for o in range(Og):
+            b_gd = tl.load(p_gd + o, mask=m, other=0.0).to(tl.float32)  # [BM, BC]
+            b_w = tl.load(p_w + o * Cg * R * S + tap, mask=m_c, other=0.0).to(tl.float32)
+            acc += b_gd * b_w[None, :]
+
+    m = m_m[:, None] & m_c[None, :]
+    b_x = tl.load(X + (o_n * sxn + o_ih * sxh + o_iw * sxw)[:, None] + (o_c * sxc)[None, :],
+                  mask=m, other=0.0).to(tl.float32)
+    o_gx = (o_n * sdn + o_ih * sdh + o_iw * sdw)[:, None] + (o_c * sdc)[None, :]
+    tl.store(GX + o_gx, (acc + b_x * b_box).to(GX.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["N", "M"])
+def scd2d_wgrad_direct_kernel(
+    GD, X, WS,
+    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT,
+    sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BO: tl.constexpr,
+):
+    """Program (i_o, ci·R·S + tap, split): grad ŵ[o, ci, tap] for BO global output channels,
+    reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S]."""
+    i_o, i_ct, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_tap = i_ct % (R * S)
+    ci = i_ct // (R * S)
+    o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
+    m_o = o_o < O
+    dh = (i_tap // S) * dil_h - pad_h
+    dw = (i_tap % S) * dil_w - pad_w
+    p_x = X + (((o_o // Og) * Cg + ci) * sxc)[None, :]                   # [1, BO]
+    k_lo = i_s * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, M)
+
+    acc = tl.zeros((BP, BO), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BP):
+        o_k = k + tl.arange(0, BP)                                       # [BP] output positions
+        m_k = o_k < k_hi
+        o_ow = o_k % OW
+        o_t = o_k // OW
+        o_ih = (o_t % OH) * stride_h + dh
+        o_iw = o_ow * stride_w + dw
+        m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
+        b_gd = tl.load(GD + o_k.to(tl.int64)[:, None] * O + o_o[None, :],
+                       mask=m_k[:, None] & m_o[None, :], other=0.0)      # [BP, BO]
+        o_x = (o_t // OH).to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw
+        b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_o[None, :], other=0.0)
+        acc += b_gd.to(tl.float32) * b_x.to(tl.float32)
+
+    o_ws = i_s.to(tl.int64) * O * Cg * R * S + (o_o * Cg + ci) * R * S + i_tap
+    tl.store(WS + o_ws, tl.sum(acc, axis=0).to(WS.dtype.element_ty), mask=m_o)

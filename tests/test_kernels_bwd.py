@@ -1,0 +1,192 @@
+"""The fused Triton backward (``kernels.scd2d_bwd``) against float64 autograd of the oracle.
+
+On CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest); on a CUDA
+machine the same tests run the compiled kernels.
+"""
+import os
+import re
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import oracle
+import scd_triton
+from cases import Case, params, run_against_oracle
+from helpers import assert_close
+from test_kernels import DEVICE, KERNEL_CASES, gpu
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32(no_tf32):
+    """float32 kernels compared with float64 use IEEE dots (TF32 is a GPU-only rounding)."""
+
+
+def _leaves(*shapes, dtype=torch.float32):
+    return [torch.randn(s, dtype=dtype, device=DEVICE).requires_grad_() for s in shapes]
+
+
+def _grads(fn, x, w, p, q, grad_y, **conv):
+    """Gradients of ``fn`` w.r.t. (x, w, p, q) for the output gradient ``grad_y``."""
+    y = fn(x, w, p, q, **conv)
+    return torch.autograd.grad(y, (x, w, p, q), grad_y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", params(KERNEL_CASES))
+def test_gradients_match_oracle(case, dtype):
+    run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
+
+
+@pytest.mark.parametrize("case", params([KERNEL_CASES[2], KERNEL_CASES[7]]))
+def test_channels_last_gradients(case):
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", channels_last=True,
+                       device=DEVICE)
+    x = torch.randn(case.N, case.C, case.H, case.W, device=DEVICE)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(case.O, case.C // case.groups, *case.kernel, device=DEVICE)
+    y = scd_triton.scd2d(x, w, 2.0, 0.1, backend="triton", **case.conv_kwargs())
+    (grad_x,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert grad_x.is_contiguous(memory_format=torch.channels_last), "grad_x lost channels_last"
+
+
+def test_scd1d_gradients_match_oracle():
+    x, w, p, q = _leaves((2, 8, 33), (16, 4, 5), (16,), (16,))
+    with torch.no_grad():
+        p.uniform_(0.7, 3.0), q.uniform_(0.0, 0.3)
+    conv = dict(stride=2, padding=3, groups=2)
+    grad_y = torch.randn(2, 16, 18, device=DEVICE)
+    got = _grads(lambda *a, **k: scd_triton.scd1d(*a, backend="triton", **k), x, w, p, q, grad_y,
+                 **conv)
+    ref = [t.detach().cpu().double().requires_grad_() for t in (x, w, p, q)]
+    y = oracle.scd2d(ref[0].unsqueeze(2), ref[1].unsqueeze(2), ref[2], ref[3], stride=(1, 2),
+                     padding=(0, 0, 3, 3), groups=2)
+    want = torch.autograd.grad(y.squeeze(2), ref, grad_y.cpu().double())
+    for name, g, r in zip("xwpq", got, want):
+        assert_close(f"grad_{name}", g.cpu(), r, torch.float32, grad=True, reduce_dim=4 * 5 * 16)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_channel", "shared"])
+def test_p_q_gradients_per_channel_and_shared(shared):
+    case = Case(1, 32, 4, 4, 32, (3, 3), padding=1, groups=2, per_channel=not shared)
+    run_against_oracle(scd_triton.scd2d_normalized, case, torch.float32, "triton", normalized=True,
+                       device=DEVICE)
+
+
+def test_all_zero_patches_give_finite_gradients():
+    x = torch.randn(2, 16, 9, 9)
+    x[:, :, :, :5] = 0                           # patches (and dot products) of zeros
+    x[0] = 0                                     # a whole sample of zeros
+    case = Case(2, 16, 9, 9, 16, (3, 3), padding=1)
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE, x=x)
+
+
+@pytest.mark.parametrize("groups", [1, 16], ids=["gemm", "direct"])
+def test_nan_in_x_gives_nan_gradients(groups):
+    """NaN in, NaN out (SPEC section 6): the same NaN pattern as the reference backward."""
+    x, w = _leaves((1, 16, 7, 7), (16, 16 // groups, 3, 3))
+    with torch.no_grad():
+        x[0, 3, 2, 2] = float("nan")
+    p, q = torch.full((16,), 2.0, device=DEVICE), torch.full((16,), 0.1, device=DEVICE)
+    p.requires_grad_(), q.requires_grad_()
+    grad_y = torch.randn(1, 16, 7, 7, device=DEVICE)
+    got = _grads(lambda *a, **k: scd_triton.scd2d(*a, backend="triton", **k), x, w, p, q, grad_y,
+                 padding=1, groups=groups)
+    ref = _grads(lambda *a, **k: scd_triton.scd2d(*a, backend="reference", **k), x, w, p, q,
+                 grad_y, padding=1, groups=groups)
+    assert got[0][0, 3, 2, 2].isnan() and got[1].isnan().any() and got[3].isnan().any()
+    assert not got[0][0, 3, 6, 6].isnan()        # far from the NaN: finite
+    for name, g, r in zip("xwpq", got, ref):
+        assert torch.equal(g.isnan(), r.isnan()), f"grad_{name}: NaN pattern differs"
+
+
+def test_gradients_are_deterministic():
+    case = KERNEL_CASES[-1]
+    x, w, p, q = _leaves((2, 32, 7, 7), (64, 16, 3, 3), (64,), (64,))
+    with torch.no_grad():
+        p.uniform_(0.7, 3.0), q.uniform_(0.0, 0.3)
+    grad_y = torch.randn(2, 64, 4, 4, device=DEVICE)
+    fn = lambda *a, **k: scd_triton.scd2d(*a, backend="triton", **k)
+    first = _grads(fn, x, w, p, q, grad_y, stride=2, padding=1, groups=case.groups)
+    second = _grads(fn, x, w, p, q, grad_y, stride=2, padding=1, groups=case.groups)
+    for name, a, b in zip("xwpq", first, second):
+        assert torch.equal(a, b), f"grad_{name} differs between two identical backward passes"
+
+
+# Ops that allocate or re-view memory without computing on it.
+_VIEW_OPS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view",
+             "reshape", "_reshape_alias", "as_strided", "permute", "expand", "unsqueeze",
+             "squeeze", "detach", "alias", "transpose", "t", "select", "slice", "unbind",
+             "contiguous", "to", "lift_fresh", "_unsafe_view", "resolve_conj", "resolve_neg",
+             "set_"}
+_GEMM_OPS = re.compile(r"conv|mm$|matmul|addmm|bmm|baddbmm|linear|unfold|im2col|col2im")
+
+
+def _is_interpreter_copy(event):
+    """Triton's interpreter copies the storages of kernel arguments back as byte tensors."""
+    dtypes = getattr(event, "input_dtypes", None) or []
+    return os.environ.get("TRITON_INTERPRET") == "1" and "unsigned char" in dtypes
+
+
+@pytest.mark.parametrize("groups", [1, 8], ids=["gemm", "direct"])
+def test_forward_backward_runs_no_conv_and_no_output_sized_torch_op(groups):
+    N, C, H, W, O = 2, 8, 10, 10, 16
+    x, w, p, q = _leaves((N, C, H, W), (O, C // groups, 3, 3), (O,), (O,))
+    with torch.no_grad():
+        p.uniform_(0.7, 3.0), q.uniform_(0.0, 0.3)
+    grad_y = torch.randn(N, O, H, W, device=DEVICE)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = scd_triton.scd2d(x, w, p, q, padding=1, groups=groups, backend="triton")
+        y.backward(grad_y)
+    out_numel = y.numel()
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    assert any(e.name == "aten::sum" for e in ops), "the profiler recorded no torch ops"
+    for e in ops:
+        op = e.name[len("aten::"):]
+        assert not _GEMM_OPS.search(op), f"{e.name} ran: the kernels must do every GEMM"
+        if op in _VIEW_OPS or _is_interpreter_copy(e):
+            continue
+        numels = [torch.Size(s).numel() for s in e.input_shapes if isinstance(s, list) and s]
+        assert max(numels, default=0) < out_numel, (
+            f"{e.name} on inputs {e.input_shapes}: a torch op on an output-sized tensor")
+
+
+def test_training_steps_match_reference_backend(monkeypatch):
+    """Three SGD steps of a small SCD network give the same parameters on both backends."""
+    def train(backend):
+        monkeypatch.setenv("SCD_BACKEND", backend)
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(
+            scd_triton.SCD2d(3, 16, 3, padding=1), scd_triton.MaxAbsPool2d(2),
+            scd_triton.SCD2d(16, 16, 3, padding=1, groups=16), scd_triton.MaxAbsPool2d(2),
+        ).to(DEVICE)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, target = torch.randn(2, 3, 8, 8, device=DEVICE), torch.randn(2, 16, 2, 2, device=DEVICE)
+        for _ in range(3):
+            opt.zero_grad()
+            (net(x) - target).square().mean().backward()
+            opt.step()
+        return [t.detach().cpu() for t in net.parameters()]
+
+    for got, want in zip(train("triton"), train("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("case", params([KERNEL_CASES[0], KERNEL_CASES[2], KERNEL_CASES[7],
+                                         KERNEL_CASES[-1]]))
+def test_bfloat16_gradients_match_oracle(case):
+    run_against_oracle(scd_triton.scd2d, case, torch.bfloat16, "triton", device=DEVICE)
+
+
+@gpu
+def test_backward_int64_offsets_past_2_pow_31():
+    x = torch.randn(33, 64, 1024, 1024, device=DEVICE, dtype=torch.bfloat16)  # 2.2e9 elements
+    w = torch.randn(16, 64, 1, 1, device=DEVICE, dtype=torch.bfloat16)
+    grad_y = torch.randn(33, 16, 1024, 1024, device=DEVICE, dtype=torch.bfloat16)
+    fn = lambda x, w, backend: scd_triton.scd2d(x, w, 1.5, 0.1, backend=backend)
+    x.requires_grad_()
+    (grad_x,) = torch.autograd.grad(fn(x, w, "triton"), x, grad_y)
+    tail = x[-1:].detach().requires_grad_()
+    (want,) = torch.autograd.grad(fn(tail, w, "reference"), tail, grad_y[-1:])
+    torch.testing.assert_close(grad_x[-1:], want, rtol=2e-2, atol=2e-2)
