@@ -154,6 +154,8 @@ def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim
     arguments once, later calls cost one dictionary lookup."""
     key = (tuple(x.shape), tuple(weight.shape), x.dtype, weight.dtype, _typed(stride),
            _typed(padding), _typed(dilation), _typed(groups), _typed(eps), _typed(norm_eps), ndim)
+    if torch.compiler.is_compiling():   # traced once per graph: no cache needed
+        return _geometry.__wrapped__(key)
     try:
         return _geometry(key)
     except TypeError:      # an unhashable argument: validate without the cache
