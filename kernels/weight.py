@@ -34,11 +34,12 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
 
 @triton.jit
 def normalize_weight_kernel(
-    W, Q, W_HAT, SCALE, O, K, RS, Og, s_g, s_j, s_c, s_t, eps,
+    W, Q, W_HAT, SCALE, O, K, RS, Og, sq, s_g, s_j, s_c, s_t, eps,
     MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):
     """ŵ[o, c, tap] = w[o, c, tap] · scale[o], written at ``g·s_g + j·s_j + c·s_c + tap·s_t``
-    (``o = g·Og + j``); W is [O, K = C/G·R·S] contiguous. Also stores scale [O] (float32)."""
+    (``o = g·Og + j``); W is [O, K = C/G·R·S] contiguous, Q has stride ``sq`` (0 when shared).
+    Also stores scale [O] (float32)."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
     m_o = o_o < O
@@ -50,7 +51,7 @@ def normalize_weight_kernel(
             m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
             b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
             sumsq += tl.sum(b_w * b_w, axis=1)
-    b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
+    b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, _ = _scale(sumsq, b_q, eps, MODE)
     tl.store(SCALE + o_o, b_scale, mask=m_o)
     o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO]
@@ -65,7 +66,7 @@ def normalize_weight_kernel(
 
 @triton.jit
 def normalize_weight_backward_kernel(
-    GW_HAT, W, Q, GW, GQ, O, K, eps,
+    GW_HAT, W, Q, GW, GQ, O, K, sq, eps,
     MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):
     """grad_w and grad_q (MODE 2) from grad_ŵ; GW_HAT, W, GW are [O, K] contiguous."""
@@ -82,7 +83,7 @@ def normalize_weight_backward_kernel(
         b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
         sumsq += tl.sum(b_w * b_w, axis=1)
         dot += tl.sum(b_g * b_w, axis=1)
-    b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
+    b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, b_n = _scale(sumsq, b_q, eps, MODE)
     b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / tl.where(b_n == 0, 1.0, b_n))
     if MODE == 2:
@@ -103,7 +104,10 @@ def _blocks(O, K):
 
 def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
     """``(ŵ, scale)``: ŵ written into ``out`` (default: a new tensor shaped like ``w``) at
-    ``out_strides = (per group, per channel in group, per input channel, per tap)``."""
+    ``out_strides = (per group, per channel in group, per input channel, per tap)``. Mode
+    "none" without ``out`` returns ``w`` itself (no launch)."""
+    if mode == "none" and out is None:
+        return w, None
     O, Cg, R, S = w.shape
     K, RS = Cg * R * S, R * S
     if out is None:
@@ -112,7 +116,7 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
     scale = torch.empty(O, dtype=torch.float32, device=w.device)
     BO, BK = _blocks(O, K)
     normalize_weight_kernel[(triton.cdiv(O, BO),)](
-        w.contiguous(), q, out, scale, O, K, RS, O // groups, *out_strides, eps,
+        w.contiguous(), q, out, scale, O, K, RS, O // groups, q.stride(0), *out_strides, eps,
         MODE=MODES[mode], BO=BO, BK=BK)
     return out, scale
 
@@ -128,5 +132,5 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps):
     BO, BK = _blocks(O, K)
     normalize_weight_backward_kernel[(triton.cdiv(O, BO),)](
         grad_w_hat.contiguous(), w.contiguous(), q, grad_w, grad_q if grad_q is not None else q,
-        O, K, eps, MODE=MODES[mode], BO=BO, BK=BK)
+        O, K, q.stride(0), eps, MODE=MODES[mode], BO=BO, BK=BK)
     return grad_w, grad_q

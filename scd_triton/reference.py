@@ -59,15 +59,16 @@ def normalize_weight(weight, q, mode, eps):
     return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), scale
 
 
-def normalize_weight_backward(grad_w_hat, weight, q, scale, mode, eps):
-    """``(grad_weight, grad_q [O])`` of :func:`normalize_weight` from ``grad_ŵ`` (its Jacobian).
+def normalize_weight_backward(grad_w_hat, weight, q, mode, eps):
+    """``(grad_weight, grad_q [O] or None)`` of :func:`normalize_weight` from ``grad_ŵ``.
 
-    With ``n = sqrt(Σw² + eps)`` and ``k = Σ grad_ŵ · w`` per channel:
-    ``grad_w = scale · grad_ŵ − w · k · scale² / n`` and, for "norm_q", ``grad_q = −k · scale²``
-    (None for the other modes, where q does not enter ŵ).
+    With ``n = sqrt(Σw² + eps)``, ``scale`` as in :func:`normalize_weight` and
+    ``k = Σ grad_ŵ · w`` per channel: ``grad_w = scale · grad_ŵ − w · k · scale² / n`` and, for
+    "norm_q", ``grad_q = −k · scale²`` (None for the other modes, where q does not enter ŵ).
     """
     if mode == "none":
         return grad_w_hat, None
+    _, scale = normalize_weight(weight, q, mode, eps)
     O, cdt = weight.shape[0], scale.dtype
     w, g = weight.to(cdt).reshape(O, -1), grad_w_hat.to(cdt).reshape(O, -1)
     k = (g * w).sum(1)
@@ -78,7 +79,7 @@ def normalize_weight_backward(grad_w_hat, weight, q, scale, mode, eps):
     return grad_w, grad_q
 
 
-def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
+def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
                  save_for_backward=True):
     """``(y, c, norm)``; without ``save_for_backward`` c and norm are empty (0,) tensors."""
     cdt = compute_dtype(x.dtype)
@@ -108,7 +109,7 @@ def core_forward(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_ep
     return as_output(y), as_output(c.view(N, O, OH, OW)), norm.contiguous()
 
 
-def core_backward(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
+def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
     """Gradients (x, ŵ, p, q) of the core op from the saved tensors (SPEC section 2)."""
     cdt = compute_dtype(x.dtype)
     N, C, H, W = x.shape
