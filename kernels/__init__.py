@@ -3,8 +3,8 @@
 Launchers are imported lazily, so that ``scd_triton.kernels.shapes`` (used by the pure-PyTorch
 path) does not import Triton.
 """
-_LAUNCHERS = {"scd2d_fwd": "fwd", "uses_direct_kernel": "fwd", "normalize_weight": "weight",
-              "normalize_weight_backward": "weight", "scd2d_bwd": "bwd"}
+_LAUNCHERS = {"scd2d_fwd": "fwd", "scd2d_bwd": "bwd", "uses_direct_kernel": "fwd",
+              "normalize_weight": "weight", "normalize_weight_backward": "weight"}
 
 __all__ = list(_LAUNCHERS)
 

@@ -25,6 +25,7 @@ from .shapes import memory_format
 from ._common import dgrad_phase_taps, output_positions
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import uses_direct_kernel
+from .weight import normalize_weight, normalize_weight_backward
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -233,25 +234,33 @@ def _splits(tiles, M, BK, device):
     return max(1, min(triton.cdiv(3 * _sm_count(device.index or 0), tiles), steps // 8))
 
 
-def _weight_grad(ws, w_hat):
-    return ws[0].to(w_hat.dtype) if ws.shape[0] == 1 else ws.sum(0).to(w_hat.dtype)
+def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q):
+    """(grad_weight, grad_p, grad_q): the split-K workspace ``ws`` [splits, O, C/G, R, S]
+    reduced through the kernel normalisation's backward, which adds its term to grad_q."""
+    grad_w, grad_q_kernel = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
+                                                      splits=ws.shape[0])
+    return grad_w, grad_p, grad_q if grad_q_kernel is None else grad_q + grad_q_kernel
 
 
-def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
-    """Gradients ``(x, ŵ, p, q)`` of the core op, as ``reference.core_backward`` computes them.
+def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
+              weight_norm="none", weight_norm_eps=0.0):
+    """Gradients ``(x, weight, p, q)`` of the core op, as ``reference.scd2d_bwd`` computes them.
 
-    ``padding`` is (top, bottom, left, right); only top/left enter the index arithmetic (the
-    saved ``c`` gives the output size). ``grad_x`` takes x's dtype and memory format.
+    ŵ is normalised from ``weight`` (``weight.normalize_weight``) straight into the layout the
+    dgrad GEMM reads; the weight-gradient GEMM's split-K workspace is reduced by the
+    normalisation's backward kernel, which applies its Jacobian on the way. ``padding`` is
+    (top, bottom, left, right); only top/left enter the index arithmetic (the saved ``c`` gives
+    the output size). ``grad_x`` takes x's dtype and memory format.
     """
     N, C, H, W = x.shape
-    O, Cg, R, S = w_hat.shape
+    O, Cg, R, S = weight.shape
     G, Og = groups, O // groups
     OH, OW = c.shape[-2:]
     dev, cuda = x.device, x.device.type == "cuda"
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=memory_format(x))
     M = N * OH * OW
     if M == 0:
-        return (grad_x, torch.zeros(w_hat.shape, dtype=w_hat.dtype, device=dev),
+        return (grad_x, torch.zeros(weight.shape, dtype=weight.dtype, device=dev),
                 torch.zeros(O, device=dev), torch.zeros(O, device=dev))
     if max(M, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
         raise ValueError(f"scd2d_bwd indexes positions and per-sample offsets in int32: needs "
@@ -259,7 +268,7 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
                          f"C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below 2**31")
     sh, sw = stride
     conv = (sh, sw, padding[0], padding[2], *dilation)
-    p, q, norm = p.float().contiguous(), q.float().contiguous(), norm.contiguous()
+    p, norm = p.float().contiguous(), norm.contiguous()
 
     # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
     BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
@@ -270,7 +279,7 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
     wp, wq = (torch.empty((n_blk, O), dtype=torch.float32, device=dev) for _ in range(2))
     scd2d_bwd_prologue_kernel[(n_blk, triton.cdiv(G, BG))](
-        grad_y, c, norm, p, q, grad_d, gns, wp, wq, M, G, Og, O, OH, OW,
+        grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, wp, wq, M, G, Og, O, OH, OW,
         *grad_y.stride(), *c.stride(), eps, BP=BP, BG=BG, BO=BO, num_warps=warps,
         num_stages=stages)
     grad_p, grad_q = wp.sum(0), wq.sum(0)
@@ -278,6 +287,7 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
     # 2. dgrad and 3. wgrad
     strides = (*x.stride(), *grad_x.stride())
     if uses_direct_kernel(G, Cg, Og):
+        w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(C, 16, 64), 4, 1)
         scd2d_dgrad_direct_kernel[(triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))](
             grad_d, w_hat.contiguous(), gns, x, grad_x, N, H, W, G, Cg, Og, O, C, OH, OW,
@@ -290,14 +300,16 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
         scd2d_wgrad_direct_kernel[(triton.cdiv(O, BO), Cg * R * S, ws.shape[0])](
             grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
             R=R, S=S, BP=BP, BO=BO, num_warps=warps, num_stages=stages)
-        return grad_x, _weight_grad(ws, w_hat), grad_p, grad_q
+        return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q))
 
     precision = "tf32" if x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
     BM, BN, BK, warps, stages = _dgrad_config(x.dtype, Cg, Og, cuda)
     HQ, WQ = triton.cdiv(H, sh), triton.cdiv(W, sw)
     step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])
     # ŵ as [G, R·S, O/G, C/G]: the B tile of each K step is one contiguous row block
-    w_gemm = w_hat.reshape(G, Og, Cg, R * S).permute(0, 3, 1, 2).contiguous()
+    w_gemm = torch.empty((G, R * S, Og, Cg), dtype=x.dtype, device=dev)
+    normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_gemm,
+                     out_strides=(R * S * Og * Cg, Cg, 1, Og * Cg), groups=G)
     grid = (triton.cdiv(N * HQ * WQ, BM), triton.cdiv(Cg, BN), G * sh * sw)
     scd2d_dgrad_kernel[grid](
         grad_d, w_gemm, gns, x, grad_x, N, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, *strides, *conv,
@@ -309,12 +321,12 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
     splits = _splits(tiles * R * S * G, M, BK, dev)
     k_split = triton.cdiv(triton.cdiv(M, splits), BK) * BK
     splits = triton.cdiv(M, k_split)
-    ws_dtype = w_hat.dtype if splits == 1 else torch.float32
+    ws_dtype = weight.dtype if splits == 1 else torch.float32
     ws = torch.empty((splits, O, Cg, R, S), dtype=ws_dtype, device=dev)
     scd2d_wgrad_kernel[(tiles, R * S, G * splits)](
         grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
         R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
-    return grad_x, _weight_grad(ws, w_hat), grad_p, grad_q
+    return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q))
 
 
 def report_jobs():

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .shapes import memory_format, output_hw  # the layout and sizes the fake op promises
 from ._common import output_positions, sharpen
+from .weight import normalize_weight
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -147,13 +148,14 @@ def uses_direct_kernel(groups, in_per_group, out_per_group):
     return groups > 1 and (in_per_group < 16 or out_per_group < 16)
 
 
-def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
-              save_for_backward=True):
+def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
+              weight_norm="none", weight_norm_eps=0.0, save_for_backward=True):
     """Launches the forward; returns ``(y, c, norm)`` as ``reference.core_forward`` does.
 
     ``padding`` is (top, bottom, left, right); only top/left enter the index arithmetic.
     CUDA tensors run the autotuned kernels; CPU tensors (Triton's interpreter) one fixed config.
     """
+    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     N, C, H, W = x.shape
     O, Cg, R, S = w_hat.shape
     G, Og = groups, O // groups

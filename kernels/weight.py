@@ -7,6 +7,7 @@ launch per call instead of a chain of small torch ops. Per output channel ``o``:
     n = sqrt(Σ w_o² + eps);  scale = 1 / (n + q_o) (MODE 2, "norm_q"), 1 / n (MODE 1, "norm"),
     1 (MODE 0, "none");  a zero denominator gives scale 0 (an all-zero kernel matches nothing)
     grad_w = scale · grad_ŵ − w · k · scale² / n,  grad_q = − k · scale²,  k = Σ grad_ŵ · w
+    (MODE 0: grad_w = grad_ŵ; the backward kernel still reduces a split-K workspace then)
 
 NaN in a kernel stays NaN (the zero test is ``== 0``, false for NaN).
 """
@@ -66,10 +67,11 @@ def normalize_weight_kernel(
 
 @triton.jit
 def normalize_weight_backward_kernel(
-    GW_HAT, W, Q, GW, GQ, O, K, sq, eps,
+    GW_HAT, W, Q, GW, GQ, O, K, SPLITS, sq, eps,
     MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):
-    """grad_w and grad_q (MODE 2) from grad_ŵ; GW_HAT, W, GW are [O, K] contiguous."""
+    """grad_w and grad_q (MODE 2) from grad_ŵ, given as SPLITS partial sums [SPLITS, O, K]
+    (the split-K workspace of the weight-gradient GEMM, reduced here); W, GW are [O, K]."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)
     m_o = o_o < O
@@ -77,12 +79,13 @@ def normalize_weight_backward_kernel(
     row = o_o.to(tl.int64)[:, None] * K                                  # [BO, 1]
     sumsq = tl.zeros((BO,), dtype=tl.float32)
     dot = tl.zeros((BO,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-        b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
-        b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
-        sumsq += tl.sum(b_w * b_w, axis=1)
-        dot += tl.sum(b_g * b_w, axis=1)
+    if MODE != 0:
+        for k0 in range(0, K, BK):
+            m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
+            b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+            b_g = _split_sum(GW_HAT, row + (k0 + o_k)[None, :], m, O * K, SPLITS)
+            sumsq += tl.sum(b_w * b_w, axis=1)
+            dot += tl.sum(b_g * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, b_n = _scale(sumsq, b_q, eps, MODE)
     b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / tl.where(b_n == 0, 1.0, b_n))
@@ -90,10 +93,23 @@ def normalize_weight_backward_kernel(
         tl.store(GQ + o_o, -dot * b_scale * b_scale, mask=m_o)
     for k0 in range(0, K, BK):
         m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-        b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
-        b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
-        b_gw = b_g * b_scale[:, None] - b_w * b_coef[:, None]
+        b_g = _split_sum(GW_HAT, row + (k0 + o_k)[None, :], m, O * K, SPLITS)
+        if MODE == 0:
+            b_gw = b_g
+        else:
+            b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+            b_gw = b_g * b_scale[:, None] - b_w * b_coef[:, None]
         tl.store(GW + row + (k0 + o_k)[None, :], b_gw.to(GW.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _split_sum(P, offsets, mask, split_stride, SPLITS):
+    """Σ over the SPLITS partial sums at ``offsets``, in float32, in a fixed order."""
+    acc = tl.load(P + offsets, mask=mask, other=0.0).to(tl.float32)
+    for _ in range(1, SPLITS):
+        P += split_stride                          # 64-bit pointer steps: no int32 product
+        acc += tl.load(P + offsets, mask=mask, other=0.0).to(tl.float32)
+    return acc
 
 
 def _blocks(O, K):
@@ -121,10 +137,11 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
     return out, scale
 
 
-def normalize_weight_backward(grad_w_hat, w, q, mode, eps):
-    """``(grad_w, grad_q or None)`` of :func:`normalize_weight` (mode "none": grad_ŵ itself)."""
-    if mode == "none":
-        return grad_w_hat, None
+def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1):
+    """``(grad_w, grad_q or None)`` of :func:`normalize_weight`; ``grad_w_hat`` may hold
+    ``splits`` partial sums ([splits, *w.shape], e.g. a split-K workspace), reduced here."""
+    if mode == "none" and splits == 1 and grad_w_hat.dtype == w.dtype:
+        return grad_w_hat.view_as(w), None
     O = w.shape[0]
     K = w[0].numel()
     grad_w = torch.empty_like(w, memory_format=torch.contiguous_format)
@@ -132,5 +149,5 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps):
     BO, BK = _blocks(O, K)
     normalize_weight_backward_kernel[(triton.cdiv(O, BO),)](
         grad_w_hat.contiguous(), w.contiguous(), q, grad_w, grad_q if grad_q is not None else q,
-        O, K, q.stride(0), eps, MODE=MODES[mode], BO=BO, BK=BK)
+        O, K, splits, q.stride(0), eps, MODE=MODES[mode], BO=BO, BK=BK)
     return grad_w, grad_q

@@ -9,7 +9,7 @@ grad, the forward alone, storing ``y`` only. ``backend`` is already resolved ("r
 "triton") by ``functional``.
 
 ``weight_norm`` (``WEIGHT_NORMS``) says how ``weight`` becomes ŵ, see
-``reference.normalize_weight`` (``kernels.weight`` on the triton backend); its Jacobian is applied in the backward, so autograd keeps no
+``reference.normalize_weight`` (``kernels/weight.py`` on the triton backend); its Jacobian is applied in the backward, so autograd keeps no
 weight-sized intermediate.
 """
 import contextlib
@@ -25,7 +25,7 @@ WEIGHT_NORMS = ("none", "norm", "norm_q")
 
 def _backend(backend):
     """The module implementing ``backend``: ``reference`` or ``kernels``, both with
-    ``normalize_weight``, ``normalize_weight_backward``, ``scd2d_fwd`` and ``scd2d_bwd``."""
+    ``scd2d_fwd`` and ``scd2d_bwd`` (kernel normalisation included)."""
     if backend == "reference":
         return reference
     from . import kernels  # imported lazily: importing triton is slow
@@ -46,26 +46,18 @@ def _guard(x):
 def forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
             weight_norm_eps, backend, save_for_backward):
     """``(y, c, norm)``; ``c`` and ``norm`` are empty unless ``save_for_backward``."""
-    impl = _backend(backend)
     with _guard(x):
-        w_hat, _ = impl.normalize_weight(weight, q, weight_norm, weight_norm_eps)
-        return impl.scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
-                              save_for_backward)
+        return _backend(backend).scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups,
+                                           eps, norm_eps, weight_norm, weight_norm_eps,
+                                           save_for_backward)
 
 
 def backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, weight_norm,
              weight_norm_eps, backend):
     """Gradients ``(x, weight, p, q)`` from what the forward saved."""
-    impl = _backend(backend)
     with _guard(x):
-        w_hat, _ = impl.normalize_weight(weight, q, weight_norm, weight_norm_eps)
-        grad_x, grad_w_hat, grad_p, grad_q = impl.scd2d_bwd(
-            grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps)
-        grad_w, grad_q_kernel = impl.normalize_weight_backward(
-            grad_w_hat, weight, q, weight_norm, weight_norm_eps)
-    if grad_q_kernel is not None:
-        grad_q = grad_q + grad_q_kernel
-    return grad_x, grad_w, grad_p, grad_q
+        return _backend(backend).scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding,
+                                           dilation, groups, eps, weight_norm, weight_norm_eps)
 
 
 @torch.library.custom_op("scd_triton::scd2d_core", mutates_args=())

@@ -79,9 +79,11 @@ def normalize_weight_backward(grad_w_hat, weight, q, mode, eps):
     return grad_w, grad_q
 
 
-def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
-                 save_for_backward=True):
-    """``(y, c, norm)``; without ``save_for_backward`` c and norm are empty (0,) tensors."""
+def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
+              weight_norm="none", weight_norm_eps=0.0, save_for_backward=True):
+    """``(y, c, norm)`` with ŵ normalised from ``weight`` (:func:`normalize_weight`); without
+    ``save_for_backward`` c and norm are empty (0,) tensors."""
+    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     xc = x if x.dtype == cdt else x.to(cdt)
     N, C, _, _ = x.shape
@@ -109,8 +111,11 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
     return as_output(y), as_output(c.view(N, O, OH, OW)), norm.contiguous()
 
 
-def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups, eps):
-    """Gradients (x, ŵ, p, q) of the core op from the saved tensors (SPEC section 2)."""
+def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
+              weight_norm="none", weight_norm_eps=0.0):
+    """Gradients (x, weight, p, q) of the core op from the saved tensors (SPEC section 2),
+    through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`)."""
+    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     N, C, H, W = x.shape
     O, _, R, S = w_hat.shape
@@ -143,6 +148,10 @@ def scd2d_bwd(grad_y, x, w_hat, p, q, c, norm, stride, padding, dilation, groups
         top, _, left, _ = padding
         grad_x = grad_xp[..., top:top + H, left:left + W]
     grad_w = conv2d_weight(xp, w_hat.shape, grad_d, stride, conv_pad, dilation, groups)
+    grad_w, grad_q_kernel = normalize_weight_backward(grad_w.to(w_hat.dtype), weight, q,
+                                                      weight_norm, weight_norm_eps)
+    if grad_q_kernel is not None:
+        grad_q = grad_q + grad_q_kernel
     fmt = memory_format(x)
-    return (grad_x.to(x.dtype).contiguous(memory_format=fmt), grad_w.to(w_hat.dtype),
-            grad_p.to(p.dtype), grad_q.to(q.dtype))
+    return (grad_x.to(x.dtype).contiguous(memory_format=fmt), grad_w, grad_p.to(p.dtype),
+            grad_q.to(q.dtype))
