@@ -188,7 +188,7 @@ def _block_k(n, choices):
 def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
 
-    Wide tiles (128×128, BK 64 for 16-bit, 32 for float32) for wide layers; BN the smallest
+    Wide tiles (128×128×64 for 16-bit, 64×128×32 for float32) for wide layers; BN the smallest
     power of two covering O/G (≥ 16); BK the widest of 64/32/16 that pads C/G by ≤ 1/8. Fewer than
     16 channels per group (stem, grouped narrow layers) flatten K over (tap, channel), so a 3-channel
     5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero channels.
@@ -201,9 +201,11 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     else:
         BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16))
     BM = 128 if triton.cdiv(M, 128) * triton.cdiv(Og, BN) * G >= 264 else 64
+    if fp32 and BN == 128:
+        BM = 64   # float32 128×128 tiles with the [BM, BK] Σs² tile spill on sm_90
     warps = 8 if BM * BN >= 128 * 128 else 4
     stage_bytes = (BM + BN) * BK * (4 if fp32 else 2)
-    return BM, BN, BK, flat_k, warps, 3 if stage_bytes > 24 * 1024 else 4
+    return BM, BN, BK, flat_k, warps, 3 if stage_bytes >= 24 * 1024 else 4
 
 
 @functools.lru_cache(maxsize=None)
