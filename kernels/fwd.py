@@ -29,22 +29,24 @@ from ._common import sharpen, tile_positions
 @triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_fwd_kernel(
     X, W, P, Q, Y, Cout, Norm,
-    H, Wd, G, Cg, Og, OH, OW, M, TILES, K, N_K, W_ROWS, W_COLS,
+    H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS,
     sxn, sxc, sxh, sxw, syn, syc, syp,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
+    EVEN_K: tl.constexpr, X_PLANES: tl.constexpr, PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
     W is ŵ as a zero-padded [G, W_ROWS, W_COLS] matrix whose row block ``i_k`` is the B tile of
     K step ``i_k``, so B loads need no mask. K steps run over (tap, channel block) pairs, or, with
     ``FLAT_K`` (few channels per group), over the flattened (tap, channel) index ``k < K``.
+    ``X_PLANES`` (1×1, stride 1, no padding, NCHW x, per-image tiles): x is read as its [C, OH·OW]
+    planes, positions contiguous, so the tile loads as wide copies without a layout change.
     """
     i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_n, o_p, m_m = tile_positions(i_m, M, OH * OW, TILES, BM, PER_IMAGE)  # [BM]
+    o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
     o_oh = o_p // OW
     o_ih0 = o_oh * stride_h - pad_h                                      # [BM]
     o_iw0 = (o_p - o_oh * OW) * stride_w - pad_w
@@ -75,14 +77,19 @@ def scd2d_fwd_kernel(
             o_c = cb * BK + o_k                                          # [BK]
             d_h = (tap // S) * dil_h
             d_w = (tap % S) * dil_w
-            o_ih = o_ih0 + d_h
-            o_iw = o_iw0 + d_w
-            m_r = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)  # [BM] padding
+            if X_PLANES:
+                m_r = m_m
+                p_tile = (X + o_n.to(tl.int64) * sxn + ((i_g * Cg + o_c) * sxc)[None, :]
+                          + o_p[:, None])
+            else:
+                o_ih = o_ih0 + d_h
+                o_iw = o_iw0 + d_w
+                m_r = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)  # padding
+                p_tile = p_x[:, None] + (d_h * sxh + d_w * sxw) + o_c[None, :] * sxc
             if EVEN_K:
                 m_x = m_r[:, None]
             else:
                 m_x = m_r[:, None] & (o_c < Cg)[None, :]
-            p_tile = p_x[:, None] + (d_h * sxh + d_w * sxw) + o_c[None, :] * sxc
         b_x = tl.load(p_tile, mask=m_x, other=0.0)                       # [BM, BK]
         b_w = tl.load(p_w + i_k * BK * W_COLS)                           # [BK, BN]
         b_xf = b_x.to(tl.float32)
@@ -105,13 +112,13 @@ def scd2d_fwd_kernel(
     if SAVE:
         tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
         if i_n == 0:
-            tl.store(Norm + (o_n.to(tl.int64) * G + i_g) * OH * OW + o_p, b_norm, mask=m_m)
+            tl.store(Norm + (o_n.to(tl.int64) * G + i_g) * P_IMG + o_p, b_norm, mask=m_m)
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_fwd_direct_kernel(
     X, W, P, Q, Y, Cout, Norm,
-    H, Wd, G, OH, OW, M, TILES,
+    H, Wd, G, OH, OW, P_IMG, M, TILES,
     sxn, sxc, sxh, sxw, syn, syc, syp,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     eps, norm_eps,
@@ -126,7 +133,7 @@ def scd2d_fwd_direct_kernel(
     the group's ``Σ s²`` once.
     """
     i_m, i_g = tl.program_id(0), tl.program_id(1)
-    o_n, o_p, m_m = tile_positions(i_m, M, OH * OW, TILES, BM, PER_IMAGE)  # [BM]
+    o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
     o_oh = o_p // OW
     o_ih0 = o_oh * stride_h - pad_h
     o_iw0 = (o_p - o_oh * OW) * stride_w - pad_w
@@ -163,7 +170,7 @@ def scd2d_fwd_direct_kernel(
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
     if SAVE:
         tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
-        o_norm = (o_n.to(tl.int64) * G * OH * OW + o_p)[:, None] + (o_g * OH * OW)[None, :]
+        o_norm = (o_n.to(tl.int64) * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
         tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
 
 
@@ -259,9 +266,11 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
         raise ValueError(f"scd2d_fwd indexes positions and per-sample offsets in int32: needs "
                          f"N·OH·OW = {M} and per-sample sizes C·H·W = {C * H * W}, "
                          f"O·OH·OW = {O * P_img} below 2**31")
-    if x.stride(1) != 1 and C > 1:
-        x = x.contiguous(memory_format=torch.channels_last)   # NCHW: channels contiguous for K
     per_image = fmt == torch.contiguous_format                 # NCHW y: store along positions
+    planes = (per_image and R == S == 1 and tuple(stride) == (1, 1) and (OH, OW) == (H, W)
+              and x.stride(3) == 1 and x.stride(2) == W and not uses_direct_kernel(G, Cg, Og))
+    if x.stride(1) != 1 and C > 1 and not planes:
+        x = x.contiguous(memory_format=torch.channels_last)   # NCHW: channels contiguous for K
     y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
     p, q = p.float().contiguous(), q.float().contiguous()
     conv = (*stride, padding[0], padding[2], *dilation, eps, norm_eps)
@@ -271,7 +280,7 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
         tiles = triton.cdiv(P_img, BM)
         grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(G, BG))
         scd2d_fwd_direct_kernel[grid](
-            x, w_hat.contiguous(), p, q, y, c, norm, H, W, G, OH, OW, M, tiles,
+            x, w_hat.contiguous(), p, q, y, c, norm, H, W, G, OH, OW, P_img, M, tiles,
             *x.stride()[:4], *y_strides, *conv, R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
             num_warps=warps, num_stages=stages, **flags)
         return y, c, norm
@@ -283,18 +292,18 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
     tiles = triton.cdiv(P_img, BM)
     grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(Og, BN), G)
     scd2d_fwd_kernel[grid](
-        x, w_gemm, p, q, y, c, norm, H, W, G, Cg, Og, OH, OW, M, tiles, Cg * R * S, n_k,
+        x, w_gemm, p, q, y, c, norm, H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
         n_k * BK, w_gemm.shape[-1], *x.stride()[:4], *y_strides, *conv,
         R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-        EVEN_K=Cg % BK == 0, num_warps=warps, num_stages=stages, **flags)
+        EVEN_K=Cg % BK == 0, X_PLANES=planes, num_warps=warps, num_stages=stages, **flags)
     return y, c, norm
 
 
 def _layer_ints(layout, N, C, O, H, W, R, groups):
     """Runtime ints of both kernels for a stride-1 'same' layer, specialised as on a GPU: the
-    launcher hands the kernels x with channels contiguous whatever the input layout."""
+    launcher hands the kernels x with channels contiguous (except 1×1 NCHW, see ``X_PLANES``)."""
     G, P_img = groups, H * W
-    return dict(H=H, Wd=W, G=G, Cg=C // G, Og=O // G, OH=H, OW=W, M=N * P_img,
+    return dict(H=H, Wd=W, G=G, Cg=C // G, Og=O // G, OH=H, OW=W, P_IMG=P_img, M=N * P_img,
                 sxn=H * W * C, sxc=1, sxh=W * C, sxw=C, syn=O * P_img,
                 syc=P_img if layout == "nchw" else 1, syp=1 if layout == "nchw" else O,
                 stride_h=1, stride_w=1, pad_h=R // 2, pad_w=R // 2, dil_h=1, dil_w=1)
@@ -308,12 +317,16 @@ def report_jobs():
         ("3x3 32-32 56^2 (narrow)", 64, 32, 32, 56, 56, 3, 1, ("bf16",)),
         ("5x5 3-80 32^2 (stem)", 256, 3, 80, 32, 32, 5, 1, ("bf16",)),
         ("dw 3x3 256x2 56^2", 32, 256, 512, 56, 56, 3, 256, ("bf16", "fp32")),
+        ("1x1 256-256 28^2", 64, 256, 256, 28, 28, 1, 1, ("bf16",)),
     ]
     jobs = []
     for label, N, C, O, H, W, R, groups, dtypes in layers:
         for layout in ("channels_last", "nchw"):
             for dtype in dtypes:
                 ints = _layer_ints(layout, N, C, O, H, W, R, groups)
+                planes = layout == "nchw" and R == 1   # x read in place as [C, H·W] planes
+                if planes:
+                    ints.update(sxn=C * H * W, sxc=H * W, sxh=W, sxw=1)
                 flags = dict(R=R, S=R, PER_IMAGE=layout == "nchw", SAVE=True, FAST=True)
                 ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", Y=f"*{dtype}", Cout=f"*{dtype}",
                             P="*fp32", Q="*fp32", Norm="*fp32")
@@ -332,7 +345,7 @@ def report_jobs():
                     ints.update(TILES=triton.cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
                                 W_ROWS=n_k * BK, W_COLS=triton.cdiv(Og, BN) * BN)
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-                                  EVEN_K=Cg % BK == 0)
+                                  EVEN_K=Cg % BK == 0, X_PLANES=planes)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
                 jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,

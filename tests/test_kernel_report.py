@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+LOOP_BOUND = {"sm_80": 400, "sm_90": 300}
+
 _SNIPPET = """
 import json, sys
 from concurrent.futures import ProcessPoolExecutor
@@ -57,8 +59,8 @@ def test_main_gemm_configs_have_no_spills_and_use_tensor_cores(rows):
         assert r["spill_bytes"] == 0, r
         assert r["mma_instructions"] > 0, r
         assert r["registers"] <= 255 and 0 < r["shared_bytes"] <= 227 * 1024, r
-        # 368 per K step before the loop was slimmed (sm_90, bf16); 4 HGMMA are the floor
-        assert 0 < r["loop_instructions"] <= 300, r
+        # per K step before the loop was slimmed (bf16): 437 on sm_80, 368 on sm_90
+        assert 0 < r["loop_instructions"] <= LOOP_BOUND[r["arch"]], r
 
 
 def test_depthwise_direct_kernel_has_no_spills(rows):

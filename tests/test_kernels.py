@@ -29,6 +29,7 @@ NEW_PATH_CASES = [
     Case(2, 20, 6, 7, 24, (3, 3), padding=1),              # narrow: BN 32, BK 16, C not /16
     Case(2, 6, 7, 5, 12, (3, 3), padding=1, groups=3),     # direct: 2 in, 4 out per group
     Case(1, 16, 6, 6, 32, (3, 3), padding=1, groups=2),    # grouped, 8 per group: flat-K GEMM
+    Case(3, 24, 5, 7, 20, (1, 1)),                         # 1×1 NCHW: x read in place
 ]
 
 
