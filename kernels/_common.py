@@ -28,7 +28,8 @@ def sharpen(acc, norm, p, q, eps, FAST: tl.constexpr = False):
     """The SCD epilogue on a [BM, BN] tile of dot products ``acc``.
 
     ``norm`` (the patch norm ``sqrt(Σs² + norm_eps)``), ``p`` and ``q`` are broadcastable to
-    ``acc``'s shape (e.g. [BM, 1] and [1, BN]). Returns float32 ``(c, y)``: ``c = d / (‖s‖ + q)`` and ``y = sign(c)·(|c| + eps)^p``
+    ``acc``'s shape (e.g. [BM, 1] and [1, BN]). Returns float32 ``(c, y)``:
+    ``c = d / (‖s‖ + q)`` and ``y = sign(c)·(|c| + eps)^p``
     with the power as one lg2 and one ex2 (hardware approximations when ``FAST``). NaN in, NaN
     out: a NaN ``c`` fails both ``c == 0`` and ``c < 0`` and keeps its NaN magnitude.
     """

@@ -11,10 +11,14 @@ Both end in the same epilogue (``_common.sharpen``, lg2/ex2 approximations on CU
 ``y`` in the input dtype and, when saving for backward, ``c`` and the float32 per-(n, group,
 position) norms.
 
-Layouts: the kernels read x with channels contiguous (an NCHW ``x`` is transposed once by the
-launcher: the only layout whose K-step tiles load as wide ``cp.async`` copies, see
-``PERF_NOTES.md``) and write y in the input's layout; NCHW outputs are tiled per image so that
-each tile's positions are one contiguous run of every (n, o) plane.
+Layouts: the kernels read x with channels contiguous and write y in the input's layout. An
+NCHW ``x`` is transposed once by the launcher (one copy, 2·|x| of memory traffic): a tap-shifted
+NCHW tile is misaligned, so even with positions contiguous it loads as scalar 2-byte ``LDG``s
+staged through registers (411 SASS instructions per K step on sm_90 for the 128×128×64 bf16
+tile, against 235 after the transpose, which loads it as 16-byte ``cp.async`` copies). 1×1
+stride-1 layers are the exception (``X_PLANES``: no shift, so NCHW planes load wide in place).
+NCHW outputs are tiled per image (``PER_IMAGE``), so a tile's positions are one contiguous run
+of every (n, o) plane and y, c, norm are stored 16 bytes at a time.
 """
 import functools
 
@@ -35,7 +39,8 @@ def scd2d_fwd_kernel(
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, X_PLANES: tl.constexpr, PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
+    EVEN_K: tl.constexpr, X_PLANES: tl.constexpr, PER_IMAGE: tl.constexpr,
+    SAVE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
@@ -60,7 +65,10 @@ def scd2d_fwd_kernel(
     cb = 0
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    ssq = tl.zeros((BM, BK), dtype=tl.float32)       # Σs² per element, reduced after the loop
+    # Σs² per element, reduced once after the loop: no shuffles in the loop (a per-step row
+    # sum cost 12 SHFL + LDS round trips; precomputing Σ_c x² per position would cost a pass
+    # over x, while the loop is now about as long as its MMAs)
+    ssq = tl.zeros((BM, BK), dtype=tl.float32)
     for i_k in range(N_K):
         if FLAT_K:
             o_kk = i_k * BK + o_k                                        # [BK] (tap, channel)
@@ -152,7 +160,8 @@ def scd2d_fwd_direct_kernel(
         d_w = (tap % S) * dil_w
         o_ih = o_ih0 + d_h
         o_iw = o_iw0 + d_w
-        m_x = (m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd))[:, None] & m_g[None, :]
+        m_r = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)   # [BM] padding
+        m_x = m_r[:, None] & m_g[None, :]
         for ci in tl.static_range(CG):
             b_x = tl.load(p_x + (d_h * sxh + d_w * sxw + ci * sxc), mask=m_x,
                           other=0.0).to(tl.float32)                      # [BM, BG]
@@ -164,7 +173,8 @@ def scd2d_fwd_direct_kernel(
     b_p = tl.load(P + o_o, mask=m_o, other=1.0)
     b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
     b_norm = tl.sqrt(ssq + norm_eps)                                     # [BM, BG]
-    b_c, b_y = sharpen(acc, b_norm[:, :, None], b_p[None, :, :], b_q[None, :, :], eps, FAST)     # [BM, BG, OGP]
+    b_c, b_y = sharpen(acc, b_norm[:, :, None], b_p[None, :, :], b_q[None, :, :], eps,
+                       FAST)                                             # [BM, BG, OGP]
     o_y = (o_n.to(tl.int64) * syn + o_p * syp)[:, None, None] + (o_o * syc)[None, :, :]
     m_y = m_m[:, None, None] & m_o[None, :, :]
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
@@ -196,9 +206,9 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
 
     Wide tiles (128×128×64 for 16-bit, 64×128×32 for float32) for wide layers; BN the smallest
-    power of two covering O/G (≥ 16); BK the widest of 64/32/16 that pads C/G by ≤ 1/8. Fewer than
-    16 channels per group (stem, grouped narrow layers) flatten K over (tap, channel), so a 3-channel
-    5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero channels.
+    power of two covering O/G (≥ 16); BK the widest of 64/32/16 that pads C/G by ≤ 1/8. Fewer
+    than 16 channels per group (stem, grouped narrow layers) flatten K over (tap, channel), so a
+    3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero ones.
     BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a 132-SM GPU.
     """
     BN = _pow2_in(Og, 16, 128)
