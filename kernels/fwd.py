@@ -15,8 +15,9 @@ Layouts: the kernels read x with channels contiguous and write y in the input's 
 NCHW ``x`` is transposed once by the launcher (one copy, 2·|x| of memory traffic): a tap-shifted
 NCHW tile is misaligned, so even with positions contiguous it loads as scalar 2-byte ``LDG``s
 staged through registers (411 SASS instructions per K step on sm_90 for the 128×128×64 bf16
-tile, against 235 after the transpose, which loads it as 16-byte ``cp.async`` copies). 1×1
-stride-1 layers are the exception (``X_PLANES``: no shift, so NCHW planes load wide in place).
+tile, against 235 after the transpose, which loads it as 16-byte ``cp.async`` copies). Read in
+place: 1×1 stride-1 GEMM layers (``X_PLANES``: no shift, NCHW planes load wide) and memory-bound
+direct layers with stride 1 (``X_ROWS``: coalesced along positions, no 2·|x| transpose).
 NCHW outputs are tiled per image (``PER_IMAGE``), so a tile's positions are one contiguous run
 of every (n, o) plane and y, c, norm are stored 16 bytes at a time.
 """
@@ -131,14 +132,16 @@ def scd2d_fwd_direct_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, CG: tl.constexpr, OG: tl.constexpr, OGP: tl.constexpr,
-    BM: tl.constexpr, BG: tl.constexpr, PER_IMAGE: tl.constexpr, SAVE: tl.constexpr,
-    FAST: tl.constexpr,
+    BM: tl.constexpr, BG: tl.constexpr, X_ROWS: tl.constexpr, PER_IMAGE: tl.constexpr,
+    SAVE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Multiply-accumulate on [BM positions, BG groups, OGP channels per group] tiles.
 
     W is ŵ as given, [O, CG, R, S] contiguous. Each x value is loaded once per tile and used by
     all ``OG`` output channels of its group (depthwise multipliers > 1), and its square enters
-    the group's ``Σ s²`` once.
+    the group's ``Σ s²`` once. ``X_ROWS`` (NCHW x read in place, stride 1, OW = W, per-image
+    tiles): a tap shifts the in-image position by a constant, so the positions of a tile stay
+    one contiguous run and the loads coalesce along them without a layout change.
     """
     i_m, i_g = tl.program_id(0), tl.program_id(1)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
@@ -150,7 +153,11 @@ def scd2d_fwd_direct_kernel(
     o_j = tl.arange(0, OGP)                                              # [OGP]
     o_o = o_g[:, None] * OG + o_j[None, :]                               # [BG, OGP] channel
     m_o = m_g[:, None] & (o_j < OG)[None, :]
-    p_x = ((X + o_n.to(tl.int64) * sxn + (o_ih0 * sxh + o_iw0 * sxw))[:, None]
+    if X_ROWS:
+        o_x = o_p - pad_h * Wd - pad_w                                   # = o_ih0·W + o_iw0
+    else:
+        o_x = o_ih0 * sxh + o_iw0 * sxw
+    p_x = ((X + o_n.to(tl.int64) * sxn + o_x)[:, None]
            + (o_g * CG * sxc)[None, :])                                  # [BM, BG]
 
     acc = tl.zeros((BM, BG, OGP), dtype=tl.float32)
@@ -277,22 +284,24 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
                          f"N·OH·OW = {M} and per-sample sizes C·H·W = {C * H * W}, "
                          f"O·OH·OW = {O * P_img} below 2**31")
     per_image = fmt == torch.contiguous_format                 # NCHW y: store along positions
-    planes = (per_image and R == S == 1 and tuple(stride) == (1, 1) and (OH, OW) == (H, W)
-              and x.stride(3) == 1 and x.stride(2) == W and not uses_direct_kernel(G, Cg, Og))
-    if x.stride(1) != 1 and C > 1 and not planes:
+    direct = uses_direct_kernel(G, Cg, Og)
+    # NCHW x read in place: 1×1 GEMM layers as planes, stride-1 'same width' direct layers as rows
+    in_place = (per_image and tuple(stride) == (1, 1) and OW == W and x.stride(3) == 1
+                and x.stride(2) == W and (direct or (R == S == 1 and OH == H)))
+    if x.stride(1) != 1 and C > 1 and not in_place:
         x = x.contiguous(memory_format=torch.channels_last)   # NCHW: channels contiguous for K
     y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
     p, q = p.float().contiguous(), q.float().contiguous()
     conv = (*stride, padding[0], padding[2], *dilation, eps, norm_eps)
     flags = dict(PER_IMAGE=per_image, SAVE=save_for_backward, FAST=x.is_cuda)
-    if uses_direct_kernel(G, Cg, Og):
+    if direct:
         BM, BG, OGP, warps, stages = direct_config(Og)
         tiles = triton.cdiv(P_img, BM)
         grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(G, BG))
         scd2d_fwd_direct_kernel[grid](
             x, w_hat.contiguous(), p, q, y, c, norm, H, W, G, OH, OW, P_img, M, tiles,
             *x.stride()[:4], *y_strides, *conv, R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
-            num_warps=warps, num_stages=stages, **flags)
+            X_ROWS=in_place, num_warps=warps, num_stages=stages, **flags)
         return y, c, norm
     fp32 = x.dtype == torch.float32
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
@@ -305,13 +314,13 @@ def scd2d_fwd(x, w_hat, p, q, stride, padding, dilation, groups, eps, norm_eps,
         x, w_gemm, p, q, y, c, norm, H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
         n_k * BK, w_gemm.shape[-1], *x.stride()[:4], *y_strides, *conv,
         R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-        EVEN_K=Cg % BK == 0, X_PLANES=planes, num_warps=warps, num_stages=stages, **flags)
+        EVEN_K=Cg % BK == 0, X_PLANES=in_place, num_warps=warps, num_stages=stages, **flags)
     return y, c, norm
 
 
 def _layer_ints(layout, N, C, O, H, W, R, groups):
     """Runtime ints of both kernels for a stride-1 'same' layer, specialised as on a GPU: the
-    launcher hands the kernels x with channels contiguous (except 1×1 NCHW, see ``X_PLANES``)."""
+    launcher hands the kernels x with channels contiguous (except X_PLANES / X_ROWS)."""
     G, P_img = groups, H * W
     return dict(H=H, Wd=W, G=G, Cg=C // G, Og=O // G, OH=H, OW=W, P_IMG=P_img, M=N * P_img,
                 sxn=H * W * C, sxc=1, sxh=W * C, sxw=C, syn=O * P_img,
@@ -334,19 +343,20 @@ def report_jobs():
         for layout in ("channels_last", "nchw"):
             for dtype in dtypes:
                 ints = _layer_ints(layout, N, C, O, H, W, R, groups)
-                planes = layout == "nchw" and R == 1   # x read in place as [C, H·W] planes
-                if planes:
+                Cg, Og = C // groups, O // groups
+                # x read in place: 1×1 as [C, H·W] planes, direct layers along rows
+                in_place = layout == "nchw" and (R == 1 or uses_direct_kernel(groups, Cg, Og))
+                if in_place:
                     ints.update(sxn=C * H * W, sxc=H * W, sxh=W, sxw=1)
                 flags = dict(R=R, S=R, PER_IMAGE=layout == "nchw", SAVE=True, FAST=True)
                 ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", Y=f"*{dtype}", Cout=f"*{dtype}",
                             P="*fp32", Q="*fp32", Norm="*fp32")
-                Cg, Og = C // groups, O // groups
                 if uses_direct_kernel(groups, Cg, Og):
                     BM, BG, OGP, warps, stages = direct_config(Og)
                     ints["TILES"] = triton.cdiv(H * W, BM)
                     for k in ("Cg", "Og"):
                         del ints[k]
-                    consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG)
+                    consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place)
                     name, kernel = f"{label} BM{BM}-BG{BG}-OGP{OGP}", scd2d_fwd_direct_kernel
                 else:
                     BM, BN, BK, flat_k, warps, stages = gemm_config(
@@ -355,7 +365,7 @@ def report_jobs():
                     ints.update(TILES=triton.cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
                                 W_ROWS=n_k * BK, W_COLS=triton.cdiv(Og, BN) * BN)
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-                                  EVEN_K=Cg % BK == 0, X_PLANES=planes)
+                                  EVEN_K=Cg % BK == 0, X_PLANES=in_place)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
                 jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,

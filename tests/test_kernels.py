@@ -28,6 +28,7 @@ NEW_PATH_CASES = [
     Case(2, 3, 9, 10, 8, (3, 3), padding=1),               # stem C=3 (flat K), narrow O=8
     Case(2, 20, 6, 7, 24, (3, 3), padding=1),              # narrow: BN 32, BK 16, C not /16
     Case(2, 6, 7, 5, 12, (3, 3), padding=1, groups=3),     # direct: 2 in, 4 out per group
+    Case(2, 4, 9, 8, 8, (3, 3), stride=2, padding=1, groups=4),  # direct, stride 2: transposed x
     Case(1, 16, 6, 6, 32, (3, 3), padding=1, groups=2),    # grouped, 8 per group: flat-K GEMM
     Case(3, 24, 5, 7, 20, (1, 1)),                         # 1×1 NCHW: x read in place
 ]
@@ -56,7 +57,7 @@ def test_normalized_matches_oracle(case):
 
 
 @pytest.mark.parametrize("case", params([CASES_2D[0], CASES_2D[4], CASES_2D[8]]
-                                         + NEW_PATH_CASES[:2] + NEW_PATH_CASES[3:4]))
+                                         + NEW_PATH_CASES[:2] + NEW_PATH_CASES[3:5]))
 def test_channels_last_equals_nchw(case):
     y_cl = run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", channels_last=True,
                               device=DEVICE, grads=False)
