@@ -4,16 +4,38 @@ import triton.language as tl
 
 
 @triton.jit
-def sharpen(acc, norm, p, q, eps):
+def _log2(x, FAST: tl.constexpr):
+    """log2 of float32 ``x``: one ``lg2.approx`` on CUDA (FAST), ``tl.log2`` elsewhere."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2**x of float32 ``x``: one ``ex2.approx`` on CUDA (FAST), ``tl.exp2`` elsewhere."""
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def sharpen(acc, norm, p, q, eps, FAST: tl.constexpr = False):
     """The SCD epilogue on a [BM, BN] tile of dot products ``acc``.
 
-    ``norm`` is the patch norm ``sqrt(Σs² + norm_eps)`` broadcastable to [BM, BN]; ``p``, ``q``
-    are [BN]. Returns float32 ``(c, y)``: ``c = d / (‖s‖ + q)`` and ``y = sign(c)·(|c| + eps)^p``
-    with the power as one lg2 and one ex2.
+    ``norm`` (the patch norm ``sqrt(Σs² + norm_eps)``), ``p`` and ``q`` are broadcastable to
+    ``acc``'s shape (e.g. [BM, 1] and [1, BN]). Returns float32 ``(c, y)``:
+    ``c = d / (‖s‖ + q)`` and ``y = sign(c)·(|c| + eps)^p``
+    with the power as one lg2 and one ex2 (hardware approximations when ``FAST``). NaN in, NaN
+    out: a NaN ``c`` fails both ``c == 0`` and ``c < 0`` and keeps its NaN magnitude.
     """
-    b_c = acc / (norm + q[None, :])                                      # [BM, BN]
-    b_mag = tl.exp2(p[None, :] * tl.log2(tl.abs(b_c) + eps))
-    b_y = tl.where(b_c > 0, b_mag, tl.where(b_c < 0, -b_mag, 0.0))
+    b_c = acc / (norm + q)                                               # [BM, BN]
+    b_mag = _exp2(p * _log2(tl.abs(b_c) + eps, FAST), FAST)
+    b_y = tl.where(b_c == 0, 0.0, tl.where(b_c < 0, -b_mag, b_mag))
     return b_c, b_y
 
 
@@ -41,3 +63,22 @@ def dgrad_phase_taps(phase, pad, stride, dil, step, R: tl.constexpr):
         ok = (phase + pad - i * dil + stride * dil) % stride == 0        # kept non-negative
         r0 = tl.where(ok, tl.minimum(r0, i), r0)
     return r0, tl.maximum(R - r0 + step - 1, 0) // step
+
+
+@triton.jit
+def tile_positions(i_m, M, P, TILES, BM: tl.constexpr, PER_IMAGE: tl.constexpr):
+    """Image ``n`` and in-image positions ``o_p`` [BM] of output tile ``i_m``, and their mask.
+
+    ``P = OH·OW``. ``PER_IMAGE`` tiles each image separately (``TILES = cdiv(P, BM)`` tiles per
+    image), so ``o_p`` is a contiguous run the compiler can see: NCHW outputs store along it in
+    wide coalesced stores. Otherwise tiles run over the flat ``N·P`` positions (no padding tail
+    per image; channels_last outputs store along channels) and ``n`` is per row.
+    """
+    if PER_IMAGE:
+        o_n = i_m // TILES
+        o_p = (i_m - o_n * TILES) * BM + tl.arange(0, BM)
+        return o_n, o_p, o_p < P
+    else:
+        o_m = i_m * BM + tl.arange(0, BM)
+        o_n = o_m // P
+        return o_n, o_m - o_n * P, o_m < M

@@ -2,197 +2,376 @@
 
 Two kernels:
 - ``scd2d_fwd_kernel``: implicit GEMM, ``M = N·OH·OW`` positions × ``O/G`` channels of group G
-  (grid axis 2) × ``K = (C/G)·R·S``. The K loop runs over (tap, channel block) pairs; each step
-  loads an ``x`` tile [BM, BK] through index arithmetic (padding is the load mask), feeds it to
-  ``tl.dot`` and adds its squares to ``Σ s²`` in float32 from the same registers.
-- ``scd2d_fwd_direct_kernel``: groups with very few channels (depthwise): no GEMM to speak of, a
-  memory-bound multiply-accumulate over (channel, tap) on [BM, BO] tiles of global channels.
-Both end in the same epilogue (``_common.sharpen``) and store ``y`` and ``c`` in the input dtype
-and the per-(n, group, position) norms in float32.
+  (grid axis 2) × ``K = (C/G)·R·S``. Each K step loads an ``x`` tile [BM, BK] through index
+  arithmetic (padding is the load mask), feeds it to ``tl.dot`` and adds its squares
+  elementwise to a [BM, BK] float32 tile that is reduced to ``Σ s²`` once after the loop.
+- ``scd2d_fwd_direct_kernel``: groups with at most 4 input and 4 output channels (depthwise):
+  no GEMM to speak of, a memory-bound multiply-accumulate over (tap, channel).
+Both end in the same epilogue (``_common.sharpen``, lg2/ex2 approximations on CUDA), store
+``y`` in the input dtype and, when saving for backward, ``c`` and the float32 per-(n, group,
+position) norms.
+
+Layouts: the kernels read x with channels contiguous and write y in the input's layout. An
+NCHW ``x`` is transposed once by the launcher (one copy, 2·|x| of memory traffic): a tap-shifted
+NCHW tile is misaligned, so even with positions contiguous it loads as scalar 2-byte ``LDG``s
+staged through registers (411 SASS instructions per K step on sm_90 for the 128×128×64 bf16
+tile, against 235 after the transpose, which loads it as 16-byte ``cp.async`` copies). Read in
+place: 1×1 stride-1 GEMM layers (``X_PLANES``: no shift, NCHW planes load wide) and memory-bound
+direct layers with stride 1 (``X_ROWS``: coalesced along positions, no 2·|x| transpose).
+NCHW outputs are tiled per image (``PER_IMAGE``), so a tile's positions are one contiguous run
+of every (n, o) plane and y, c, norm are stored 16 bytes at a time.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .shapes import memory_format, output_hw  # the layout and sizes the fake op promises
-from ._common import output_positions, sharpen
+from ._common import sharpen, tile_positions
 from .weight import normalize_weight
 
 
-@triton.jit(do_not_specialize=["N", "M"])
+@triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_fwd_kernel(
     X, W, P, Q, Y, Cout, Norm,
-    N, H, Wd, G, Cg, Og, OH, OW, M, M_BUCKET,
-    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS,
+    sxn, sxc, sxh, sxw, syn, syc, syp,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, X_PLANES: tl.constexpr, PER_IMAGE: tl.constexpr,
+    SAVE: tl.constexpr, FAST: tl.constexpr,
 ):
-    """W is ŵ rearranged to [G, R·S, C/G, O/G] (output channels contiguous)."""
-    i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_n, o_oh, o_ow, m_m = output_positions(i_m, M, OH, OW, BM)         # [BM]
-    o_ih0 = o_oh * stride_h - pad_h
-    o_iw0 = o_ow * stride_w - pad_w
-    p_x = X + o_n.to(tl.int64) * sxn + i_g * Cg * sxc                    # [BM]
+    """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
+
+    W is ŵ as a zero-padded [G, W_ROWS, W_COLS] matrix whose row block ``i_k`` is the B tile of
+    K step ``i_k``, so B loads need no mask. K steps run over (tap, channel block) pairs, or, with
+    ``FLAT_K`` (few channels per group), over the flattened (tap, channel) index ``k < K``.
+    ``X_PLANES`` (1×1, stride 1, no padding, NCHW x, per-image tiles): x is read as its [C, OH·OW]
+    planes, positions contiguous, so the tile loads as wide copies without a layout change.
+    """
+    i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
+    o_oh = o_p // OW
+    o_ih0 = o_oh * stride_h - pad_h                                      # [BM]
+    o_iw0 = (o_p - o_oh * OW) * stride_w - pad_w
+    p_x = X + (o_n.to(tl.int64) * sxn + i_g.to(tl.int64) * Cg * sxc
+               + (o_ih0 * sxh + o_iw0 * sxw))                            # [BM] patch origin
     o_o = i_n * BN + tl.arange(0, BN)                                    # [BN] channel in group
-    m_o = o_o < Og
     o_k = tl.arange(0, BK)
+    p_w = W + i_g.to(tl.int64) * W_ROWS * W_COLS + o_k[:, None] * W_COLS + o_o[None, :]  # [BK, BN]
     n_cb = tl.cdiv(Cg, BK)
+    tap = 0                         # (tap, channel block) of the step, counted without a division
+    cb = 0
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    ssq = tl.zeros((BM,), dtype=tl.float32)
-    for i_k in range(R * S * n_cb):
-        tap = i_k // n_cb
-        o_c = (i_k - tap * n_cb) * BK + o_k                              # [BK]
-        m_c = o_c < Cg
-        o_ih = o_ih0 + (tap // S) * dil_h
-        o_iw = o_iw0 + (tap % S) * dil_w
-        m_x = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)  # padding mask
-        b_x = tl.load(p_x[:, None] + (o_ih * sxh + o_iw * sxw)[:, None]
-                      + o_c[None, :] * sxc,
-                      mask=m_x[:, None] & m_c[None, :], other=0.0)       # [BM, BK]
-        b_w = tl.load(W + ((i_g * R * S + tap) * Cg + o_c[:, None]) * Og + o_o[None, :],
-                      mask=m_c[:, None] & m_o[None, :], other=0.0)       # [BK, BN]
+    # Σs² per element, reduced once after the loop: no shuffles in the loop (a per-step row
+    # sum cost 12 SHFL + LDS round trips; precomputing Σ_c x² per position would cost a pass
+    # over x, while the loop is now about as long as its MMAs)
+    ssq = tl.zeros((BM, BK), dtype=tl.float32)
+    for i_k in range(N_K):
+        if FLAT_K:
+            o_kk = i_k * BK + o_k                                        # [BK] (tap, channel)
+            o_tap = o_kk // Cg
+            o_c = o_kk - o_tap * Cg
+            o_r = (o_tap // S) * dil_h
+            o_s = (o_tap % S) * dil_w
+            o_ih = o_ih0[:, None] + o_r[None, :]                         # [BM, BK]
+            o_iw = o_iw0[:, None] + o_s[None, :]
+            m_x = (m_m[:, None] & (o_kk < K)[None, :] & (o_ih >= 0) & (o_ih < H)
+                   & (o_iw >= 0) & (o_iw < Wd))
+            p_tile = p_x[:, None] + (o_r * sxh + o_s * sxw + o_c * sxc)[None, :]
+        else:
+            o_c = cb * BK + o_k                                          # [BK]
+            d_h = (tap // S) * dil_h
+            d_w = (tap % S) * dil_w
+            if X_PLANES:
+                m_r = m_m
+                p_tile = (X + o_n.to(tl.int64) * sxn + ((i_g * Cg + o_c) * sxc)[None, :]
+                          + o_p[:, None])
+            else:
+                o_ih = o_ih0 + d_h
+                o_iw = o_iw0 + d_w
+                m_r = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)  # padding
+                p_tile = p_x[:, None] + (d_h * sxh + d_w * sxw) + o_c[None, :] * sxc
+            if EVEN_K:
+                m_x = m_r[:, None]
+            else:
+                m_x = m_r[:, None] & (o_c < Cg)[None, :]
+        b_x = tl.load(p_tile, mask=m_x, other=0.0)                       # [BM, BK]
+        b_w = tl.load(p_w + i_k * BK * W_COLS)                           # [BK, BN]
         b_xf = b_x.to(tl.float32)
-        ssq += tl.sum(b_xf * b_xf, axis=1)
+        ssq += b_xf * b_xf
         acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+        if not FLAT_K:
+            cb += 1
+            tap += (cb == n_cb).to(tl.int32)        # a compare, not a division by n_cb
+            cb = tl.where(cb == n_cb, 0, cb)
 
+    m_o = o_o < Og
     b_p = tl.load(P + i_g * Og + o_o, mask=m_o, other=1.0)
     b_q = tl.load(Q + i_g * Og + o_o, mask=m_o, other=0.0)
-    b_norm = tl.sqrt(ssq + norm_eps)                                     # [BM]
-    b_c, b_y = sharpen(acc, b_norm[:, None], b_p, b_q, eps)
-    o_y = (o_n.to(tl.int64) * syn + o_oh * syh + o_ow * syw)[:, None] + ((i_g * Og + o_o) * syc)[None, :]
+    b_norm = tl.sqrt(tl.sum(ssq, axis=1) + norm_eps)                     # [BM]
+    b_c, b_y = sharpen(acc, b_norm[:, None], b_p[None, :], b_q[None, :], eps, FAST)
+    o_y = ((o_n.to(tl.int64) * syn + o_p * syp)[:, None]
+           + ((i_g * Og + o_o) * syc)[None, :])                          # [BM, BN]
     m_y = m_m[:, None] & m_o[None, :]
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
-    tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
-    if i_n == 0:
-        tl.store(Norm + ((o_n.to(tl.int64) * G + i_g) * OH + o_oh) * OW + o_ow, b_norm, mask=m_m)
+    if SAVE:
+        tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
+        if i_n == 0:
+            tl.store(Norm + (o_n.to(tl.int64) * G + i_g) * P_IMG + o_p, b_norm, mask=m_m)
 
 
-@triton.jit(do_not_specialize=["N", "M"])
+@triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_fwd_direct_kernel(
     X, W, P, Q, Y, Cout, Norm,
-    N, H, Wd, G, Cg, Og, O, OH, OW, M,
-    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    H, Wd, G, OH, OW, P_IMG, M, TILES,
+    sxn, sxc, sxh, sxw, syn, syc, syp,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     eps, norm_eps,
-    R: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BO: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, CG: tl.constexpr, OG: tl.constexpr, OGP: tl.constexpr,
+    BM: tl.constexpr, BG: tl.constexpr, X_ROWS: tl.constexpr, PER_IMAGE: tl.constexpr,
+    SAVE: tl.constexpr, FAST: tl.constexpr,
 ):
-    """W is ŵ as given, [O, C/G, R, S] contiguous; each tile covers BO global output channels."""
-    i_m, i_o = tl.program_id(0), tl.program_id(1)
-    o_n, o_oh, o_ow, m_m = output_positions(i_m, M, OH, OW, BM)         # [BM]
-    o_ih0 = o_oh * stride_h - pad_h
-    o_iw0 = o_ow * stride_w - pad_w
-    o_o = i_o * BO + tl.arange(0, BO)                                    # [BO] global channel
-    m_o = o_o < O
-    o_g = o_o // Og
-    p_x = (X + o_n.to(tl.int64) * sxn)[:, None] + (o_g * Cg * sxc)[None, :]  # [BM, BO]
+    """Multiply-accumulate on [BM positions, BG groups, OGP channels per group] tiles.
 
-    acc = tl.zeros((BM, BO), dtype=tl.float32)
-    ssq = tl.zeros((BM, BO), dtype=tl.float32)
+    W is ŵ as given, [O, CG, R, S] contiguous. Each x value is loaded once per tile and used by
+    all ``OG`` output channels of its group (depthwise multipliers > 1), and its square enters
+    the group's ``Σ s²`` once. ``X_ROWS`` (NCHW x read in place, stride 1, OW = W, per-image
+    tiles): a tap shifts the in-image position by a constant, so the positions of a tile stay
+    one contiguous run and the loads coalesce along them without a layout change.
+    """
+    i_m, i_g = tl.program_id(0), tl.program_id(1)
+    o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
+    o_oh = o_p // OW
+    o_ih0 = o_oh * stride_h - pad_h
+    o_iw0 = (o_p - o_oh * OW) * stride_w - pad_w
+    o_g = i_g * BG + tl.arange(0, BG)                                    # [BG]
+    m_g = o_g < G
+    o_j = tl.arange(0, OGP)                                              # [OGP]
+    o_o = o_g[:, None] * OG + o_j[None, :]                               # [BG, OGP] channel
+    m_o = m_g[:, None] & (o_j < OG)[None, :]
+    if X_ROWS:
+        o_x = o_p - pad_h * Wd - pad_w                                   # = o_ih0·W + o_iw0
+    else:
+        o_x = o_ih0 * sxh + o_iw0 * sxw
+    p_x = ((X + o_n.to(tl.int64) * sxn + o_x)[:, None]
+           + (o_g * CG * sxc)[None, :])                                  # [BM, BG]
+
+    acc = tl.zeros((BM, BG, OGP), dtype=tl.float32)
+    ssq = tl.zeros((BM, BG), dtype=tl.float32)
     for tap in range(R * S):
-        o_ih = o_ih0 + (tap // S) * dil_h
-        o_iw = o_iw0 + (tap % S) * dil_w
-        m_x = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
-        p_tap = p_x + (o_ih * sxh + o_iw * sxw)[:, None]
-        for ci in range(Cg):
-            b_x = tl.load(p_tap + ci * sxc, mask=m_x[:, None] & m_o[None, :],
-                          other=0.0).to(tl.float32)                      # [BM, BO]
-            b_w = tl.load(W + (o_o * Cg + ci) * R * S + tap, mask=m_o, other=0.0)
-            acc += b_x * b_w.to(tl.float32)[None, :]
+        d_h = (tap // S) * dil_h
+        d_w = (tap % S) * dil_w
+        o_ih = o_ih0 + d_h
+        o_iw = o_iw0 + d_w
+        m_r = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)   # [BM] padding
+        m_x = m_r[:, None] & m_g[None, :]
+        for ci in tl.static_range(CG):
+            b_x = tl.load(p_x + (d_h * sxh + d_w * sxw + ci * sxc), mask=m_x,
+                          other=0.0).to(tl.float32)                      # [BM, BG]
+            b_w = tl.load(W + (o_o * CG + ci) * R * S + tap, mask=m_o,
+                          other=0.0).to(tl.float32)                      # [BG, OGP]
+            acc += b_x[:, :, None] * b_w[None, :, :]
             ssq += b_x * b_x
 
     b_p = tl.load(P + o_o, mask=m_o, other=1.0)
     b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
-    b_norm = tl.sqrt(ssq + norm_eps)                    # [BM, BO]: each column its group's norm
-    b_c, b_y = sharpen(acc, b_norm, b_p, b_q, eps)
-    o_y = (o_n.to(tl.int64) * syn + o_oh * syh + o_ow * syw)[:, None] + (o_o * syc)[None, :]
-    m_y = m_m[:, None] & m_o[None, :]
+    b_norm = tl.sqrt(ssq + norm_eps)                                     # [BM, BG]
+    b_c, b_y = sharpen(acc, b_norm[:, :, None], b_p[None, :, :], b_q[None, :, :], eps,
+                       FAST)                                             # [BM, BG, OGP]
+    o_y = (o_n.to(tl.int64) * syn + o_p * syp)[:, None, None] + (o_o * syc)[None, :, :]
+    m_y = m_m[:, None, None] & m_o[None, :, :]
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
-    tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
-    o_norm = ((o_n.to(tl.int64) * G)[:, None] + o_g[None, :]) * OH * OW + (o_oh * OW + o_ow)[:, None]
-    tl.store(Norm + o_norm, b_norm, mask=m_y & (o_o % Og == 0)[None, :])
-
-
-# (BM, BN, BK, num_warps, num_stages): large tiles with deep pipelines for tensor cores; the
-# first is the main bf16/fp16 config (128×128×64 at 8 warps compiles without spills on sm_80 and
-# sm_90, see `make kernel-report`). float32 (TF32) keeps the tiles that do not spill there
-# (128×128×32 at 8 warps and 64×128×32 at 4 warps spill on sm_90).
-GEMM_CONFIGS = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 32, 4, 4), (64, 64, 32, 4, 3)]
-GEMM_CONFIGS_FP32 = [(128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (128, 64, 32, 4, 3),
-                     (64, 64, 32, 4, 3)]
-DIRECT_CONFIGS = [(64, 64, 4, 2), (128, 32, 4, 2), (32, 128, 4, 2)]
-
-
-def _configs(table, names):
-    return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1])
-            for c in table]
-
-
-_gemm_key = ["Cg", "Og", "R", "S", "M_BUCKET", "PRECISION"]
-_gemm_autotuned = triton.autotune(_configs(GEMM_CONFIGS, ("BM", "BN", "BK")), key=_gemm_key)(
-    scd2d_fwd_kernel)
-_gemm_autotuned_fp32 = triton.autotune(_configs(GEMM_CONFIGS_FP32, ("BM", "BN", "BK")),
-                                       key=_gemm_key)(scd2d_fwd_kernel)
-_direct_autotuned = triton.autotune(_configs(DIRECT_CONFIGS, ("BM", "BO")),
-                                    key=["Cg", "Og", "R", "S"])(scd2d_fwd_direct_kernel)
-
-
-def _pow2_between(n, lo, hi):
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    if SAVE:
+        tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
+        o_norm = (o_n.to(tl.int64) * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
+        tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
 
 
 def uses_direct_kernel(groups, in_per_group, out_per_group):
-    """Grouped layers with too few channels per group for a 16-wide tensor-core tile."""
-    return groups > 1 and (in_per_group < 16 or out_per_group < 16)
+    """Grouped layers with at most 4 input and 4 output channels per group (depthwise-like)."""
+    return groups > 1 and in_per_group <= 4 and out_per_group <= 4
+
+
+def _pow2_in(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def _block_k(n, choices):
+    """The widest block in ``choices`` that pads ``n`` by at most 1/8, else the narrowest."""
+    for b in choices:
+        if triton.cdiv(n, b) * b * 8 <= n * 9:
+            return b
+    return choices[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_config(Cg, Og, R, S, G, M, fp32):
+    """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
+
+    Wide tiles (128×128×64 for 16-bit, 64×128×32 for float32) for wide layers; BN the smallest
+    power of two covering O/G (≥ 16); BK the widest of 64/32/16 that pads C/G by ≤ 1/8. Fewer
+    than 16 channels per group (stem, grouped narrow layers) flatten K over (tap, channel), so a
+    3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero ones.
+    BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a 132-SM GPU.
+    """
+    BN = _pow2_in(Og, 16, 128)
+    flat_k = Cg < 16
+    if flat_k:
+        BK = 16 if Cg * R * S <= 16 else 32
+    else:
+        BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16))
+    BM = 128 if triton.cdiv(M, 128) * triton.cdiv(Og, BN) * G >= 264 else 64
+    if fp32 and BN == 128:
+        BM = 64   # float32 128×128 tiles with the [BM, BK] Σs² tile spill on sm_90
+    warps = 8 if BM * BN >= 128 * 128 else 4
+    stage_bytes = (BM + BN) * BK * (4 if fp32 else 2)
+    return BM, BN, BK, flat_k, warps, 3 if stage_bytes >= 24 * 1024 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def direct_config(Og):
+    """(BM, BG, OGP, num_warps, num_stages): 64 positions × 64 output channels per tile."""
+    OGP = triton.next_power_of_2(Og)
+    return 64, max(1, 64 // OGP), OGP, 4, 2
+
+
+def _gemm_weight(weight, q, weight_norm, weight_norm_eps, G, BN, BK, flat_k):
+    """ŵ normalised from ``weight`` [O, C/G, R, S] straight into the zero-padded
+    [G, N_K·BK, cdiv(O/G, BN)·BN] B matrix of the loop (one launch, plus a memset if padded):
+    rows are (tap, channel block) steps, or the flat (tap, channel) index with ``flat_k``."""
+    O, Cg, R, S = weight.shape
+    Og = O // G
+    cols = triton.cdiv(Og, BN) * BN
+    rows = triton.cdiv(Cg * R * S, BK) * BK if flat_k else R * S * triton.cdiv(Cg, BK) * BK
+    padded = cols != Og or rows != Cg * R * S
+    out = (torch.zeros if padded else torch.empty)((G, rows, cols), dtype=weight.dtype,
+                                                   device=weight.device)
+    tap_rows = Cg if flat_k else rows // (R * S)
+    normalize_weight(weight, q, weight_norm, weight_norm_eps, out=out, groups=G,
+                     out_strides=(rows * cols, 1, cols, tap_rows * cols))
+    return out
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
               weight_norm="none", weight_norm_eps=0.0, save_for_backward=True):
-    """Launches the forward; returns ``(y, c, norm)`` as ``reference.core_forward`` does.
+    """Launches the forward; returns ``(y, c, norm)`` as ``reference.scd2d_fwd`` does.
 
-    ``padding`` is (top, bottom, left, right); only top/left enter the index arithmetic.
-    CUDA tensors run the autotuned kernels; CPU tensors (Triton's interpreter) one fixed config.
+    ŵ is normalised from ``weight`` (``weight.normalize_weight``, mode ``weight_norm``) into
+    the layout the kernel reads. ``padding`` is (top, bottom, left, right); only top/left enter
+    the index arithmetic. With ``save_for_backward=False`` only ``y`` is written and ``c``,
+    ``norm`` are empty (shape (0,)).
     """
-    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     N, C, H, W = x.shape
-    O, Cg, R, S = w_hat.shape
+    O, Cg, R, S = weight.shape
     G, Og = groups, O // groups
     OH, OW = output_hw((H, W), (R, S), stride, padding, dilation)
-    y = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device,
-                    memory_format=memory_format(x))
-    c = torch.empty_like(y)
-    norm = torch.empty((N, G, OH, OW), dtype=torch.float32, device=x.device)
-    M = N * OH * OW
+    fmt = memory_format(x)
+    y = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
+    if save_for_backward:
+        c = torch.empty_like(y)
+        norm = torch.empty((N, G, OH, OW), dtype=torch.float32, device=x.device)
+    else:
+        c, norm = y.new_empty((0,)), y.new_empty((0,), dtype=torch.float32)
+    P_img = OH * OW
+    M = N * P_img
     if M == 0:
         return y, c, norm
-    if M >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
+    if M >= 2**31 or max(C * H * W, O * P_img) >= 2**31:
         raise ValueError(f"scd2d_fwd indexes positions and per-sample offsets in int32: needs "
                          f"N·OH·OW = {M} and per-sample sizes C·H·W = {C * H * W}, "
-                         f"O·OH·OW = {O * OH * OW} below 2**31")
+                         f"O·OH·OW = {O * P_img} below 2**31")
+    per_image = fmt == torch.contiguous_format                 # NCHW y: store along positions
+    direct = uses_direct_kernel(G, Cg, Og)
+    # NCHW x read in place: 1×1 GEMM layers as planes, stride-1 'same width' direct layers as rows
+    in_place = (per_image and tuple(stride) == (1, 1) and OW == W and x.stride(3) == 1
+                and x.stride(2) == W and (direct or (R == S == 1 and OH == H)))
+    if x.stride(1) != 1 and C > 1 and not in_place:
+        x = x.contiguous(memory_format=torch.channels_last)   # NCHW: channels contiguous for K
+    y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
     p, q = p.float().contiguous(), q.float().contiguous()
     conv = (*stride, padding[0], padding[2], *dilation, eps, norm_eps)
-    strides = (*x.stride(), *y.stride())
-    tuned = x.is_cuda
-    if uses_direct_kernel(G, Cg, Og):
-        kernel = _direct_autotuned if tuned else scd2d_fwd_direct_kernel
-        fixed = {} if tuned else dict(BM=64, BO=_pow2_between(O, 16, 64))
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(O, meta["BO"]))
-        kernel[grid](x, w_hat.contiguous(), p, q, y, c, norm, N, H, W, G, Cg, Og, O, OH, OW, M,
-                     *strides, *conv, R=R, S=S, **fixed)
-        if not save_for_backward:
-            return y, x.new_empty((0,)), norm.new_empty((0,))
+    flags = dict(PER_IMAGE=per_image, SAVE=save_for_backward, FAST=x.is_cuda)
+    if direct:
+        BM, BG, OGP, warps, stages = direct_config(Og)
+        tiles = triton.cdiv(P_img, BM)
+        grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(G, BG))
+        w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
+        scd2d_fwd_direct_kernel[grid](
+            x, w_hat.contiguous(), p, q, y, c, norm, H, W, G, OH, OW, P_img, M, tiles,
+            *x.stride()[:4], *y_strides, *conv, R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
+            X_ROWS=in_place, num_warps=warps, num_stages=stages, **flags)
         return y, c, norm
-    # ŵ as [G, R·S, C/G, O/G]: the B tile of each K step is one contiguous row block
-    w_gemm = w_hat.reshape(G, Og, Cg, R * S).permute(0, 3, 2, 1).contiguous()
-    precision = "tf32" if x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
-    tuned_kernel = _gemm_autotuned_fp32 if x.dtype == torch.float32 else _gemm_autotuned
-    kernel = tuned_kernel if tuned else scd2d_fwd_kernel
-    fixed = {} if tuned else dict(BM=64, BN=_pow2_between(Og, 16, 64), BK=_pow2_between(Cg, 16, 64))
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(Og, meta["BN"]), G)
-    kernel[grid](x, w_gemm, p, q, y, c, norm, N, H, W, G, Cg, Og, OH, OW, M,
-                 M.bit_length(), *strides, *conv, R=R, S=S, PRECISION=precision, **fixed)
-    if not save_for_backward:
-        return y, x.new_empty((0,)), norm.new_empty((0,))
+    fp32 = x.dtype == torch.float32
+    BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
+    w_gemm = _gemm_weight(weight, q, weight_norm, weight_norm_eps, G, BN, BK, flat_k)
+    n_k = triton.cdiv(Cg * R * S, BK) if flat_k else R * S * triton.cdiv(Cg, BK)
+    precision = "tf32" if not fp32 or torch.backends.cudnn.allow_tf32 else "ieee"
+    tiles = triton.cdiv(P_img, BM)
+    grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(Og, BN), G)
+    scd2d_fwd_kernel[grid](
+        x, w_gemm, p, q, y, c, norm, H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
+        n_k * BK, w_gemm.shape[-1], *x.stride()[:4], *y_strides, *conv,
+        R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
+        EVEN_K=Cg % BK == 0, X_PLANES=in_place, num_warps=warps, num_stages=stages, **flags)
     return y, c, norm
+
+
+def _layer_ints(layout, N, C, O, H, W, R, groups):
+    """Runtime ints of both kernels for a stride-1 'same' layer, specialised as on a GPU: the
+    launcher hands the kernels x with channels contiguous (except X_PLANES / X_ROWS)."""
+    G, P_img = groups, H * W
+    return dict(H=H, Wd=W, G=G, Cg=C // G, Og=O // G, OH=H, OW=W, P_IMG=P_img, M=N * P_img,
+                sxn=H * W * C, sxc=1, sxh=W * C, sxw=C, syn=O * P_img,
+                syc=P_img if layout == "nchw" else 1, syp=1 if layout == "nchw" else O,
+                stride_h=1, stride_w=1, pad_h=R // 2, pad_w=R // 2, dil_h=1, dil_w=1)
+
+
+def report_jobs():
+    """The configs ``gemm_config`` / ``direct_config`` pick for representative layers, per layout
+    and dtype, as AOT-compile jobs for ``report.py``."""
+    layers = [  # name, N, C, O, H, W, R, groups, dtypes
+        ("3x3 128-128 56^2", 64, 128, 128, 56, 56, 3, 1, ("bf16", "fp16", "fp32")),
+        ("3x3 32-32 56^2 (narrow)", 64, 32, 32, 56, 56, 3, 1, ("bf16",)),
+        ("5x5 3-80 32^2 (stem)", 256, 3, 80, 32, 32, 5, 1, ("bf16",)),
+        ("dw 3x3 256x2 56^2", 32, 256, 512, 56, 56, 3, 256, ("bf16", "fp32")),
+        ("1x1 256-256 28^2", 64, 256, 256, 28, 28, 1, 1, ("bf16",)),
+    ]
+    jobs = []
+    for label, N, C, O, H, W, R, groups, dtypes in layers:
+        for layout in ("channels_last", "nchw"):
+            for dtype in dtypes:
+                ints = _layer_ints(layout, N, C, O, H, W, R, groups)
+                Cg, Og = C // groups, O // groups
+                # x read in place: 1×1 as [C, H·W] planes, direct layers along rows
+                in_place = layout == "nchw" and (R == 1 or uses_direct_kernel(groups, Cg, Og))
+                if in_place:
+                    ints.update(sxn=C * H * W, sxc=H * W, sxh=W, sxw=1)
+                flags = dict(R=R, S=R, PER_IMAGE=layout == "nchw", SAVE=True, FAST=True)
+                ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", Y=f"*{dtype}", Cout=f"*{dtype}",
+                            P="*fp32", Q="*fp32", Norm="*fp32")
+                if uses_direct_kernel(groups, Cg, Og):
+                    BM, BG, OGP, warps, stages = direct_config(Og)
+                    ints["TILES"] = triton.cdiv(H * W, BM)
+                    for k in ("Cg", "Og"):
+                        del ints[k]
+                    consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place)
+                    name, kernel = f"{label} BM{BM}-BG{BG}-OGP{OGP}", scd2d_fwd_direct_kernel
+                else:
+                    BM, BN, BK, flat_k, warps, stages = gemm_config(
+                        Cg, Og, R, R, groups, N * H * W, dtype == "fp32")
+                    n_k = triton.cdiv(Cg * R * R, BK) if flat_k else R * R * triton.cdiv(Cg, BK)
+                    ints.update(TILES=triton.cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
+                                W_ROWS=n_k * BK, W_COLS=triton.cdiv(Og, BN) * BN)
+                    consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
+                                  EVEN_K=Cg % BK == 0, X_PLANES=in_place)
+                    name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
+                    kernel = scd2d_fwd_kernel
+                jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
+                                 dtype=dtype, ints=ints, constexprs=consts, pointer_dtypes=ptrs,
+                                 num_warps=warps, num_stages=stages))
+    return jobs

@@ -1,14 +1,25 @@
-"""Ahead-of-time compile of every shipped forward config for sm_80 and sm_90 (no GPU needed).
+"""Ahead-of-time compile of every shipped kernel config for sm_80 and sm_90 (no GPU needed).
 
-For each (kernel, config, dtype, arch) it reports registers, spill bytes (stack / local memory),
-shared memory and the count of tensor-core MMA instructions (HMMA / HGMMA) in the SASS. The
-kernels are specialised as the JIT would on a GPU for a representative layer (ResNet-like
-64→64 3×3 channels_last for the GEMM kernel, 128-channel depthwise 3×3 for the direct one):
-pointers and ints divisible by 16 carry ``tt.divisibility``, ints equal to 1 are constants.
+A *job* is a dict ``dict(kernel=<@triton.jit fn>, name=str, dtype="bf16"|"fp16"|"fp32",
+ints=dict, constexprs=dict, pointer_dtypes=dict(arg -> "*bf16"/"*fp32"...), num_warps=int,
+num_stages=int)``, optionally with ``layout`` ("nchw" / "channels_last"). Kernel modules
+export their jobs as ``report_jobs()`` (``fwd.py``; ``bwd.py`` once it exists); each is compiled
+here specialised as the JIT would specialise it on a GPU: pointers and ints divisible by 16 carry
+``tt.divisibility``, ints equal to 1 become constants (except ``do_not_specialize`` ones), any
+other argument is an fp32 scalar. Without that, pipelining is off and the report lies.
+
+Each row gives registers, spill bytes (stack + local memory), shared memory, the count of
+tensor-core MMA instructions (HMMA / HGMMA) and ``loop_instructions``: the SASS instruction
+count of the hot loop body. The hot loop is found from the backward branches in the SASS
+(``BRA`` to a lower address): of the loops whose address range holds an MMA instruction, the
+innermost one; when no loop holds an MMA (the direct kernel), the longest loop. Its body is every
+instruction from the branch target to the branch, inclusive, i.e. what one warp issues per
+iteration when nothing is predicated off.
 
     python -m scd_triton.kernels.report      # writes bench/results/kernel_report.json
 """
 import argparse
+import importlib
 import json
 import os
 import re
@@ -19,36 +30,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .fwd import (DIRECT_CONFIGS, GEMM_CONFIGS, GEMM_CONFIGS_FP32, scd2d_fwd_direct_kernel,
-                  scd2d_fwd_kernel)
-
 ARCHS = (80, 90)
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
 
 
-def _layer_args(N=32, C=64, O=64, H=56, W=56, R=3, S=3, groups=1):
-    """Runtime int arguments of both kernels for a channels_last layer, stride 1, padding 1."""
-    Cg, Og = C // groups, O // groups
-    return dict(N=N, H=H, Wd=W, G=groups, Cg=Cg, Og=Og, O=O, OH=H, OW=W, M=N * H * W,
-                M_BUCKET=(N * H * W).bit_length(), sxn=H * W * C, sxc=1, sxh=W * C, sxw=C,
-                syn=H * W * O, syc=1, syh=W * O, syw=O, stride_h=1, stride_w=1, pad_h=1, pad_w=1,
-                dil_h=1, dil_w=1), dict(R=R, S=S)
-
-
-def _source(fn, dtype, ints, constexprs):
-    """An ASTSource specialised like the JIT's: divisibility by 16, ints equal to 1 constant."""
-    signature, consts, attrs = {}, dict(constexprs), {}
+def _source(job):
+    """An ASTSource of ``job`` specialised like the JIT's."""
+    fn, ints, consts = job["kernel"], job["ints"], dict(job["constexprs"])
+    signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        if name in job["constexprs"]:
             signature[name] = "constexpr"
-        elif name in ("X", "W", "Y", "Cout"):
-            signature[name] = f"*{dtype}"
+        elif name in job["pointer_dtypes"]:
+            signature[name] = job["pointer_dtypes"][name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("P", "Q", "Norm"):
-            signature[name] = "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("eps", "norm_eps"):
+        elif name not in ints:
             signature[name] = "fp32"
         elif ints[name] == 1 and name not in fn.do_not_specialize:
             signature[name] = "constexpr"
@@ -60,8 +57,27 @@ def _source(fn, dtype, ints, constexprs):
     return ASTSource(fn, signature, consts, attrs)
 
 
+def loop_instructions(sass: str) -> int:
+    """Instructions in the hot loop of a kernel's SASS (see the module docstring); 0 if none."""
+    code = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
+    mma = [a for a, op, _ in code if op in ("HMMA", "HGMMA")]
+    loops = []
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    with_mma = [lp for lp in loops if any(lp[0] <= a <= lp[1] for a in mma)]
+    if with_mma:
+        lo, hi = min(with_mma, key=lambda lp: lp[1] - lp[0])
+    elif loops:
+        lo, hi = max(loops, key=lambda lp: lp[1] - lp[0])
+    else:
+        return 0
+    return sum(lo <= a <= hi for a, _, _ in code)
+
+
 def _inspect(cubin: bytes):
-    """(registers, spill bytes = stack + local memory, MMA instruction count) of a cubin."""
+    """(registers, spill bytes = stack + local memory, MMA count, loop instructions) of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -71,40 +87,41 @@ def _inspect(cubin: bytes):
                               capture_output=True, text=True).stdout
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
     mma = len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass))
-    return field("REG"), field("STACK") + field("LOCAL"), mma
+    return field("REG"), field("STACK") + field("LOCAL"), mma, loop_instructions(sass)
 
 
-def compile_config(kernel, config, dtype, arch):
-    """One report row: compiles ``kernel`` with ``config`` for ``dtype`` on sm_``arch``."""
-    if kernel == "scd2d_fwd_kernel":
-        fn, (BM, BN, BK, warps, stages) = scd2d_fwd_kernel, config
-        ints, consts = _layer_args()
-        consts.update(BM=BM, BN=BN, BK=BK, PRECISION="tf32")  # the GPU default for float32
-        name = f"BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}"
-    else:
-        fn, (BM, BO, warps, stages) = scd2d_fwd_direct_kernel, config
-        ints, consts = _layer_args(C=128, O=128, groups=128)
-        consts.update(BM=BM, BO=BO)
-        name = f"BM{BM}-BO{BO}-w{warps}-s{stages}"
-    compiled = triton.compile(_source(fn, DTYPES[dtype], ints, consts),
-                              target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
-    registers, spills, mma = _inspect(compiled.asm["cubin"])
-    return dict(kernel=kernel, config=name, dtype=dtype, arch=f"sm_{arch}", registers=registers,
-                spill_bytes=spills, shared_bytes=compiled.metadata.shared, mma_instructions=mma)
+def compile_job(job, arch):
+    """One report row: compiles ``job`` for sm_``arch``."""
+    compiled = triton.compile(_source(job), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=job["num_warps"],
+                                           num_stages=job["num_stages"]))
+    registers, spills, mma, loop = _inspect(compiled.asm["cubin"])
+    return dict(kernel=job["kernel"].__name__, config=job["name"],
+                layout=job.get("layout", "-"), dtype=job["dtype"], arch=f"sm_{arch}",
+                registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+                mma_instructions=mma, loop_instructions=loop)
 
 
-def all_rows():
-    """Every shipped config: GEMM configs for their dtypes, direct configs for all dtypes."""
-    jobs = [("scd2d_fwd_kernel", c, d) for c in GEMM_CONFIGS for d in ("bf16", "fp16")]
-    jobs += [("scd2d_fwd_kernel", c, "fp32") for c in GEMM_CONFIGS_FP32]
-    jobs += [("scd2d_fwd_direct_kernel", c, d) for c in DIRECT_CONFIGS for d in DTYPES]
-    return [compile_config(k, c, d, a) for k, c, d in jobs for a in ARCHS]
+def all_jobs():
+    """The jobs of every kernel module that exports ``report_jobs()`` (bwd.py once it exists)."""
+    jobs = []
+    for module in ("fwd", "bwd"):
+        try:
+            mod = importlib.import_module(f".{module}", __package__)
+        except ImportError:
+            continue
+        jobs += mod.report_jobs()
+    return jobs
+
+
+def all_rows(jobs=None, archs=ARCHS):
+    """Every job (default: ``all_jobs()``) compiled for every arch."""
+    return [compile_job(j, a) for j in (all_jobs() if jobs is None else jobs) for a in archs]
 
 
 def format_table(rows):
-    cols = ("kernel", "config", "dtype", "arch", "registers", "spill_bytes", "shared_bytes",
-            "mma_instructions")
+    cols = ("kernel", "config", "layout", "dtype", "arch", "registers", "spill_bytes",
+            "shared_bytes", "mma_instructions", "loop_instructions")
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
