@@ -3,7 +3,7 @@
 A *job* is a dict ``dict(kernel=<@triton.jit fn>, name=str, dtype="bf16"|"fp16"|"fp32",
 ints=dict, constexprs=dict, pointer_dtypes=dict(arg -> "*bf16"/"*fp32"...), num_warps=int,
 num_stages=int)``, optionally with ``layout`` ("nchw" / "channels_last"). Kernel modules
-export their jobs as ``report_jobs()`` (``fwd.py``; ``bwd.py`` once it exists); each is compiled
+export their jobs as ``report_jobs()`` (``fwd.py``, ``bwd.py``, ``weight.py``); each is compiled
 here specialised as the JIT would specialise it on a GPU: pointers and ints divisible by 16 carry
 ``tt.divisibility``, ints equal to 1 become constants (except ``do_not_specialize`` ones), any
 other argument is an fp32 scalar. Without that, pipelining is off and the report lies.
@@ -77,7 +77,8 @@ def loop_instructions(sass: str) -> int:
 
 
 def _inspect(cubin: bytes):
-    """(registers, spill bytes = stack + local memory, MMA count, loop instructions) of a cubin."""
+    """(registers, spill bytes = stack + local memory, MMA count, MMA kinds, loop instructions)
+    of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -86,8 +87,9 @@ def _inspect(cubin: bytes):
         sass = subprocess.run([_CUOBJDUMP, "--dump-sass", f.name], check=True,
                               capture_output=True, text=True).stdout
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
-    mma = len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass))
-    return field("REG"), field("STACK") + field("LOCAL"), mma, loop_instructions(sass)
+    mma = re.findall(r"\b(HMMA|HGMMA)\b", sass)
+    return (field("REG"), field("STACK") + field("LOCAL"), len(mma), sorted(set(mma)),
+            loop_instructions(sass))
 
 
 def compile_job(job, arch):
@@ -95,23 +97,17 @@ def compile_job(job, arch):
     compiled = triton.compile(_source(job), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=job["num_warps"],
                                            num_stages=job["num_stages"]))
-    registers, spills, mma, loop = _inspect(compiled.asm["cubin"])
+    registers, spills, mma, kinds, loop = _inspect(compiled.asm["cubin"])
     return dict(kernel=job["kernel"].__name__, config=job["name"],
                 layout=job.get("layout", "-"), dtype=job["dtype"], arch=f"sm_{arch}",
                 registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
-                mma_instructions=mma, loop_instructions=loop)
+                mma_instructions=mma, mma_kinds=kinds, loop_instructions=loop)
 
 
 def all_jobs():
-    """The jobs of every kernel module that exports ``report_jobs()`` (bwd.py once it exists)."""
-    jobs = []
-    for module in ("fwd", "bwd"):
-        try:
-            mod = importlib.import_module(f".{module}", __package__)
-        except ImportError:
-            continue
-        jobs += mod.report_jobs()
-    return jobs
+    """The jobs of every kernel module (each exports ``report_jobs()``)."""
+    return [job for module in ("fwd", "bwd", "weight")
+            for job in importlib.import_module(f".{module}", __package__).report_jobs()]
 
 
 def all_rows(jobs=None, archs=ARCHS):

@@ -133,7 +133,7 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
     BO, BK = _blocks(O, K)
     normalize_weight_kernel[(triton.cdiv(O, BO),)](
         w.contiguous(), q, out, scale, O, K, RS, O // groups, q.stride(0), *out_strides, eps,
-        MODE=MODES[mode], BO=BO, BK=BK)
+        MODE=MODES[mode], BO=BO, BK=BK, num_warps=4, num_stages=1)
     return out, scale
 
 
@@ -149,5 +149,27 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1):
     BO, BK = _blocks(O, K)
     normalize_weight_backward_kernel[(triton.cdiv(O, BO),)](
         grad_w_hat.contiguous(), w.contiguous(), q, grad_w, grad_q if grad_q is not None else q,
-        O, K, splits, q.stride(0), eps, MODE=MODES[mode], BO=BO, BK=BK)
+        O, K, splits, q.stride(0), eps, MODE=MODES[mode], BO=BO, BK=BK, num_warps=4,
+        num_stages=1)
     return grad_w, grad_q
+
+
+def report_jobs():
+    """The two kernels for a 3×3 128→128 layer (mode norm_q), for ``kernels/report.py``."""
+    O, K, RS = 128, 128 * 9, 9
+    BO, BK = _blocks(O, K)
+    jobs = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        dt = f"*{dtype}"
+        jobs.append(dict(kernel=normalize_weight_kernel, name=f"BO{BO}-BK{BK}-w4", dtype=dtype,
+                         ints=dict(O=O, K=K, RS=RS, Og=O, sq=1, s_g=O * K, s_j=1, s_c=O,
+                                   s_t=O * 128),
+                         constexprs=dict(MODE=2, BO=BO, BK=BK),
+                         pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt, SCALE="*fp32"),
+                         num_warps=4, num_stages=1))
+        jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w4",
+                         dtype=dtype, ints=dict(O=O, K=K, SPLITS=4, sq=1),
+                         constexprs=dict(MODE=2, BO=BO, BK=BK),
+                         pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32"),
+                         num_warps=4, num_stages=1))
+    return jobs

@@ -1,10 +1,12 @@
-"""The GPU-less performance gate: the main forward configs compile for sm_80 and sm_90, for both
-input layouts, without register spills and with tensor-core MMA instructions (HMMA / HGMMA), and
-their hot loop stays short; the depthwise (direct) kernel compiles without spills.
+"""The GPU-less performance gate (``kernels/report.py``): the main configs of the forward (both
+input layouts) and of the backward's dgrad and wgrad GEMMs compile for sm_80 and sm_90 in
+bf16 / fp16 without register spills, with tensor-core MMA instructions (HMMA on sm_80, wgmma
+``HGMMA`` on sm_90), and the forward's hot loop stays short; the direct and weight kernels
+compile without spills.
 
 Compiling needs real ``@triton.jit`` functions, so it runs in a subprocess without
 ``TRITON_INTERPRET`` (the test session itself may run the interpreter); two worker processes
-share the few compiles (the full report is ``make kernel-report``)."""
+share the compiles (the full report of every shipped config is ``make kernel-report``)."""
 import json
 import os
 import subprocess
@@ -17,16 +19,21 @@ LOOP_BOUND = {"sm_80": 400, "sm_90": 300}
 _SNIPPET = """
 import json, sys
 from concurrent.futures import ProcessPoolExecutor
-from scd_triton.kernels.fwd import report_jobs
+from scd_triton.kernels import bwd, fwd, weight
 from scd_triton.kernels.report import compile_job
 
 def picked():
     jobs = []
-    for j in report_jobs():
-        main = j["name"].startswith("3x3 128-128") and j["dtype"] in ("bf16", "fp16")
-        jobs += [(j, a) for a in (80, 90) if main]
+    for j in fwd.report_jobs():
+        if j["name"].startswith("3x3 128-128") and j["dtype"] in ("bf16", "fp16"):
+            jobs += [(j, a) for a in (80, 90)]
         if j["name"].startswith("dw") and j["dtype"] == "bf16" and j["layout"] == "nchw":
             jobs.append((j, 90))
+    for j in bwd.report_jobs():
+        if j["kernel"].__name__ in ("scd2d_dgrad_kernel", "scd2d_wgrad_kernel") and \\
+                j["dtype"] in ("bf16", "fp16"):
+            jobs += [(j, a) for a in (80, 90)]
+    jobs += [(j, 90) for j in weight.report_jobs() if j["dtype"] == "bf16"]
     return jobs
 
 def run(i):
@@ -50,19 +57,35 @@ def rows(tmp_path_factory):
     return json.loads(out)
 
 
-def test_main_gemm_configs_have_no_spills_and_use_tensor_cores(rows):
+def _tensor_cores(r):
+    assert r["spill_bytes"] == 0, r
+    assert r["mma_kinds"] == (["HMMA"] if r["arch"] == "sm_80" else ["HGMMA"]), r
+    assert r["registers"] <= 255 and 0 < r["shared_bytes"] <= 227 * 1024, r
+
+
+def test_main_forward_configs_have_no_spills_and_use_tensor_cores(rows):
     gemm = [r for r in rows if r["kernel"] == "scd2d_fwd_kernel"]
     assert {(r["layout"], r["dtype"], r["arch"]) for r in gemm} == {
         (lay, d, a) for lay in ("channels_last", "nchw") for d in ("bf16", "fp16")
         for a in ("sm_80", "sm_90")}
     for r in gemm:
-        assert r["spill_bytes"] == 0, r
-        assert r["mma_instructions"] > 0, r
-        assert r["registers"] <= 255 and 0 < r["shared_bytes"] <= 227 * 1024, r
+        _tensor_cores(r)
         # per K step before the loop was slimmed (bf16): 437 on sm_80, 368 on sm_90
         assert 0 < r["loop_instructions"] <= LOOP_BOUND[r["arch"]], r
 
 
-def test_depthwise_direct_kernel_has_no_spills(rows):
-    direct = [r for r in rows if r["kernel"] == "scd2d_fwd_direct_kernel"]
-    assert direct and all(r["spill_bytes"] == 0 and r["mma_instructions"] == 0 for r in direct)
+@pytest.mark.parametrize("kernel", ["scd2d_dgrad_kernel", "scd2d_wgrad_kernel"])
+def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel):
+    mine = [r for r in rows if r["kernel"] == kernel]
+    assert {(r["dtype"], r["arch"]) for r in mine} == {
+        (d, a) for d in ("bf16", "fp16") for a in ("sm_80", "sm_90")}
+    assert len({r["config"] for r in mine}) == 2, "a small and a large config"
+    for r in mine:
+        _tensor_cores(r)
+
+
+def test_direct_and_weight_kernels_have_no_spills(rows):
+    others = [r for r in rows if r["kernel"] in ("scd2d_fwd_direct_kernel", "normalize_weight_kernel",
+                                                 "normalize_weight_backward_kernel")]
+    assert len({r["kernel"] for r in others}) == 3
+    assert all(r["spill_bytes"] == 0 and r["mma_instructions"] == 0 for r in others), others
