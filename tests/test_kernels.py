@@ -1,8 +1,7 @@
-"""The fused Triton forward against the float64 oracle.
+"""The fused Triton forward against the float64 oracle (gradients: tests/test_kernels_bwd.py).
 
 On CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest / ``make test``);
-on a CUDA machine the same tests run the compiled kernels. The backward is the reference's
-analytic one on the kernel's saved ``c`` and norms, so the gradients check those too.
+on a CUDA machine the same tests run the compiled kernels.
 """
 import pytest
 import torch
@@ -42,12 +41,12 @@ def _ieee_float32(no_tf32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", params(KERNEL_CASES))
 def test_forward_matches_oracle(case, dtype):
-    run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
+    run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE, grads=False)
 
 
 @pytest.mark.parametrize("case", params(NEW_PATH_CASES))
 def test_new_paths_match_oracle(case):
-    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE, grads=False)
 
 
 @pytest.mark.parametrize("case", params([CASES_2D[0], CASES_2D[7], KERNEL_CASES[-1]]))

@@ -14,7 +14,7 @@ import oracle
 import scd_triton
 from cases import Case, params, run_against_oracle
 from helpers import assert_close
-from test_kernels import DEVICE, KERNEL_CASES, gpu
+from test_kernels import DEVICE, KERNEL_CASES, NEW_PATH_CASES, gpu
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def _grads(fn, x, w, p, q, grad_y, **conv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", params(KERNEL_CASES))
+@pytest.mark.parametrize("case", params(KERNEL_CASES + NEW_PATH_CASES))
 def test_gradients_match_oracle(case, dtype):
     run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
 
