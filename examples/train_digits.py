@@ -221,6 +221,7 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
@@ -230,6 +231,7 @@ def plot(results, path):
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="held-out test accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
