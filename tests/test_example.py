@@ -19,6 +19,15 @@ td = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(td)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One CPU thread, as the script uses: tiny ops only lose from more on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data():
     return td.load_data(seed=0, test_size=0.25, subset=256)
