@@ -6,13 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: install test test-gpu gpu-check bench bench-full kernel-report clean
+.PHONY: install test test-gpu gpu-check bench bench-full kernel-report example clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,examples]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +36,11 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(PY) -m bench.run --full
+
+# SCS network against its conv2d twin on scikit-learn's 8x8 digits (CPU, reference backend, ~1 min);
+# EXAMPLE_ARGS passes options, e.g. EXAMPLE_ARGS="--device cuda --channels-last --amp bf16".
+example: $(STAMP)
+	$(PY) examples/train_digits.py $(EXAMPLE_ARGS)
 
 # Ahead-of-time compile of every shipped kernel config for sm_80 / sm_90: registers, spills, mma count.
 kernel-report: $(STAMP)
