@@ -1,6 +1,8 @@
-# Every target sets itself up from nothing: a .venv with torch==$(TORCH_VERSION) installed first
-# (a plain `torch` requirement would pull a multi-GB CUDA build), then the project and its extras.
+# Every target sets itself up from nothing: a .venv with torch==$(TORCH_VERSION) installed first,
+# then the project and its extras. Where the package index serves torch's CUDA build (PyPI on
+# Linux x86-64), that is the multi-GB CUDA build; TORCH_INDEX=<a CPU wheel index> picks another.
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test,bench,examples]"
 	touch $(STAMP)
 
@@ -23,7 +25,7 @@ test: $(STAMP)
 
 # On a CUDA machine: the same tests on the real kernels (no interpreter).
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q tests
+	TRITON_INTERPRET=0 $(PY) -m pytest -q tests
 
 # On a CUDA machine whose torch is already installed (no network, no venv): GPU tests, a quick
 # benchmark of every provider in bf16 and fp32, and a host/kernel time profile per shape.
