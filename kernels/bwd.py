@@ -95,10 +95,10 @@ def scd2d_dgrad_kernel(
 
     W is ŵ as [G, R·S, O/G, C/G]. ``i_z = (g·sh + phase_h)·sw + phase_w``; the positions are
     ``(n, ihq·sh + phase_h, iwq·sw + phase_w)`` over ``ihq < HQ = ⌈H/sh⌉``, ``iwq < WQ``
-    (``P_Q = HQ·WQ`` per image, ``M = N·P_Q``). ``PER_IMAGE`` (NCHW grad_x): tiles run over one image (``TILES`` per
-    image) so the epilogue reads x and stores grad_x along positions; with ``PLANES`` (stride 1,
-    x and grad_x NCHW-contiguous) a tile is one contiguous run of each (n, c) plane: 16-byte
-    loads and stores.
+    (``P_Q = HQ·WQ`` per image, ``M = N·P_Q``). ``PER_IMAGE`` (NCHW grad_x): tiles run over
+    one image (``TILES`` per image) so the epilogue reads x and stores grad_x along positions;
+    with ``PLANES`` (stride 1, x and grad_x NCHW-contiguous) a tile is one contiguous run of
+    each (n, c) plane: 16-byte loads and stores.
     """
     i_m, i_n, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ph_w = i_z % stride_w
@@ -256,12 +256,12 @@ def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q):
     return grad_w, grad_p, grad_q if grad_q_kernel is None else grad_q + grad_q_kernel
 
 
-def _flat_positions(t):
-    """``t`` [N, O, OH, OW] viewed as [N, O, OH·OW] (NCHW, channels_last and broadcast tensors
-    flatten in place; other strides are copied to NCHW)."""
+def _position_strides(t):
+    """``t`` [N, O, OH, OW] and its (sample, channel, position) strides, positions ``oh·OW + ow``
+    (NCHW, channels_last and broadcast tensors as they are; other strides copied to NCHW)."""
     if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
         t = t.contiguous()
-    return t.flatten(2)
+    return t, (t.stride(0), t.stride(1), t.stride(3))
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
@@ -294,7 +294,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
 
     # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
     per_image = memory_format(x) == torch.contiguous_format     # NCHW: tiles along positions
-    grad_y, c = _flat_positions(grad_y), _flat_positions(c)
+    (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
     BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
     BO = min(BO, triton.next_power_of_2(Og))
     BG = min(64 // BO, triton.next_power_of_2(G))  # narrow groups: several per tile
@@ -305,7 +305,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     wp, wq = (torch.empty((n_blk, O), dtype=torch.float32, device=dev) for _ in range(2))
     scd2d_bwd_prologue_kernel[(n_blk, triton.cdiv(G, BG))](
         grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, wp, wq, M, tiles, G, Og, O,
-        OH * OW, *grad_y.stride(), *c.stride(), eps, BP=BP, BG=BG, BO=BO,
+        OH * OW, *sg, *sc, eps, BP=BP, BG=BG, BO=BO,
         PER_IMAGE=per_image, num_warps=warps, num_stages=stages)
     grad_p, grad_q = wp.sum(0), wq.sum(0)
 
@@ -315,10 +315,13 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     if uses_direct_kernel(G, Cg, Og):
         w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(C, 16, 64), 4, 1)
-        scd2d_dgrad_direct_kernel[(triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))](
-            grad_d, w_hat.contiguous(), gns, x, grad_x, N, H, W, G, Cg, Og, O, C, OH, OW,
-            N * H * W, *x.stride(), *grad_x.stride(), *conv, R=R, S=S, BM=BM, BC=BC,
-            num_warps=warps, num_stages=stages)
+        planes = per_image and x.is_contiguous()    # NCHW: tiles along each image's positions
+        tiles = triton.cdiv(H * W, BM)
+        grid = (N * tiles if planes else triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))
+        scd2d_dgrad_direct_kernel[grid](
+            grad_d, w_hat.contiguous(), gns, x, grad_x, H, W, G, Cg, Og, O, C, OH, OW, H * W,
+            N * H * W, tiles, *x.stride(), *grad_x.stride(), *conv, R=R, S=S, BM=BM, BC=BC,
+            PLANES=planes, num_warps=warps, num_stages=stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(O, 16, 64), 4, 1)
         splits = _splits(triton.cdiv(O, BO) * Cg * R * S, M, BP, dev)
         k_split = triton.cdiv(triton.cdiv(M, splits), BP) * BP
@@ -341,12 +344,13 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     planes = per_image and (sh, sw) == (1, 1) and x.is_contiguous()
     x_d = x if planes else x_cl
     tiles = triton.cdiv(HQ * WQ, BM)
-    grid = (N * tiles if per_image else triton.cdiv(N * HQ * WQ, BM), triton.cdiv(Cg, BN), G * sh * sw)
+    grid = (N * tiles if per_image else triton.cdiv(N * HQ * WQ, BM), triton.cdiv(Cg, BN),
+            G * sh * sw)
     scd2d_dgrad_kernel[grid](
-        grad_d, w_gemm, gns, x_d, grad_x, N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ,
-        *x_d.stride(), *grad_x.stride(), *conv, step_h, step_w, R=R, S=S, PRECISION=precision,
-        BM=BM, BN=BN, BK=BK, PER_IMAGE=per_image, PLANES=planes, num_warps=warps,
-        num_stages=stages)
+        grad_d, w_gemm, gns, x_d, grad_x, N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ,
+        HQ * WQ, *x_d.stride(), *grad_x.stride(), *conv, step_h, step_w, R=R, S=S,
+        PRECISION=precision, BM=BM, BN=BN, BK=BK, PER_IMAGE=per_image, PLANES=planes,
+        num_warps=warps, num_stages=stages)
 
     BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda)
     tiles = triton.cdiv(Og, BM) * triton.cdiv(Cg, BN)
@@ -379,8 +383,8 @@ def report_jobs():
         out.update(scn=out["sgn"], scc=out["sgc"], scp=out["sgp"])
         conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
         ints = dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * P, P_IMG=P,
-                    TILES=triton.cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx, **out,
-                    **conv)
+                    TILES=triton.cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,
+                    **out, **conv)
         return ints, dict(ints, **cl_x)  # the ints of the dgrad / prologue and of the wgrad
 
     def ints(fn, lay, **extra):
@@ -422,7 +426,7 @@ def report_jobs():
             dw, dw_cl = layer(layout, 128, 128, 128, BM)
             jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,
                             layout, ints(scd2d_dgrad_direct_kernel, dw),
-                            dict(R=3, S=3, BM=BM, BC=BC),
+                            dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw),
                             dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
             BP, BO, warps, stages = WGRAD_DIRECT_CONFIG
             jobs.append(job(scd2d_wgrad_direct_kernel, f"BP{BP}-BO{BO}-w{warps}-s{stages}", dtype,
