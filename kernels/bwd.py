@@ -22,31 +22,36 @@ import triton
 import triton.language as tl
 
 from .shapes import memory_format
-from ._common import dgrad_phase_taps, output_positions
+from ._common import dgrad_phase_taps, tile_positions
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import uses_direct_kernel
 from .weight import normalize_weight, normalize_weight_backward
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_bwd_prologue_kernel(
     GY, Cin, Norm, P, Q, GD, GNS, WP, WQ,
-    M, G, Og, O, OH, OW,
-    sgn, sgc, sgh, sgw, scn, scc, sch, scw,
+    M, TILES, G, Og, O, P_IMG,
+    sgn, sgc, sgp, scn, scc, scp,
     eps,
-    BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr,
+    BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
 ):
     """Program (i_m, i_g): BP output positions × BG groups × all O/G channels of each group,
-    in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop)."""
+    in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
+
+    ``grad_y`` and ``c`` are read as [N, O, OH·OW] through (sample, channel, position) strides.
+    ``PER_IMAGE`` (NCHW): tiles run over the positions of one image, a contiguous run of every
+    (n, o) plane, so they load along positions in wide copies; otherwise over the flat positions.
+    """
     i_m, i_g = tl.program_id(0), tl.program_id(1)
-    o_n, o_oh, o_ow, m_m = output_positions(i_m, M, OH, OW, BP)         # [BP]
+    o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BP, PER_IMAGE)  # [BP]
     o_n64 = o_n.to(tl.int64)
-    o_gy = o_n64 * sgn + o_oh * sgh + o_ow * sgw
-    o_c = o_n64 * scn + o_oh * sch + o_ow * scw
-    o_gd = (i_m * BP + tl.arange(0, BP)).to(tl.int64) * O               # [BP] rows of grad_d
+    o_gy = o_n64 * sgn + o_p * sgp
+    o_c = o_n64 * scn + o_p * scp
+    o_gd = (o_n64 * P_IMG + o_p) * O                                     # [BP] rows of grad_d
     o_g = i_g * BG + tl.arange(0, BG)                                    # [BG]
     m_g = o_g < G
-    o_norm = ((o_n64 * G)[:, None] + o_g[None, :]) * OH * OW + (o_oh * OW + o_ow)[:, None]
+    o_norm = (o_n64 * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]  # [BP, BG]
     m_pg = m_m[:, None] & m_g[None, :]
     b_norm = tl.load(Norm + o_norm, mask=m_pg, other=1.0)                # [BP, BG]
     b_ns = tl.zeros((BP, BG), dtype=tl.float32)
@@ -64,7 +69,8 @@ def scd2d_bwd_prologue_kernel(
         b_l = tl.log2(b_base)
         b_mag = tl.exp2(b_p * b_l)                                       # |y|
         zero = b_c == 0  # a comparison, so NaN in c stays NaN below
-        b_gd = tl.where(zero, 0.0, b_gy * b_p * (b_mag / b_base)) / (b_norm[:, :, None] + b_q)
+        # G/a = grad_y·p·|y| / ((|c|+eps)·a): one division (two cost a spill on sm_80)
+        b_gd = tl.where(zero, 0.0, b_gy * b_p * b_mag / (b_base * (b_norm[:, :, None] + b_q)))
         b_gc = b_gd * b_c                                                # G·c/a
         b_ns += tl.sum(b_gc, axis=2)
         # grad_y·y·ln(|c|+eps), 0 where c = 0 (also when eps = 0, where ln gives -inf)
@@ -76,31 +82,37 @@ def scd2d_bwd_prologue_kernel(
     tl.store(GNS + o_norm, -b_ns / b_norm, mask=m_pg)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_dgrad_kernel(
     GD, W, GNS, X, GX,
-    N, H, Wd, G, Cg, Og, O, OH, OW, HQ, WQ,
+    M, TILES, H, Wd, G, Cg, Og, O, OH, OW, HQ, WQ, P_Q,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PER_IMAGE: tl.constexpr, PLANES: tl.constexpr,
 ):
     """Program (i_m, i_n, i_z): BM input positions of one stride phase × BN input channels.
 
     W is ŵ as [G, R·S, O/G, C/G]. ``i_z = (g·sh + phase_h)·sw + phase_w``; the positions are
-    ``(n, ihq·sh + phase_h, iwq·sw + phase_w)`` over ``ihq < HQ = ⌈H/sh⌉``, ``iwq < WQ``.
+    ``(n, ihq·sh + phase_h, iwq·sw + phase_w)`` over ``ihq < HQ = ⌈H/sh⌉``, ``iwq < WQ``
+    (``P_Q = HQ·WQ`` per image, ``M = N·P_Q``). ``PER_IMAGE`` (NCHW grad_x): tiles run over
+    one image (``TILES`` per image) so the epilogue reads x and stores grad_x along positions;
+    with ``PLANES`` (stride 1, x and grad_x NCHW-contiguous) a tile is one contiguous run of
+    each (n, c) plane: 16-byte loads and stores.
     """
     i_m, i_n, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ph_w = i_z % stride_w
     ph_h = (i_z // stride_w) % stride_h
     i_g = (i_z // (stride_w * stride_h)).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_iwq = o_m % WQ                                                     # [BM]
-    o_ihq = (o_m // WQ) % HQ
-    o_n = (o_m // (WQ * HQ)).to(tl.int64)
+    o_n, o_q, m_m = tile_positions(i_m, M, P_Q, TILES, BM, PER_IMAGE)  # [BM] phase position
+    o_n = o_n.to(tl.int64)
+    o_ihq = o_q // WQ
+    o_iwq = o_q - o_ihq * WQ
     o_ih = o_ihq * stride_h + ph_h
     o_iw = o_iwq * stride_w + ph_w
-    m_m = (o_n < N) & (o_ih < H) & (o_iw < Wd)
+    if not PLANES:  # the last phase row / column may pass H, W (a mask the stores can't widen)
+        m_m = m_m & (o_ih < H) & (o_iw < Wd)
     # the kernel rows r0, r0 + step_h, ... (nr of them) and columns that reach this phase
     r0, nr = dgrad_phase_taps(ph_h, pad_h, stride_h, dil_h, step_h, R)
     s0, ns = dgrad_phase_taps(ph_w, pad_w, stride_w, dil_w, step_w, S)
@@ -109,7 +121,7 @@ def scd2d_dgrad_kernel(
     o_k = tl.arange(0, BK)
     n_ob = tl.cdiv(Og, BK)
     p_gd = GD + i_g * Og
-    p_ns = GNS + i_g * OH * OW
+    p_ns = GNS + (o_n * G + i_g) * OH * OW
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     b_box = tl.zeros((BM,), dtype=tl.float32)
@@ -122,25 +134,28 @@ def scd2d_dgrad_kernel(
         o_oh = o_ihq + (ph_h + pad_h - r * dil_h) // stride_h
         o_ow = o_iwq + (ph_w + pad_w - s * dil_w) // stride_w
         m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
-        o_pos = (o_n * OH + o_oh) * OW + o_ow                            # [BM] int64
+        o_pos = o_oh * OW + o_ow                                         # [BM] in-image
         o_o = i_ob * BK + o_k                                            # [BK] channel in group
         m_o = o_o < Og
-        b_gd = tl.load(p_gd + o_pos[:, None] * O + o_o[None, :],
+        b_gd = tl.load(p_gd + (o_n * OH * OW + o_pos)[:, None] * O + o_o[None, :],
                        mask=m_t[:, None] & m_o[None, :], other=0.0)      # [BM, BK]
         b_w = tl.load(W + ((i_g * R * S + r * S + s) * Og + o_o[:, None]) * Cg + o_c[None, :],
                       mask=m_o[:, None] & m_c[None, :], other=0.0)       # [BK, BN]
         acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
         m_box = m_t & (o_ihq * 0 + i_ob == 0)  # once per tap (a [BM] mask: the interpreter's
-        b_box += tl.load(p_ns + o_n * G * OH * OW + o_oh * OW + o_ow, mask=m_box,  # scalar and
-                         other=0.0)                                      # [BM] mask do not mix)
+        b_box += tl.load(p_ns + o_pos, mask=m_box, other=0.0)  # scalar and [BM] mask do not mix)
 
-    o_x = o_n * sxn + o_ih * sxh + o_iw * sxw
     m = m_m[:, None] & m_c[None, :]
     o_cg = (i_g * Cg + o_c)[None, :]
+    if PLANES:
+        o_x = o_n * sxn + o_q                                            # = ih·W + iw
+        o_gx = o_n * sdn + o_q
+    else:
+        o_x = o_n * sxn + o_ih * sxh + o_iw * sxw
+        o_gx = o_n * sdn + o_ih * sdh + o_iw * sdw
     b_x = tl.load(X + o_x[:, None] + o_cg * sxc, mask=m, other=0.0).to(tl.float32)
     b_gx = acc + b_x * b_box[:, None]
-    o_gx = (o_n * sdn + o_ih * sdh + o_iw * sdw)[:, None] + o_cg * sdc
-    tl.store(GX + o_gx, b_gx.to(GX.dtype.element_ty), mask=m)
+    tl.store(GX + o_gx[:, None] + o_cg * sdc, b_gx.to(GX.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -242,6 +257,14 @@ def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q):
     return grad_w, grad_p, grad_q if grad_q_kernel is None else grad_q + grad_q_kernel
 
 
+def _position_strides(t):
+    """``t`` [N, O, OH, OW] and its (sample, channel, position) strides, positions ``oh·OW + ow``
+    (NCHW, channels_last and broadcast tensors as they are; other strides copied to NCHW)."""
+    if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(1), t.stride(3))
+
+
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
               weight_norm="none", weight_norm_eps=0.0):
     """Gradients ``(x, weight, p, q)`` of the core op, as ``reference.scd2d_bwd`` computes them.
@@ -271,34 +294,41 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     p, norm = p.float().contiguous(), norm.contiguous()
 
     # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
+    per_image = memory_format(x) == torch.contiguous_format     # NCHW: tiles along positions
+    (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
     BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
     BO = min(BO, triton.next_power_of_2(Og))
     BG = min(64 // BO, triton.next_power_of_2(G))  # narrow groups: several per tile
-    n_blk = triton.cdiv(M, BP)
+    tiles = triton.cdiv(OH * OW, BP)
+    n_blk = N * tiles if per_image else triton.cdiv(M, BP)
     grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
     wp, wq = (torch.empty((n_blk, O), dtype=torch.float32, device=dev) for _ in range(2))
     scd2d_bwd_prologue_kernel[(n_blk, triton.cdiv(G, BG))](
-        grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, wp, wq, M, G, Og, O, OH, OW,
-        *grad_y.stride(), *c.stride(), eps, BP=BP, BG=BG, BO=BO, num_warps=warps,
-        num_stages=stages)
+        grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, wp, wq, M, tiles, G, Og, O,
+        OH * OW, *sg, *sc, eps, BP=BP, BG=BG, BO=BO,
+        PER_IMAGE=per_image, num_warps=warps, num_stages=stages)
     grad_p, grad_q = wp.sum(0), wq.sum(0)
 
-    # 2. dgrad and 3. wgrad
-    strides = (*x.stride(), *grad_x.stride())
+    # 2. dgrad and 3. wgrad. NCHW x is copied channels-contiguous once (2·|x| of traffic) for
+    # the wgrad GEMM's x tiles, which a tap shift misaligns, and the dgrad's x term at stride > 1
+    x_cl = x if x.stride(1) == 1 or C == 1 else x.contiguous(memory_format=torch.channels_last)
     if uses_direct_kernel(G, Cg, Og):
         w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(C, 16, 64), 4, 1)
-        scd2d_dgrad_direct_kernel[(triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))](
-            grad_d, w_hat.contiguous(), gns, x, grad_x, N, H, W, G, Cg, Og, O, C, OH, OW,
-            N * H * W, *strides, *conv, R=R, S=S, BM=BM, BC=BC, num_warps=warps,
-            num_stages=stages)
+        planes = per_image and x.is_contiguous()    # NCHW: tiles along each image's positions
+        tiles = triton.cdiv(H * W, BM)
+        grid = (N * tiles if planes else triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))
+        scd2d_dgrad_direct_kernel[grid](
+            grad_d, w_hat.contiguous(), gns, x, grad_x, H, W, G, Cg, Og, O, C, OH, OW, H * W,
+            N * H * W, tiles, *x.stride(), *grad_x.stride(), *conv, R=R, S=S, BM=BM, BC=BC,
+            PLANES=planes, num_warps=warps, num_stages=stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(O, 16, 64), 4, 1)
         splits = _splits(triton.cdiv(O, BO) * Cg * R * S, M, BP, dev)
         k_split = triton.cdiv(triton.cdiv(M, splits), BP) * BP
         ws = torch.empty((triton.cdiv(M, k_split), O, Cg, R, S), dtype=torch.float32, device=dev)
         scd2d_wgrad_direct_kernel[(triton.cdiv(O, BO), Cg * R * S, ws.shape[0])](
-            grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
+            grad_d, x_cl, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(), *conv,
             R=R, S=S, BP=BP, BO=BO, num_warps=warps, num_stages=stages)
         return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q))
 
@@ -310,11 +340,18 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     w_gemm = torch.empty((G, R * S, Og, Cg), dtype=x.dtype, device=dev)
     normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_gemm,
                      out_strides=(R * S * Og * Cg, Cg, 1, Og * Cg), groups=G)
-    grid = (triton.cdiv(N * HQ * WQ, BM), triton.cdiv(Cg, BN), G * sh * sw)
+    # NCHW grad_x: per-image tiles store along positions; at stride 1 x and grad_x are read and
+    # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous
+    planes = per_image and (sh, sw) == (1, 1) and x.is_contiguous()
+    x_d = x if planes else x_cl
+    tiles = triton.cdiv(HQ * WQ, BM)
+    grid = (N * tiles if per_image else triton.cdiv(N * HQ * WQ, BM), triton.cdiv(Cg, BN),
+            G * sh * sw)
     scd2d_dgrad_kernel[grid](
-        grad_d, w_gemm, gns, x, grad_x, N, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, *strides, *conv,
-        step_h, step_w, R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps,
-        num_stages=stages)
+        grad_d, w_gemm, gns, x_d, grad_x, N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ,
+        HQ * WQ, *x_d.stride(), *grad_x.stride(), *conv, step_h, step_w, R=R, S=S,
+        PRECISION=precision, BM=BM, BN=BN, BK=BK, PER_IMAGE=per_image, PLANES=planes,
+        num_warps=warps, num_stages=stages)
 
     BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda)
     tiles = triton.cdiv(Og, BM) * triton.cdiv(Cg, BN)
@@ -324,61 +361,77 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     ws_dtype = weight.dtype if splits == 1 else torch.float32
     ws = torch.empty((splits, O, Cg, R, S), dtype=ws_dtype, device=dev)
     scd2d_wgrad_kernel[(tiles, R * S, G * splits)](
-        grad_d, x, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x.stride(), *conv,
+        grad_d, x_cl, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(), *conv,
         R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
     return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q))
 
 
 def report_jobs():
-    """Every (kernel, config, dtype) the CUDA launcher runs, with the runtime ints of a
-    representative channels_last layer (3×3, stride 1, padding 1, 56², N = 32; 64→64 for the
-    "small" GEMM configs, 128→128 for the "large" ones, 128-channel depthwise for the direct
-    kernels), for an ahead-of-time compile (``kernels/report.py``-style specialisation)."""
-    def layer(C, O, G, N=32, H=56, W=56):
-        Cg, Og = C // G, O // G
-        x = dict(sxn=H * W * C, sxc=1, sxh=W * C, sxw=C)
+    """Every (kernel, config, dtype, layout) the CUDA launcher runs, with the runtime ints of a
+    representative layer (3×3, stride 1, padding 1, 56², N = 32; 64→64 for the "small" GEMM
+    configs, 128→128 for the "large" ones, 128-channel depthwise for the direct kernels), for an
+    ahead-of-time compile (``kernels/report.py``). The ints are what the launcher passes: with
+    NCHW x, the wgrad kernels read the channels-contiguous copy of x, the dgrad GEMM reads and
+    writes NCHW planes (stride 1), the prologue and the direct dgrad read NCHW in place."""
+    def layer(layout, C, O, G, BM, N=32, H=56, W=56):
+        Cg, Og, P = C // G, O // G, H * W
+        nchw = layout == "nchw"
+        cl_x = dict(sxn=P * C, sxc=1, sxh=W * C, sxw=C)
+        x = dict(sxn=C * P, sxc=P, sxh=W, sxw=1) if nchw else cl_x
+        gx = dict(sdn=C * P, sdc=P, sdh=W, sdw=1) if nchw else dict(sdn=P * C, sdc=1, sdh=W * C,
+                                                                      sdw=C)
+        out = dict(sgn=O * P, sgc=P if nchw else 1, sgp=1 if nchw else O)
+        out.update(scn=out["sgn"], scc=out["sgc"], scp=out["sgp"])
         conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
-        return dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * H * W,
-                    HQ=H, WQ=W, step_h=1, step_w=1, sdn=H * W * C, sdc=1, sdh=W * C, sdw=C,
-                    sgn=H * W * O, sgc=1, sgh=W * O, sgw=O, scn=H * W * O, scc=1, sch=W * O,
-                    scw=O, **x, **conv)
+        ints = dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * P, P_IMG=P,
+                    TILES=triton.cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,
+                    **out, **conv)
+        return ints, dict(ints, **cl_x)  # the ints of the dgrad / prologue and of the wgrad
 
     def ints(fn, lay, **extra):
         return {k: v for k, v in {**lay, **extra}.items() if k in fn.arg_names}
+
+    def job(fn, name, dtype, layout, ints, constexprs, ptrs, warps, stages):
+        return dict(kernel=fn, name=name, dtype=dtype, layout=layout, ints=ints,
+                    constexprs=constexprs, pointer_dtypes=ptrs, num_warps=warps,
+                    num_stages=stages)
 
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
         gemm = ([("small", DGRAD_CONFIG_FP32, WGRAD_CONFIG_FP32)] if dtype == "fp32" else
                 [(n, DGRAD_CONFIGS[n], WGRAD_CONFIGS[n]) for n in ("small", "large")])
-        for size, dcfg, wcfg in gemm:
-            lay = layer(64, 64, 1) if size == "small" else layer(128, 128, 1)
-            for fn, (BM, BN, BK, warps, stages), ptrs, extra in (
-                    (scd2d_dgrad_kernel, dcfg, dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), {}),
-                    (scd2d_wgrad_kernel, wcfg, dict(GD=dt, X=dt, WS="*fp32"),
-                     dict(K_SPLIT=triton.cdiv(lay["M"], 44 * wcfg[2]) * wcfg[2]))):
-                jobs.append(dict(kernel=fn, name=f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
-                                 dtype=dtype, ints=ints(fn, lay, **extra),
-                                 constexprs=dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK),
-                                 pointer_dtypes=ptrs, num_warps=warps, num_stages=stages))
-        dw = layer(128, 128, 128)
-        BP, BO, warps, stages = PROLOGUE_CONFIG
-        jobs.append(dict(kernel=scd2d_bwd_prologue_kernel, name=f"BP{BP}-BG1-BO{BO}-w{warps}",
-                         dtype=dtype, ints=ints(scd2d_bwd_prologue_kernel, layer(64, 64, 1)),
-                         constexprs=dict(BP=BP, BG=1, BO=BO),
-                         pointer_dtypes=dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32",
-                                             GD=dt, GNS="*fp32", WP="*fp32", WQ="*fp32"),
-                         num_warps=warps, num_stages=stages))
-        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
-        jobs.append(dict(kernel=scd2d_dgrad_direct_kernel, name=f"BM{BM}-BC{BC}-w{warps}-s{stages}",
-                         dtype=dtype, ints=ints(scd2d_dgrad_direct_kernel, dw),
-                         constexprs=dict(R=3, S=3, BM=BM, BC=BC),
-                         pointer_dtypes=dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
-                         num_warps=warps, num_stages=stages))
-        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG
-        jobs.append(dict(kernel=scd2d_wgrad_direct_kernel, name=f"BP{BP}-BO{BO}-w{warps}-s{stages}",
-                         dtype=dtype, ints=ints(scd2d_wgrad_direct_kernel, dw, K_SPLIT=4096),
-                         constexprs=dict(R=3, S=3, BP=BP, BO=BO),
-                         pointer_dtypes=dict(GD=dt, X=dt, WS="*fp32"),
-                         num_warps=warps, num_stages=stages))
+        for layout in ("channels_last", "nchw"):
+            nchw = layout == "nchw"
+            for size, dcfg, wcfg in gemm:
+                C = 64 if size == "small" else 128
+                d_ints, w_ints = layer(layout, C, C, 1, dcfg[0])
+                for fn, (BM, BN, BK, warps, stages), lay, ptrs, extra in (
+                        (scd2d_dgrad_kernel, dcfg, d_ints,
+                         dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
+                         dict(PER_IMAGE=nchw, PLANES=nchw)),
+                        (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"), {})):
+                    k_split = triton.cdiv(lay["M"], 44 * BK) * BK
+                    jobs.append(job(fn, f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
+                                    layout, ints(fn, lay, K_SPLIT=k_split),
+                                    dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra),
+                                    ptrs, warps, stages))
+            BP, BO, warps, stages = PROLOGUE_CONFIG
+            lay, _ = layer(layout, 64, 64, 1, BP)
+            jobs.append(job(scd2d_bwd_prologue_kernel, f"BP{BP}-BG1-BO{BO}-w{warps}", dtype, layout,
+                            ints(scd2d_bwd_prologue_kernel, lay),
+                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw),
+                            dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
+                                 GNS="*fp32", WP="*fp32", WQ="*fp32"), warps, stages))
+            BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
+            dw, dw_cl = layer(layout, 128, 128, 128, BM)
+            jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,
+                            layout, ints(scd2d_dgrad_direct_kernel, dw),
+                            dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw),
+                            dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
+            BP, BO, warps, stages = WGRAD_DIRECT_CONFIG
+            jobs.append(job(scd2d_wgrad_direct_kernel, f"BP{BP}-BO{BO}-w{warps}-s{stages}", dtype,
+                            layout, ints(scd2d_wgrad_direct_kernel, dw_cl, K_SPLIT=4096),
+                            dict(R=3, S=3, BP=BP, BO=BO), dict(GD=dt, X=dt, WS="*fp32"),
+                            warps, stages))
     return jobs

@@ -3,22 +3,27 @@ dgrad and wgrad of ``kernels/bwd.py`` as memory-bound multiply-accumulate loops,
 import triton
 import triton.language as tl
 
-from ._common import output_positions
+from ._common import tile_positions
 
 
-@triton.jit(do_not_specialize=["N", "M"])
+@triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_dgrad_direct_kernel(
     GD, W, GNS, X, GX,
-    N, H, Wd, G, Cg, Og, O, C, OH, OW, M,
+    H, Wd, G, Cg, Og, O, C, OH, OW, P_IMG, M, TILES,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+    PLANES: tl.constexpr,
 ):
     """Program (i_m, i_c): BM input positions × BC global input channels (M = N·H·W); W is ŵ
-    as given, [O, C/G, R, S]. Each tap gathers the output position it maps to, if any."""
+    as given, [O, C/G, R, S]. Each tap gathers the output position it maps to, if any.
+    ``PLANES`` (x and grad_x NCHW-contiguous): tiles run over one image (``TILES`` per image,
+    ``P_IMG = H·W``), one contiguous run of each (n, c) plane: 16-byte loads and stores."""
     i_m, i_c = tl.program_id(0), tl.program_id(1)
-    o_n, o_ih, o_iw, m_m = output_positions(i_m, M, H, Wd, BM)          # [BM] input positions
+    o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PLANES)     # [BM] input positions
     o_n = o_n.to(tl.int64)
+    o_ih = o_p // Wd
+    o_iw = o_p - o_ih * Wd
     o_c = i_c * BC + tl.arange(0, BC)                                    # [BC]
     m_c = o_c < C
     o_g = o_c // Cg
@@ -44,9 +49,14 @@ def scd2d_dgrad_direct_kernel(
             acc += b_gd * b_w[None, :]
 
     m = m_m[:, None] & m_c[None, :]
-    b_x = tl.load(X + (o_n * sxn + o_ih * sxh + o_iw * sxw)[:, None] + (o_c * sxc)[None, :],
-                  mask=m, other=0.0).to(tl.float32)
-    o_gx = (o_n * sdn + o_ih * sdh + o_iw * sdw)[:, None] + (o_c * sdc)[None, :]
+    if PLANES:
+        o_x = o_n * sxn + o_p                                            # = ih·W + iw
+        o_gx = o_n * sdn + o_p
+    else:
+        o_x = o_n * sxn + o_ih * sxh + o_iw * sxw
+        o_gx = o_n * sdn + o_ih * sdh + o_iw * sdw
+    b_x = tl.load(X + o_x[:, None] + (o_c * sxc)[None, :], mask=m, other=0.0).to(tl.float32)
+    o_gx = o_gx[:, None] + (o_c * sdc)[None, :]
     tl.store(GX + o_gx, (acc + b_x * b_box).to(GX.dtype.element_ty), mask=m)
 
 

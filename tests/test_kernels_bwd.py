@@ -50,6 +50,58 @@ def test_channels_last_gradients(case):
     assert grad_x.is_contiguous(memory_format=torch.channels_last), "grad_x lost channels_last"
 
 
+# NCHW inputs (the default layout): per-image tiles in the prologue and the dgrad GEMM (NCHW
+# planes at stride 1, channels-contiguous x at stride 2), the wgrad on a channels_last copy of x.
+# The interpreter tiles 64 (dgrad) and 32 (prologue) positions: images of 90 and 143 positions
+# take several tiles, the last one partial.
+NCHW_CASES = [
+    Case(2, 16, 9, 10, 24, (3, 3), padding=1),                       # stride 1: NCHW planes
+    Case(2, 17, 11, 13, 20, (3, 3), stride=2, padding=1),            # stride 2, odd sizes
+    Case(3, 32, 7, 9, 32, (3, 3), padding=1, groups=2),              # grouped GEMM
+    Case(1, 16, 13, 11, 16, (3, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    Case(2, 8, 9, 7, 8, (3, 3), padding=1, groups=8),                # depthwise (direct)
+]
+
+
+@pytest.mark.parametrize("case", params(NCHW_CASES))
+def test_nchw_gradients_match_oracle_and_channels_last(case):
+    """NCHW gradients against the oracle, and against the channels_last path's gradients."""
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
+    x, w, p, q = _leaves((case.N, case.C, case.H, case.W),
+                         (case.O, case.C // case.groups, *case.kernel), (case.O,), (case.O,))
+    with torch.no_grad():
+        p.uniform_(0.7, 3.0), q.uniform_(0.0, 0.3)
+    fn = lambda *a, **k: scd_triton.scd2d(*a, backend="triton", **k)
+    y = fn(x, w, p, q, **case.conv_kwargs())
+    grad_y = torch.randn_like(y)
+    nchw = torch.autograd.grad(y, (x, w, p, q), grad_y)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y_cl = fn(x_cl, w, p, q, **case.conv_kwargs())
+    cl = torch.autograd.grad(y_cl, (x_cl, w, p, q), grad_y.to(memory_format=torch.channels_last))
+    assert nchw[0].is_contiguous() and cl[0].is_contiguous(memory_format=torch.channels_last)
+    for name, a, b in zip("xwpq", nchw, cl):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"grad_{name}: NCHW != CL")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "broadcast"])
+def test_gradients_for_strided_grad_y(layout):
+    """grad_y whose (OH, OW) do not flatten (copied to NCHW) or that is a broadcast scalar."""
+    x, w, p, q = _leaves((2, 16, 6, 7), (16, 16, 3, 3), (16,), (16,))
+    with torch.no_grad():
+        p.uniform_(0.7, 3.0), q.uniform_(0.0, 0.3)
+    if layout == "transposed":
+        grad_y = torch.randn(2, 16, 7, 6, device=DEVICE).transpose(2, 3)
+    else:
+        grad_y = torch.full((), 0.5, device=DEVICE).expand(2, 16, 6, 7)
+    got = _grads(lambda *a, **k: scd_triton.scd2d(*a, backend="triton", **k), x, w, p, q, grad_y,
+                 padding=1)
+    ref = [t.detach().cpu().double().requires_grad_() for t in (x, w, p, q)]
+    want = torch.autograd.grad(oracle.scd2d(*ref, padding=(1, 1, 1, 1)), ref,
+                               grad_y.cpu().double())
+    for name, g, r in zip("xwpq", got, want):
+        assert_close(f"grad_{name}", g.cpu(), r, torch.float32, grad=True, reduce_dim=16 * 9 * 16)
+
+
 def test_scd1d_gradients_match_oracle():
     x, w, p, q = _leaves((2, 8, 33), (16, 4, 5), (16,), (16,))
     with torch.no_grad():
