@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -31,12 +32,13 @@ COMPILE_SHAPES = ("resnet18/3x3_128_28", "cifar_wide/scs3x3_256-256_8",
 DTYPES = ["bfloat16", "float32"]
 
 
-def run_tests(timeout_s):
+def run_tests(timeout_s, selection=("tests",)):
     """The test suite on the GPU kernels; returns (exit code, last summary line, seconds)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_INTERPRET"] = "0"
     start = time.time()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider",
+           *selection]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         out, code = proc.stdout + proc.stderr, proc.returncode
@@ -62,8 +64,8 @@ def _host_and_kernel_us(step, calls=20):
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
-    kernel = sum(e.device_time for e in prof.events()
-                 if e.device_type == torch.autograd.DeviceType.CUDA) / calls
+    kernel = sum(getattr(k, "self_device_time_total", None) or getattr(k, "self_cuda_time_total", 0)
+                 for k in prof.key_averages()) / calls
     return host, kernel
 
 
@@ -97,6 +99,10 @@ def main(argv=None):
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile providers")
     parser.add_argument("--test-timeout", type=float, default=240.0)
+    parser.add_argument("--tests", default="tests", help="pytest arguments (one string)")
+    parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
+    parser.add_argument("--dtype", nargs="*", choices=DTYPES, default=DTYPES)
+    parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")
@@ -106,17 +112,20 @@ def main(argv=None):
     tests = None
     if not args.skip_tests:
         print("== tests (real kernels)")
-        code, summary, seconds = run_tests(args.test_timeout)
+        code, summary, seconds = run_tests(args.test_timeout, shlex.split(args.tests))
         tests = dict(exit_code=code, summary=summary, seconds=round(seconds, 1))
         print(f"-- tests: {summary} ({seconds:.0f} s, exit {code})")
     torch.backends.cudnn.benchmark = True
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
-    shapes = suite(True, "cuda")
+    shapes = [s for s in suite(True, "cuda")
+              if not args.shapes or any(f in s.label for f in args.shapes)]
     device = torch.device("cuda")
     print("== benchmark")
-    rows = bench.run(shapes, FAST_PROVIDERS, DTYPES, device)
+    providers = ["conv2d"] + [p for p in args.providers if p != "conv2d"]
+    rows = bench.run(shapes, providers, args.dtype, device)
     if not args.skip_compile:
         few = [s for s in shapes if s.label in COMPILE_SHAPES]
+        print("== torch.compile providers")
         compiled = bench.run(few, COMPILE_PROVIDERS, ["bfloat16"], device)
         rows += [r for r in compiled if r["provider"] != "conv2d"]
     print("== profile (triton, bfloat16)")
