@@ -63,8 +63,6 @@ def scd2d_fwd_kernel(
     o_k = tl.arange(0, BK)
     p_w = W + i_g.to(tl.int64) * W_ROWS * W_COLS + o_k[:, None] * W_COLS + o_o[None, :]  # [BK, BN]
     n_cb = tl.cdiv(Cg, BK)
-    tap = 0                         # (tap, channel block) of the step, counted without a division
-    cb = 0
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     # Σs² per element, reduced once after the loop: no shuffles in the loop (a per-step row
@@ -84,7 +82,10 @@ def scd2d_fwd_kernel(
                    & (o_iw >= 0) & (o_iw < Wd))
             p_tile = p_x[:, None] + (o_r * sxh + o_s * sxw + o_c * sxc)[None, :]
         else:
-            o_c = cb * BK + o_k                                          # [BK]
+            # (tap, channel block) of the step from i_k itself: counters carried across
+            # iterations gave wrong masks under 3-stage pipelining on an H200 (bf16/fp16)
+            tap = i_k // n_cb
+            o_c = (i_k - tap * n_cb) * BK + o_k                          # [BK]
             d_h = (tap // S) * dil_h
             d_w = (tap % S) * dil_w
             if X_PLANES:
@@ -105,10 +106,6 @@ def scd2d_fwd_kernel(
         b_xf = b_x.to(tl.float32)
         ssq += b_xf * b_xf
         acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
-        if not FLAT_K:
-            cb += 1
-            tap += (cb == n_cb).to(tl.int32)        # a compare, not a division by n_cb
-            cb = tl.where(cb == n_cb, 0, cb)
 
     m_o = o_o < Og
     b_p = tl.load(P + i_g * Og + o_o, mask=m_o, other=1.0)
@@ -192,6 +189,9 @@ def scd2d_fwd_direct_kernel(
         tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
 
 
+FAST_MATH = True   # lg2/ex2.approx in the epilogue on CUDA; False: libdevice log2/exp2
+
+
 def uses_direct_kernel(groups, in_per_group, out_per_group):
     """Grouped layers with at most 4 input and 4 output channels per group (depthwise-like)."""
     return groups > 1 and in_per_group <= 4 and out_per_group <= 4
@@ -213,8 +213,8 @@ def _block_k(n, choices):
 def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
 
-    Wide tiles (128×128×64 for 16-bit, 64×128×32 for float32) for wide layers; BN the smallest
-    power of two covering O/G (≥ 16); BK the widest of 64/32/16 that pads C/G by ≤ 1/8. Fewer
+    Wide tiles (128×128×32 for 16-bit, 64×128×32 for float32) for wide layers, 3 stages; BN the
+    smallest power of two covering O/G (≥ 16); BK the wider of 32/16 that pads C/G by ≤ 1/8. Fewer
     than 16 channels per group (stem, grouped narrow layers) flatten K over (tap, channel), so a
     3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero ones.
     BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a 132-SM GPU.
@@ -224,13 +224,14 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     if flat_k:
         BK = 16 if Cg * R * S <= 16 else 32
     else:
-        BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16))
+        # BK ≤ 32: 16-bit tiles with BK 64 gave wrong dots (relative error ~0.1) at 2 and 3
+        # pipeline stages on an H200 (Triton 3.6); BK 32 at 3 stages was exact there
+        BK = _block_k(Cg, (32, 16))
     BM = 128 if triton.cdiv(M, 128) * triton.cdiv(Og, BN) * G >= 264 else 64
     if fp32 and BN == 128:
         BM = 64   # float32 128×128 tiles with the [BM, BK] Σs² tile spill on sm_90
     warps = 8 if BM * BN >= 128 * 128 else 4
-    stage_bytes = (BM + BN) * BK * (4 if fp32 else 2)
-    return BM, BN, BK, flat_k, warps, 3 if stage_bytes >= 24 * 1024 else 4
+    return BM, BN, BK, flat_k, warps, 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,7 +296,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
     p, q = p.float().contiguous(), q.float().contiguous()
     conv = (*stride, padding[0], padding[2], *dilation, eps, norm_eps)
-    flags = dict(PER_IMAGE=per_image, SAVE=save_for_backward, FAST=x.is_cuda)
+    flags = dict(PER_IMAGE=per_image, SAVE=save_for_backward, FAST=x.is_cuda and FAST_MATH)
     if direct:
         BM, BG, OGP, warps, stages = direct_config(Og)
         tiles = triton.cdiv(P_img, BM)
