@@ -40,19 +40,6 @@ def sharpen(acc, norm, p, q, eps, FAST: tl.constexpr = False):
 
 
 @triton.jit
-def output_positions(i_m, M, OH, OW, BM: tl.constexpr):
-    """Indices (n, oh, ow) of the BM output positions of tile ``i_m``, and their mask.
-
-    int32 (the launcher checks ``M < 2**31``); offsets that can pass 2**31 (``n · stride_n``)
-    are formed in int64 by the caller.
-    """
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_ow = o_m % OW
-    o_t = o_m // OW
-    return o_t // OH, o_t % OH, o_ow, o_m < M
-
-
-@triton.jit
 def dgrad_phase_taps(phase, pad, stride, dil, step, R: tl.constexpr):
     """Kernel rows that reach input rows ``ih ≡ phase (mod stride)`` in a strided conv: the
     first such row ``r0`` (``(phase + pad − r0·dil)`` divisible by ``stride``) and how many of
@@ -82,3 +69,16 @@ def tile_positions(i_m, M, P, TILES, BM: tl.constexpr, PER_IMAGE: tl.constexpr):
         o_m = i_m * BM + tl.arange(0, BM)
         o_n = o_m // P
         return o_n, o_m - o_n * P, o_m < M
+
+
+@triton.jit
+def tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w, sxn, sxh, sxw):
+    """The input offsets (int64) that one tap, shifted by (dh, dw), reads for the flat output
+    positions ``o_k`` (below ``k_hi``), their mask (in range, not padding) and ``o_k < k_hi``."""
+    m_k = o_k < k_hi
+    o_ow = o_k % OW
+    o_t = o_k // OW
+    o_ih = (o_t % OH) * stride_h + dh
+    o_iw = o_ow * stride_w + dw
+    m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
+    return (o_t // OH).to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw, m_x, m_k

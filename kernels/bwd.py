@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .shapes import memory_format
-from ._common import dgrad_phase_taps, tile_positions
+from ._common import dgrad_phase_taps, tap_offsets, tile_positions
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import uses_direct_kernel
 from .weight import normalize_weight, normalize_weight_backward
@@ -187,15 +187,10 @@ def scd2d_wgrad_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
         o_k = k + tl.arange(0, BK)                                       # [BK] output positions
-        m_k = o_k < k_hi
-        o_ow = o_k % OW
-        o_t = o_k // OW
-        o_ih = (o_t % OH) * stride_h + dh
-        o_iw = o_ow * stride_w + dw
-        m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
+        o_x, m_x, m_k = tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w, sxn,
+                                    sxh, sxw)
         b_gd = tl.load(p_gd + o_k.to(tl.int64)[None, :] * O,
                        mask=m_o[:, None] & m_k[None, :], other=0.0)      # [BM, BK]
-        o_x = (o_t // OH).to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw
         b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_c[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(b_gd, b_x, acc, input_precision=PRECISION)
 

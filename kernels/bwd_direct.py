@@ -3,7 +3,7 @@ dgrad and wgrad of ``kernels/bwd.py`` as memory-bound multiply-accumulate loops,
 import triton
 import triton.language as tl
 
-from ._common import tile_positions
+from ._common import tap_offsets, tile_positions
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -84,15 +84,10 @@ def scd2d_wgrad_direct_kernel(
     acc = tl.zeros((BP, BO), dtype=tl.float32)
     for k in range(k_lo, k_hi, BP):
         o_k = k + tl.arange(0, BP)                                       # [BP] output positions
-        m_k = o_k < k_hi
-        o_ow = o_k % OW
-        o_t = o_k // OW
-        o_ih = (o_t % OH) * stride_h + dh
-        o_iw = o_ow * stride_w + dw
-        m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
+        o_x, m_x, m_k = tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w, sxn,
+                                    sxh, sxw)
         b_gd = tl.load(GD + o_k.to(tl.int64)[:, None] * O + o_o[None, :],
                        mask=m_k[:, None] & m_o[None, :], other=0.0)      # [BP, BO]
-        o_x = (o_t // OH).to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw
         b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_o[None, :], other=0.0)
         acc += b_gd.to(tl.float32) * b_x.to(tl.float32)
 
