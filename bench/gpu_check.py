@@ -2,7 +2,7 @@
 
     python -m bench.gpu_check [--out-dir bench/results] [--skip-tests] [--skip-compile]
 
-1. the test suite on the real kernels (no interpreter), with a time limit;
+1. the GPU-specific tests on the real kernels (no interpreter), with a time limit;
 2. a quick benchmark of every provider on the whole suite in bfloat16 and float32 (the
    ``torch.compile`` providers on a few shapes only: each compile takes tens of seconds);
 3. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
@@ -30,6 +30,11 @@ COMPILE_PROVIDERS = ["conv2d", "rohrer+compile"]
 COMPILE_SHAPES = ("resnet18/3x3_128_28", "cifar_wide/scs3x3_256-256_8",
                   "cifar10_80_25214/scs5x5_3-80_32")
 DTYPES = ["bfloat16", "float32"]
+# bf16 numerics, TF32, sync-freedom, CUDA graphs, autocast, NaN, int64 offsets, NCHW backward:
+# 54 tests, 160 s on an H200 (2026-11-26), most of it kernel compilation
+GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_ops.py "
+             "tests/test_functional.py -k 'bfloat16 or tf32 or synchronises or capturable or "
+             "autocast or nan or int64 or nchw or wide'")
 
 
 def run_tests(timeout_s, selection=("tests",)):
@@ -99,7 +104,9 @@ def main(argv=None):
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile providers")
     parser.add_argument("--test-timeout", type=float, default=240.0)
-    parser.add_argument("--tests", default="tests", help="pytest arguments (one string)")
+    parser.add_argument("--tests", default=GPU_TESTS, help="pytest arguments (one string); "
+                        "default: the GPU-specific tests (the whole suite compiles too many "
+                        "kernel variants for a short run: use `make test-gpu` for it)")
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
     parser.add_argument("--dtype", nargs="*", choices=DTYPES, default=DTYPES)
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
