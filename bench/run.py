@@ -81,8 +81,9 @@ def make_provider(name, shape, device):
 
 
 def check_against_oracle(name, fn, shape, dtype, device):
-    """The provider's output on one sample against the float64 oracle (conv2d: against conv2d)."""
-    x, w, p, q = make_inputs(shape, dtype, device)
+    """The provider's output on one sample against the float64 oracle (conv2d: against conv2d),
+    on the input layout the provider is timed at (the first of ``LAYOUTS``)."""
+    x, w, p, q = make_inputs(shape, dtype, device, LAYOUTS.get(name, ("nchw",))[0])
     x = x[:1]
     y = fn(x, w, p, q).double().cpu()
     stride, padding = _conv_args(shape)

@@ -1,4 +1,5 @@
-"""Backward of the SCD core op (SPEC section 2): three launches plus two tiny reductions.
+"""Backward of the SCD core op (SPEC section 2): four launches (with the kernel normalisation's
+backward, ``weight.normalize_weight_backward_kernel``) plus two tiny reductions.
 
 - ``scd2d_bwd_prologue_kernel``: one pass over ``grad_y`` and the saved ``c`` and norms. Per
   element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =
@@ -10,7 +11,8 @@
   are the same for the whole tile and the K loop runs over those taps only (no zero insertion,
   no scatter). The epilogue adds ``x ⊙ box_sum(grad_‖s‖/‖s‖)``, gathered over the same taps.
 - ``scd2d_wgrad_kernel``: implicit GEMM ``grad_d^T · patches(x)`` per kernel tap, split over
-  ``N·OH·OW`` into a float32 workspace that the host sums (deterministic).
+  ``N·OH·OW`` into a float32 workspace that the normalisation's backward kernel sums in a fixed
+  order (deterministic) while applying its Jacobian.
 - ``bwd_direct.py``: the same two products as multiply-accumulate loops for groups too narrow
   for 16-wide ``tl.dot`` tiles (depthwise).
 """
@@ -201,7 +203,7 @@ def scd2d_wgrad_kernel(
 
 # CUDA configs, one or two per kernel (no autotune: a GPU compiles little). GEMM tuples are
 # (BM, BN, BK, num_warps, num_stages); the "large" ones serve groups of more than 64 channels.
-PROLOGUE_CONFIG = (64, 32, 4, 1)                  # (BP, BO·BG, warps, stages)
+PROLOGUE_CONFIG = (64, 32, 4, 1)                  # (BP, largest BO, warps, stages)
 DGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (128, 64, 32, 4, 3)}
 WGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)}
 DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
@@ -353,7 +355,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     splits = _splits(tiles * R * S * G, M, BK, dev)
     k_split = triton.cdiv(triton.cdiv(M, splits), BK) * BK
     splits = triton.cdiv(M, k_split)
-    ws_dtype = weight.dtype if splits == 1 else torch.float32
+    # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
+    ws_dtype = weight.dtype if splits == 1 and weight_norm == "none" else torch.float32
     ws = torch.empty((splits, O, Cg, R, S), dtype=ws_dtype, device=dev)
     scd2d_wgrad_kernel[(tiles, R * S, G * splits)](
         grad_d, x_cl, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(), *conv,

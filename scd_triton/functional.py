@@ -101,10 +101,10 @@ def resolve_backend(backend, device: torch.device, dtype: torch.dtype = torch.fl
     return backend
 
 
-def _check_scalar(value, name, positive=False):
+def _check_scalar(value, name, positive=False, expected="a float or a tensor"):
     """A finite Python float >= 0 (> 0 if ``positive``); values inside tensors are not read."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0, "
                          f"got {value!r}")
@@ -164,8 +164,8 @@ def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim
 
 def _typed(value):
     """A hashable key that tells 1 from True and 1.0 (lists become tuples)."""
-    if isinstance(value, (list, tuple)):
-        return (type(value), tuple(_typed(v) for v in value))
+    if isinstance(value, (list, tuple)):   # tuple subclasses (torch.Size, ...) as tuples
+        return (list if isinstance(value, list) else tuple, tuple(_typed(v) for v in value))
     return (type(value), value)
 
 
@@ -191,8 +191,8 @@ def _geometry(key):
         raise ValueError(f"weight.shape[1] must be C/groups = {C // groups}, got {w_shape[1]}")
     if min(w_shape[2:]) < 1 or O < 1:
         raise ValueError(f"weight must have a non-empty kernel and out_channels, got {w_shape}")
-    _check_scalar(eps, "eps")
-    _check_scalar(norm_eps, "norm_eps")
+    _check_scalar(eps, "eps", expected="a Python float")
+    _check_scalar(norm_eps, "norm_eps", expected="a Python float")
     stride = _positive(stride, ndim, "stride")
     dilation = _positive(dilation, ndim, "dilation")
     kernel = tuple(w_shape[2:])
@@ -232,7 +232,7 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
     if weight_norm_eps is None:
         weight_norm_eps = norm_eps
     else:
-        _check_scalar(weight_norm_eps, "weight_norm_eps")
+        _check_scalar(weight_norm_eps, "weight_norm_eps", expected="a Python float")
     O = weight.shape[0]
     p_eff, q_eff = _effective(p, "p", x, O), _effective(q, "q", x, O)
     backend = resolve_backend(backend, x.device, x.dtype)

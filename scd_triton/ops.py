@@ -133,6 +133,7 @@ class _EagerSCD2d(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # the analytic backward has no graph
     def backward(ctx, grad_y):
         x, weight, p, q, c, norm = ctx.saved_tensors
         return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args),) + (None,) * 9

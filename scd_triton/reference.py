@@ -136,7 +136,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     grad_norm = g_c_over_a.sum(2).neg_()                             # [N, G, OH, OW]
     grad_q = g_c_over_a.sum((0, 3, 4)).neg_().reshape(O)
     y = _signed(pow_pm1.mul_(base), c5)                              # reuses the forward's power
-    grad_p = base.log_().mul_(y).mul_(gy5).sum((0, 3, 4)).reshape(O)
+    # [d ≠ 0] as in G: with eps = 0, ln(0)·0 would be NaN where c = 0 (NaN in c stays NaN)
+    grad_p = base.log_().mul_(y).mul_(gy5).masked_fill_(c5 == 0, 0).sum((0, 3, 4)).reshape(O)
 
     xc, wc = x.to(cdt), w_hat.to(cdt)
     xp, conv_pad = _pad_input(xc, padding)
@@ -151,7 +152,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         top, _, left, _ = padding
         grad_x = grad_xp[..., top:top + H, left:left + W]
     grad_w = conv2d_weight(xp, w_hat.shape, grad_d, stride, conv_pad, dilation, groups)
-    grad_w, grad_q_kernel = normalize_weight_backward(grad_w.to(w_hat.dtype), weight, q,
+    # grad_ŵ stays in the compute dtype: the Jacobian cancels its radial part
+    grad_w, grad_q_kernel = normalize_weight_backward(grad_w, weight, q,
                                                       weight_norm, weight_norm_eps)
     if grad_q_kernel is not None:
         grad_q = grad_q + grad_q_kernel

@@ -125,3 +125,23 @@ def test_forward_without_grad_stores_only_y(backend):
     y_saved, c, norm = scd_triton.ops.forward(x, w, p, q, *args, True)
     assert c.shape == y.shape and norm.shape == (2, 1, 6, 6)
     torch.testing.assert_close(y, y_saved, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eps_zero_with_all_zero_patches_gives_finite_p_gradient(backend):
+    """eps = 0 is allowed: where c = 0 the p-gradient term y·ln|c| is 0 (as [d ≠ 0] in G), not
+    0·(−inf) = NaN; both backends agree."""
+    x = torch.randn(1, 2, 5, 5)
+    x[:, :, :3, :3] = 0                        # all-zero patches around the corner
+    x, w, p, q = _leaves(x, torch.randn(3, 2, 3, 3), torch.full((3,), 2.0), torch.full((3,), 0.1))
+    y = scd_triton.scd2d(x, w, p, q, padding=1, eps=0.0, backend=backend)
+    y.backward(torch.ones_like(y))
+    for name, t in (("x", x), ("w", w), ("p", p), ("q", q)):
+        assert torch.isfinite(t.grad).all(), f"grad_{name} not finite"
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, p, q)]
+    ref = oracle.scd2d(*leaves, padding=(1, 1, 1, 1), eps=0.0)
+    assert (ref.detach()[0, :, 0, 0] == 0).all()
+    ref_grad_p = (ref.detach() * torch.where(ref.detach() == 0, 0.0,
+                                             (ref.detach().abs() / 1).log() / leaves[2].detach()
+                                             .view(1, -1, 1, 1))).sum((0, 2, 3))
+    assert_close("grad_p", p.grad.cpu(), ref_grad_p, torch.float32, grad=True, reduce_dim=25)

@@ -112,6 +112,7 @@ BAD_CALLS = [
     ("p nan", dict(p=float("nan")), ValueError, "p must be a finite float > 0"),
     ("q negative", dict(q=-0.1), ValueError, "q must be a finite float >= 0"),
     ("q inf", dict(q=float("inf")), ValueError, "q must be a finite float >= 0"),
+    ("eps tensor", dict(eps=torch.tensor(1e-6)), TypeError, "eps must be a Python float"),
 ]
 
 
@@ -182,3 +183,21 @@ def test_launches_on_the_tensors_device():
         y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1)
     ref = scd_triton.scd2d(x.cpu(), w.cpu(), 2.0, 0.1, padding=1)
     torch.testing.assert_close(y.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_tuple_subclasses_are_accepted_as_conv_arguments():
+    x, w = _args()
+    ref = scd_triton.scd2d(x, w, 2.0, 0.1, stride=(1, 1), padding=(1, 1), backend="reference")
+    got = scd_triton.scd2d(x, w, 2.0, 0.1, stride=torch.Size([1, 1]), padding=torch.Size([1, 1]),
+                           backend="reference")
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    """The backward is analytic (no graph): a second derivative raises instead of being wrong."""
+    x, w = _args()
+    x.requires_grad_()
+    g, = torch.autograd.grad(scd_triton.scd2d(x, w, 2.0, 0.1, padding=1).sum(), x,
+                             create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
