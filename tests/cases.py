@@ -64,9 +64,9 @@ CASES_2D = [
 ]
 
 
-def random_pq(case, dtype=torch.float32):
+def random_pq(case, dtype=torch.float32, p_min=0.7):
     shape = (case.O,) if case.per_channel else ()
-    p = torch.empty(shape, dtype=dtype).uniform_(0.7, 3.0)
+    p = torch.empty(shape, dtype=dtype).uniform_(p_min, 3.0)
     q = torch.empty(shape, dtype=dtype).uniform_(0.0, 0.3)
     return p, q
 
@@ -79,7 +79,11 @@ def run_against_oracle(fn, case, dtype, backend, normalized=False, channels_last
     w = torch.randn(case.O, case.C // case.groups, *case.kernel, dtype=dtype)
     if normalized:
         w = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    p, q = random_pq(case, torch.float64 if dtype == torch.float64 else torch.float32)
+    # bf16 gradients with p < 1 are ill-conditioned: (|c|+eps)^(p-1) grows without bound as
+    # c -> 0, and rounding ŵ to bf16 alone moves grad_x by up to ~5e-2 (float64 emulation,
+    # docs/GPU_NOTES.md); with p >= 1 it is ~3e-3, so bf16 checks draw p from [1, 3]
+    p, q = random_pq(case, torch.float64 if dtype == torch.float64 else torch.float32,
+                     p_min=1.0 if dtype == torch.bfloat16 else 0.7)
     leaves = [t.clone().to(device).requires_grad_(grads) for t in (x, w, p, q)]
     x_in = leaves[0].to(memory_format=torch.channels_last) if channels_last else leaves[0]
     y = fn(x_in, leaves[1], leaves[2], leaves[3], backend=backend, **case.conv_kwargs())
