@@ -26,7 +26,7 @@ import triton.language as tl
 from .shapes import memory_format
 from ._common import dgrad_phase_taps, tap_offsets, tile_positions
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
-from .fwd import uses_direct_kernel
+from .fwd import dot_precision, pow2_between, uses_direct_kernel
 from .weight import normalize_weight, normalize_weight_backward
 
 
@@ -212,10 +212,6 @@ DGRAD_DIRECT_CONFIG = (64, 64, 4, 2)              # (BM, BC, warps, stages)
 WGRAD_DIRECT_CONFIG = (128, 64, 4, 2)             # (BP, BO, warps, stages)
 
 
-def _pow2_between(n, lo, hi):
-    return max(lo, min(hi, triton.next_power_of_2(n)))
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -223,7 +219,7 @@ def _sm_count(index):
 
 def _dgrad_config(dtype, Cg, Og, cuda):
     if not cuda:  # the interpreter: small tiles, few loop steps
-        return 64, _pow2_between(Cg, 16, 64), _pow2_between(Og, 16, 64), 4, 1
+        return 64, pow2_between(Cg, 16, 64), pow2_between(Og, 16, 64), 4, 1
     if dtype == torch.float32:
         return DGRAD_CONFIG_FP32
     return DGRAD_CONFIGS["large" if Cg > 64 and Og >= 64 else "small"]
@@ -231,7 +227,7 @@ def _dgrad_config(dtype, Cg, Og, cuda):
 
 def _wgrad_config(dtype, Cg, Og, cuda):
     if not cuda:
-        return _pow2_between(Og, 16, 64), _pow2_between(Cg, 16, 64), 64, 4, 1
+        return pow2_between(Og, 16, 64), pow2_between(Cg, 16, 64), 64, 4, 1
     if dtype == torch.float32:
         return WGRAD_CONFIG_FP32
     return WGRAD_CONFIGS["large" if Cg > 64 and Og > 64 else "small"]
@@ -312,7 +308,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     x_cl = x if x.stride(1) == 1 or C == 1 else x.contiguous(memory_format=torch.channels_last)
     if uses_direct_kernel(G, Cg, Og):
         w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
-        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(C, 16, 64), 4, 1)
+        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
         planes = per_image and x.is_contiguous()    # NCHW: tiles along each image's positions
         tiles = triton.cdiv(H * W, BM)
         grid = (N * tiles if planes else triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))
@@ -320,7 +316,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
             grad_d, w_hat.contiguous(), gns, x, grad_x, H, W, G, Cg, Og, O, C, OH, OW, H * W,
             N * H * W, tiles, *x.stride(), *grad_x.stride(), *conv, R=R, S=S, BM=BM, BC=BC,
             PLANES=planes, num_warps=warps, num_stages=stages)
-        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, _pow2_between(O, 16, 64), 4, 1)
+        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
         splits = _splits(triton.cdiv(O, BO) * Cg * R * S, M, BP, dev)
         k_split = triton.cdiv(triton.cdiv(M, splits), BP) * BP
         ws = torch.empty((triton.cdiv(M, k_split), O, Cg, R, S), dtype=torch.float32, device=dev)
@@ -329,7 +325,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
             R=R, S=S, BP=BP, BO=BO, num_warps=warps, num_stages=stages)
         return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q))
 
-    precision = "tf32" if x.dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
+    precision = dot_precision(x.dtype)
     BM, BN, BK, warps, stages = _dgrad_config(x.dtype, Cg, Og, cuda)
     HQ, WQ = triton.cdiv(H, sh), triton.cdiv(W, sw)
     step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])

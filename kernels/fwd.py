@@ -197,8 +197,14 @@ def uses_direct_kernel(groups, in_per_group, out_per_group):
     return groups > 1 and in_per_group <= 4 and out_per_group <= 4
 
 
-def _pow2_in(n, lo, hi):
+def pow2_between(n, lo, hi):
+    """The power of two covering ``n``, clamped to [lo, hi] (a block size)."""
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def dot_precision(dtype):
+    """``tl.dot``'s input precision: TF32 for float32 exactly when cuDNN's conv2d uses it."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 def _block_k(n, choices):
@@ -219,7 +225,7 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero ones.
     BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a 132-SM GPU.
     """
-    BN = _pow2_in(Og, 16, 128)
+    BN = pow2_between(Og, 16, 128)
     flat_k = Cg < 16
     if flat_k:
         BK = 16 if Cg * R * S <= 16 else 32
@@ -311,7 +317,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
     w_gemm = _gemm_weight(weight, q, weight_norm, weight_norm_eps, G, BN, BK, flat_k)
     n_k = triton.cdiv(Cg * R * S, BK) if flat_k else R * S * triton.cdiv(Cg, BK)
-    precision = "tf32" if not fp32 or torch.backends.cudnn.allow_tf32 else "ieee"
+    precision = dot_precision(x.dtype)
     tiles = triton.cdiv(P_img, BM)
     grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(Og, BN), G)
     scd2d_fwd_kernel[grid](

@@ -1,8 +1,9 @@
 """Public functions: argument validation (the one place), padding and backend resolution.
 
-``scd2d`` normalises the kernels (``ŵ = w / (sqrt(Σw² + norm_eps) + q)``, plain torch ops that
-autograd differentiates) and calls the core op ``scd2d_normalized``; ``scd1d`` is the 2-D case
-with ``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU.
+Every public function and layer goes through ``scd_nd``, which validates the call and runs the
+core op once (``ops.scd2d``); the op also normalises the kernels (``ŵ = w / (sqrt(Σw² +
+norm_eps) + q)`` for ``scd2d``, none for ``scd2d_normalized``). ``scd1d`` is the 2-D case with
+``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU.
 """
 import functools
 import math

@@ -8,8 +8,9 @@ plain torch ops that autograd differentiates:
   ``weight [n_kernels, C/groups, *k]`` (U(-w_max, w_max), clamped in place to ±w_max before each
   forward), ``p [1, n_kernels, 1, 1]`` used directly (U(1, 3), clamped in place to ``>= p_min``),
   ``log_q [1, 1, 1, 1]`` with ``q = exp(log_q)`` on the patch norm only; kernel norm
-  ``sqrt(Σ w²)`` (an all-zero kernel matches nothing); ``eps = norm_eps`` (1e-6). ``shared_weights`` (grouped layers) tiles
-  ``n_kernels = out_channels / groups`` kernels over the groups.
+  ``sqrt(Σ w²)`` (an all-zero kernel matches nothing); ``eps = norm_eps`` (1e-6).
+  ``shared_weights`` (grouped layers) tiles ``n_kernels = out_channels / groups`` kernels over
+  the groups.
 - ``"pisoni"``: the Keras ``CosSimConv2D``: ``p = softmax(p_raw)`` over output channels,
   ``q = q_raw² / 10`` on both norms, Glorot-uniform weights as Keras draws them, eps 1e-12.
 """

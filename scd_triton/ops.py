@@ -9,8 +9,8 @@ grad, the forward alone, storing ``y`` only. ``backend`` is already resolved ("r
 "triton") by ``functional``.
 
 ``weight_norm`` (``WEIGHT_NORMS``) says how ``weight`` becomes ŵ, see
-``reference.normalize_weight`` (``kernels/weight.py`` on the triton backend); its Jacobian is applied in the backward, so autograd keeps no
-weight-sized intermediate.
+``reference.normalize_weight`` (``kernels/weight.py`` on the triton backend); its Jacobian is
+applied in the backward, so autograd keeps no weight-sized intermediate.
 """
 import contextlib
 

@@ -1,11 +1,12 @@
-"""Pure-PyTorch core op: the CPU path and the backward of every backend.
+"""Pure-PyTorch core op: the CPU path (and float64), the same functions as ``kernels``.
 
-The forward is one ``conv2d`` for the dot products, one depthwise box-sum of the per-group
-channel sums of ``x²`` for the patch norms and one elementwise epilogue; no unfold. The backward
-is the analytic formula of SPEC section 2 on the saved ``x``, ``ŵ``, ``c`` and norms, so autograd
-never keeps the output-sized intermediates of the formula.
+The forward normalises the kernels (``normalize_weight``), then runs one ``conv2d`` for the dot
+products, one depthwise box-sum of the per-group channel sums of ``x²`` for the patch norms and
+one elementwise epilogue; no unfold. The backward is the analytic formula of SPEC section 2 on
+the saved ``x``, weight, ``c`` and norms, then the normalisation's Jacobian, so autograd never
+keeps the output-sized intermediates of the formula.
 
-Shapes: ``x [N, C, H, W]``, ``w_hat [O, C/G, R, S]``, ``p, q [O]``; ``padding`` is
+Shapes: ``x [N, C, H, W]``, ``weight [O, C/G, R, S]``, ``p, q [O]``; ``padding`` is
 ``(top, bottom, left, right)`` so that ``padding="same"`` with even kernels is exact.
 Outputs: ``y, c [N, O, OH, OW]`` in the input dtype, ``norm [N, G, OH, OW]`` in the compute
 dtype (float32, or float64 for float64 input).
@@ -59,16 +60,18 @@ def normalize_weight(weight, q, mode, eps):
     return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), scale
 
 
-def normalize_weight_backward(grad_w_hat, weight, q, mode, eps):
+def normalize_weight_backward(grad_w_hat, weight, q, mode, eps, scale=None):
     """``(grad_weight, grad_q [O] or None)`` of :func:`normalize_weight` from ``grad_ŵ``.
 
-    With ``n = sqrt(Σw² + eps)``, ``scale`` as in :func:`normalize_weight` and
-    ``k = Σ grad_ŵ · w`` per channel: ``grad_w = scale · grad_ŵ − w · k · scale² / n`` and, for
-    "norm_q", ``grad_q = −k · scale²`` (None for the other modes, where q does not enter ŵ).
+    With ``n = sqrt(Σw² + eps)``, ``scale`` as in :func:`normalize_weight` (recomputed unless
+    given) and ``k = Σ grad_ŵ · w`` per channel: ``grad_w = scale · grad_ŵ − w · k · scale² / n``
+    and, for "norm_q", ``grad_q = −k · scale²`` (None for the other modes, where q does not
+    enter ŵ).
     """
     if mode == "none":
         return grad_w_hat, None
-    _, scale = normalize_weight(weight, q, mode, eps)
+    if scale is None:
+        _, scale = normalize_weight(weight, q, mode, eps)
     O, cdt = weight.shape[0], scale.dtype
     w, g = weight.to(cdt).reshape(O, -1), grad_w_hat.to(cdt).reshape(O, -1)
     k = (g * w).sum(1)
@@ -118,7 +121,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
               weight_norm="none", weight_norm_eps=0.0):
     """Gradients (x, weight, p, q) of the core op from the saved tensors (SPEC section 2),
     through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`)."""
-    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
+    w_hat, scale = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     N, C, H, W = x.shape
     O, _, R, S = w_hat.shape
@@ -154,7 +157,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     grad_w = conv2d_weight(xp, w_hat.shape, grad_d, stride, conv_pad, dilation, groups)
     # grad_ŵ stays in the compute dtype: the Jacobian cancels its radial part
     grad_w, grad_q_kernel = normalize_weight_backward(grad_w, weight, q,
-                                                      weight_norm, weight_norm_eps)
+                                                      weight_norm, weight_norm_eps, scale)
     if grad_q_kernel is not None:
         grad_q = grad_q + grad_q_kernel
     fmt = memory_format(x)
