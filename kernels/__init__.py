@@ -12,5 +12,7 @@ __all__ = list(_LAUNCHERS)
 def __getattr__(name):
     if name in _LAUNCHERS:
         import importlib
-        return getattr(importlib.import_module(f".{_LAUNCHERS[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAUNCHERS[name]}", __name__), name)
+        globals()[name] = value   # later lookups skip this hook (it costs an import per call)
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,11 +1,11 @@
 """Backward of the SCD core op (SPEC section 2): four launches (with the kernel normalisation's
-backward, ``weight.normalize_weight_backward_kernel``) plus two tiny reductions.
+backward, ``weight.normalize_weight_backward_kernel``) plus one tiny reduction.
 
 - ``scd2d_bwd_prologue_kernel``: one pass over ``grad_y`` and the saved ``c`` and norms. Per
   element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =
   |y|/(|c|+eps)``); stores ``grad_d = G/a`` as ``[N, OH, OW, O]`` in the input dtype (the GEMM
   operand of both GEMMs, channels contiguous), ``grad_‖s‖/‖s‖`` per (n, group, position) in
-  float32 and per-block partial sums of ``grad_p``, ``grad_q`` (summed on the host, no atomics).
+  float32 and per-block partial sums of ``grad_p``, ``grad_q`` (summed by one reduction, no atomics).
 - ``scd2d_dgrad_kernel``: implicit GEMM of ``grad_d`` with ``ŵ`` onto the input positions of one
   stride phase ``(ih mod sh, iw mod sw)`` (grid axis 2), so that the kernel taps that reach them
   are the same for the whole tile and the K loop runs over those taps only (no zero insertion,
@@ -27,6 +27,8 @@ from .shapes import memory_format
 from ._common import dgrad_phase_taps, tap_offsets, tile_positions
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
+from .launch import cdiv, launch, next_power_of_2
+from .layout import to_channels_last
 from .weight import normalize_weight, normalize_weight_backward
 
 
@@ -167,37 +169,65 @@ def scd2d_wgrad_kernel(
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
 ):
     """Program (i_mn, tap, split·G + g): a [BM out channels, BN in channels] tile of one tap,
-    reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S]."""
+    reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S].
+
+    ``FLAT`` (few channels per group, e.g. a 3-channel stem): the BN columns run over the flat
+    (channel, tap) index instead and grid axis 1 is 1, so each ``grad_d`` tile is loaded once
+    for all taps rather than once per tap, and the dot is not mostly padding.
+    """
     i_mn, i_tap, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_z % G
     i_s = i_z // G
-    n_n = tl.cdiv(Cg, BN)
+    n_cols = Cg * R * S if FLAT else Cg
+    n_n = tl.cdiv(n_cols, BN)
     o_o = (i_mn // n_n) * BM + tl.arange(0, BM)                          # [BM] out channel in group
-    o_c = (i_mn % n_n) * BN + tl.arange(0, BN)                           # [BN] in channel in group
+    o_j = (i_mn % n_n) * BN + tl.arange(0, BN)                           # [BN] column
     m_o = o_o < Og
-    m_c = o_c < Cg
-    dh = (i_tap // S) * dil_h - pad_h
-    dw = (i_tap % S) * dil_w - pad_w
+    m_c = o_j < n_cols
+    if FLAT:   # column j = (channel c, tap): per-column input shifts
+        o_cj = o_j // (R * S)
+        o_tj = o_j - o_cj * (R * S)
+        dh = (o_tj // S) * dil_h - pad_h                                 # [BN]
+        dw = (o_tj % S) * dil_w - pad_w
+    else:
+        o_cj = o_j
+        dh = (i_tap // S) * dil_h - pad_h
+        dw = (i_tap % S) * dil_w - pad_w
     p_gd = GD + (i_g * Og + o_o)[:, None]                                # [BM, 1]
-    p_x = X + ((i_g * Cg + o_c) * sxc)[None, :]                          # [1, BN]
+    p_x = X + ((i_g * Cg + o_cj) * sxc)[None, :]                         # [1, BN]
     k_lo = i_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, M)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
         o_k = k + tl.arange(0, BK)                                       # [BK] output positions
-        o_x, m_x, m_k = tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w, sxn,
-                                    sxh, sxw)
+        if FLAT:
+            m_k = o_k < k_hi
+            o_ow = o_k % OW
+            o_t = o_k // OW
+            o_ih = ((o_t % OH) * stride_h)[:, None] + dh[None, :]        # [BK, BN]
+            o_iw = (o_ow * stride_w)[:, None] + dw[None, :]
+            m_x = (m_k[:, None] & m_c[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
+                   & (o_iw < Wd))
+            o_x = (o_t // OH).to(tl.int64)[:, None] * sxn + o_ih * sxh + o_iw * sxw
+        else:
+            o_xk, m_xk, m_k = tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w,
+                                          sxn, sxh, sxw)
+            o_x = o_xk[:, None]
+            m_x = m_xk[:, None] & m_c[None, :]
         b_gd = tl.load(p_gd + o_k.to(tl.int64)[None, :] * O,
                        mask=m_o[:, None] & m_k[None, :], other=0.0)      # [BM, BK]
-        b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_c[None, :], other=0.0)  # [BK, BN]
+        b_x = tl.load(p_x + o_x, mask=m_x, other=0.0)                    # [BK, BN]
         acc = tl.dot(b_gd, b_x, acc, input_precision=PRECISION)
 
-    o_ws = i_s.to(tl.int64) * O * Cg * R * S + i_tap
-    o_ws += (((i_g * Og + o_o) * Cg)[:, None] + o_c[None, :]) * (R * S)
+    o_ws = i_s.to(tl.int64) * O * Cg * R * S
+    if FLAT:
+        o_ws += ((i_g * Og + o_o) * (Cg * R * S))[:, None] + o_j[None, :]
+    else:
+        o_ws += i_tap + (((i_g * Og + o_o) * Cg)[:, None] + o_j[None, :]) * (R * S)
     tl.store(WS + o_ws, acc.to(WS.dtype.element_ty), mask=m_o[:, None] & m_c[None, :])
 
 
@@ -208,6 +238,7 @@ DGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (128, 64, 32, 4, 3)}
 WGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)}
 DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
 WGRAD_CONFIG_FP32 = (64, 64, 32, 4, 3)
+WGRAD_FLAT_CONFIG = (64, 128, 32, 8, 3)           # fewer than 16 channels per group; BN at most
 DGRAD_DIRECT_CONFIG = (64, 64, 4, 2)              # (BM, BC, warps, stages)
 WGRAD_DIRECT_CONFIG = (128, 64, 4, 2)             # (BP, BO, warps, stages)
 
@@ -225,29 +256,38 @@ def _dgrad_config(dtype, Cg, Og, cuda):
     return DGRAD_CONFIGS["large" if Cg > 64 and Og >= 64 else "small"]
 
 
-def _wgrad_config(dtype, Cg, Og, cuda):
+def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0):
+    """``flat_cols``: the (channel, tap) columns of a FLAT wgrad (0: per-tap tiles)."""
     if not cuda:
-        return pow2_between(Og, 16, 64), pow2_between(Cg, 16, 64), 64, 4, 1
+        return pow2_between(Og, 16, 64), pow2_between(flat_cols or Cg, 16, 64), 64, 4, 1
+    if flat_cols:
+        BM, BN, BK, warps, stages = WGRAD_FLAT_CONFIG
+        return BM, pow2_between(flat_cols, 16, BN), BK, warps, stages
     if dtype == torch.float32:
         return WGRAD_CONFIG_FP32
     return WGRAD_CONFIGS["large" if Cg > 64 and Og > 64 else "small"]
 
 
-def _splits(tiles, M, BK, device):
-    """Split-K count: about three waves of programs, each split at least 8 K steps long.
+def _splits(tiles, M, BK, device, split_bytes, budget_bytes):
+    """Split-K count: about three waves of programs, each split at least 8 K steps long, and a
+    float32 workspace (``split_bytes`` a split) no larger than ``budget_bytes`` (one
+    output-sized tensor: the memory a training step may spend beyond conv2d's).
     The interpreter takes two splits (when there is room) so tests exercise the reduction."""
-    steps = triton.cdiv(M, BK)
+    steps = cdiv(M, BK)
     if device.type != "cuda":
         return min(2, steps)
-    return max(1, min(triton.cdiv(3 * _sm_count(device.index or 0), tiles), steps // 8))
+    waves = cdiv(3 * _sm_count(device.index or 0), tiles)
+    return max(1, min(waves, steps // 8, budget_bytes // split_bytes))
 
 
-def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q):
+def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials):
     """(grad_weight, grad_p, grad_q): the split-K workspace ``ws`` [splits, O, C/G, R, S]
-    reduced through the kernel normalisation's backward, which adds its term to grad_q."""
-    grad_w, grad_q_kernel = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
-                                                      splits=ws.shape[0])
-    return grad_w, grad_p, grad_q if grad_q_kernel is None else grad_q + grad_q_kernel
+    reduced through the kernel normalisation's backward, which adds its term to grad_q; the
+    prologue's per-block ``partials`` [2, blocks, O] summed in one reduction."""
+    grad_p, grad_q = partials.sum(1)
+    grad_w, grad_q = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
+                                               splits=ws.shape[0], grad_q=grad_q)
+    return grad_w, grad_p, grad_q
 
 
 def _position_strides(t):
@@ -290,44 +330,44 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     per_image = memory_format(x) == torch.contiguous_format     # NCHW: tiles along positions
     (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
     BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
-    BO = min(BO, triton.next_power_of_2(Og))
-    BG = min(64 // BO, triton.next_power_of_2(G))  # narrow groups: several per tile
-    tiles = triton.cdiv(OH * OW, BP)
-    n_blk = N * tiles if per_image else triton.cdiv(M, BP)
+    BO = min(BO, next_power_of_2(Og))
+    BG = min(64 // BO, next_power_of_2(G))  # narrow groups: several per tile
+    tiles = cdiv(OH * OW, BP)
+    n_blk = N * tiles if per_image else cdiv(M, BP)
     grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
-    wp, wq = (torch.empty((n_blk, O), dtype=torch.float32, device=dev) for _ in range(2))
-    scd2d_bwd_prologue_kernel[(n_blk, triton.cdiv(G, BG))](
-        grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, wp, wq, M, tiles, G, Og, O,
-        OH * OW, *sg, *sc, eps, BP=BP, BG=BG, BO=BO,
-        PER_IMAGE=per_image, num_warps=warps, num_stages=stages)
-    grad_p, grad_q = wp.sum(0), wq.sum(0)
+    partials = torch.empty((2, n_blk, O), dtype=torch.float32, device=dev)   # grad_p, grad_q
+    launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
+           (grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, partials[0], partials[1]),
+           (M, tiles, G, Og, O, OH * OW, *sg, *sc, eps),
+           dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image), warps, stages)
 
     # 2. dgrad and 3. wgrad. NCHW x is copied channels-contiguous once (2·|x| of traffic) for
     # the wgrad GEMM's x tiles, which a tap shift misaligns, and the dgrad's x term at stride > 1
-    x_cl = x if x.stride(1) == 1 or C == 1 else x.contiguous(memory_format=torch.channels_last)
+    x_cl = x if x.stride(1) == 1 or C == 1 else to_channels_last(x)
     if uses_direct_kernel(G, Cg, Og):
         w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
         planes = per_image and x.is_contiguous()    # NCHW: tiles along each image's positions
-        tiles = triton.cdiv(H * W, BM)
-        grid = (N * tiles if planes else triton.cdiv(N * H * W, BM), triton.cdiv(C, BC))
-        scd2d_dgrad_direct_kernel[grid](
-            grad_d, w_hat.contiguous(), gns, x, grad_x, H, W, G, Cg, Og, O, C, OH, OW, H * W,
-            N * H * W, tiles, *x.stride(), *grad_x.stride(), *conv, R=R, S=S, BM=BM, BC=BC,
-            PLANES=planes, num_warps=warps, num_stages=stages)
+        tiles = cdiv(H * W, BM)
+        grid = (N * tiles if planes else cdiv(N * H * W, BM), cdiv(C, BC))
+        launch(scd2d_dgrad_direct_kernel, grid, (grad_d, w_hat.contiguous(), gns, x, grad_x),
+               (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles, *x.stride(),
+                *grad_x.stride(), *conv), dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes),
+               warps, stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
-        splits = _splits(triton.cdiv(O, BO) * Cg * R * S, M, BP, dev)
-        k_split = triton.cdiv(triton.cdiv(M, splits), BP) * BP
-        ws = torch.empty((triton.cdiv(M, k_split), O, Cg, R, S), dtype=torch.float32, device=dev)
-        scd2d_wgrad_direct_kernel[(triton.cdiv(O, BO), Cg * R * S, ws.shape[0])](
-            grad_d, x_cl, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(), *conv,
-            R=R, S=S, BP=BP, BO=BO, num_warps=warps, num_stages=stages)
-        return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q))
+        splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, dev, weight.numel() * 4,
+                         grad_d.numel() * grad_d.element_size())
+        k_split = cdiv(cdiv(M, splits), BP) * BP
+        ws = torch.empty((cdiv(M, k_split), O, Cg, R, S), dtype=torch.float32, device=dev)
+        launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, ws.shape[0]),
+               (grad_d, x_cl, ws), (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(),
+                                    *conv), dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
+        return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials))
 
     precision = dot_precision(x.dtype)
     BM, BN, BK, warps, stages = _dgrad_config(x.dtype, Cg, Og, cuda)
-    HQ, WQ = triton.cdiv(H, sh), triton.cdiv(W, sw)
+    HQ, WQ = cdiv(H, sh), cdiv(W, sw)
     step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])
     # ŵ as [G, R·S, O/G, C/G]: the B tile of each K step is one contiguous row block
     w_gemm = torch.empty((G, R * S, Og, Cg), dtype=x.dtype, device=dev)
@@ -337,27 +377,30 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous
     planes = per_image and (sh, sw) == (1, 1) and x.is_contiguous()
     x_d = x if planes else x_cl
-    tiles = triton.cdiv(HQ * WQ, BM)
-    grid = (N * tiles if per_image else triton.cdiv(N * HQ * WQ, BM), triton.cdiv(Cg, BN),
+    tiles = cdiv(HQ * WQ, BM)
+    grid = (N * tiles if per_image else cdiv(N * HQ * WQ, BM), cdiv(Cg, BN),
             G * sh * sw)
-    scd2d_dgrad_kernel[grid](
-        grad_d, w_gemm, gns, x_d, grad_x, N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ,
-        HQ * WQ, *x_d.stride(), *grad_x.stride(), *conv, step_h, step_w, R=R, S=S,
-        PRECISION=precision, BM=BM, BN=BN, BK=BK, PER_IMAGE=per_image, PLANES=planes,
-        num_warps=warps, num_stages=stages)
+    launch(scd2d_dgrad_kernel, grid, (grad_d, w_gemm, gns, x_d, grad_x),
+           (N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ, *x_d.stride(),
+            *grad_x.stride(), *conv, step_h, step_w),
+           dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, PER_IMAGE=per_image,
+                PLANES=planes), warps, stages)
 
-    BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda)
-    tiles = triton.cdiv(Og, BM) * triton.cdiv(Cg, BN)
-    splits = _splits(tiles * R * S * G, M, BK, dev)
-    k_split = triton.cdiv(triton.cdiv(M, splits), BK) * BK
-    splits = triton.cdiv(M, k_split)
+    flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
+    BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda, Cg * R * S if flat else 0)
+    taps = 1 if flat else R * S
+    tiles = cdiv(Og, BM) * cdiv(Cg * R * S if flat else Cg, BN)
+    splits = _splits(tiles * taps * G, M, BK, dev, weight.numel() * 4,
+                     grad_d.numel() * grad_d.element_size())
+    k_split = cdiv(cdiv(M, splits), BK) * BK
+    splits = cdiv(M, k_split)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     ws_dtype = weight.dtype if splits == 1 and weight_norm == "none" else torch.float32
     ws = torch.empty((splits, O, Cg, R, S), dtype=ws_dtype, device=dev)
-    scd2d_wgrad_kernel[(tiles, R * S, G * splits)](
-        grad_d, x_cl, ws, N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(), *conv,
-        R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
-    return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, grad_p, grad_q))
+    launch(scd2d_wgrad_kernel, (tiles, taps, G * splits), (grad_d, x_cl, ws),
+           (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(), *conv),
+           dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat), warps, stages)
+    return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials))
 
 
 def report_jobs():
@@ -378,7 +421,7 @@ def report_jobs():
         out.update(scn=out["sgn"], scc=out["sgc"], scp=out["sgp"])
         conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
         ints = dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * P, P_IMG=P,
-                    TILES=triton.cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,
+                    TILES=cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,
                     **out, **conv)
         return ints, dict(ints, **cl_x)  # the ints of the dgrad / prologue and of the wgrad
 
@@ -404,12 +447,21 @@ def report_jobs():
                         (scd2d_dgrad_kernel, dcfg, d_ints,
                          dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
                          dict(PER_IMAGE=nchw, PLANES=nchw)),
-                        (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"), {})):
-                    k_split = triton.cdiv(lay["M"], 44 * BK) * BK
+                        (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
+                         dict(FLAT=False))):
+                    k_split = cdiv(lay["M"], 44 * BK) * BK
                     jobs.append(job(fn, f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
                                     layout, ints(fn, lay, K_SPLIT=k_split),
                                     dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra),
                                     ptrs, warps, stages))
+            if not nchw:   # the flat wgrad of a 3→80 5×5 stem (x always channels-contiguous)
+                BM, BN, BK, warps, stages = WGRAD_FLAT_CONFIG
+                _, stem = layer(layout, 3, 80, 1, BM, N=64, H=32, W=32)
+                stem.update(pad_h=2, pad_w=2)
+                jobs.append(job(scd2d_wgrad_kernel, f"flat-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
+                                dtype, layout, ints(scd2d_wgrad_kernel, stem, K_SPLIT=512),
+                                dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True),
+                                dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
             BP, BO, warps, stages = PROLOGUE_CONFIG
             lay, _ = layer(layout, 64, 64, 1, BP)
             jobs.append(job(scd2d_bwd_prologue_kernel, f"BP{BP}-BG1-BO{BO}-w{warps}", dtype, layout,

@@ -29,6 +29,8 @@ import triton.language as tl
 
 from .shapes import memory_format, output_hw  # the layout and sizes the fake op promises
 from ._common import sharpen, tile_positions
+from .launch import cdiv, launch, next_power_of_2
+from .layout import to_channels_last
 from .weight import normalize_weight
 
 
@@ -199,7 +201,7 @@ def uses_direct_kernel(groups, in_per_group, out_per_group):
 
 def pow2_between(n, lo, hi):
     """The power of two covering ``n``, clamped to [lo, hi] (a block size)."""
-    return max(lo, min(hi, triton.next_power_of_2(n)))
+    return max(lo, min(hi, next_power_of_2(n)))
 
 
 def dot_precision(dtype):
@@ -210,7 +212,7 @@ def dot_precision(dtype):
 def _block_k(n, choices):
     """The widest block in ``choices`` that pads ``n`` by at most 1/8, else the narrowest."""
     for b in choices:
-        if triton.cdiv(n, b) * b * 8 <= n * 9:
+        if cdiv(n, b) * b * 8 <= n * 9:
             return b
     return choices[-1]
 
@@ -233,7 +235,7 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
         # BK ≤ 32: 16-bit tiles with BK 64 gave wrong dots (relative error ~0.1) at 2 and 3
         # pipeline stages on an H200 (Triton 3.6); BK 32 at 3 stages was exact there
         BK = _block_k(Cg, (32, 16))
-    BM = 128 if triton.cdiv(M, 128) * triton.cdiv(Og, BN) * G >= 264 else 64
+    BM = 128 if cdiv(M, 128) * cdiv(Og, BN) * G >= 264 else 64
     if fp32 and BN == 128:
         BM = 64   # float32 128×128 tiles with the [BM, BK] Σs² tile spill on sm_90
     warps = 8 if BM * BN >= 128 * 128 else 4
@@ -243,7 +245,7 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
 @functools.lru_cache(maxsize=None)
 def direct_config(Og):
     """(BM, BG, OGP, num_warps, num_stages): 64 positions × 64 output channels per tile."""
-    OGP = triton.next_power_of_2(Og)
+    OGP = next_power_of_2(Og)
     return 64, max(1, 64 // OGP), OGP, 4, 2
 
 
@@ -253,8 +255,8 @@ def _gemm_weight(weight, q, weight_norm, weight_norm_eps, G, BN, BK, flat_k):
     rows are (tap, channel block) steps, or the flat (tap, channel) index with ``flat_k``."""
     O, Cg, R, S = weight.shape
     Og = O // G
-    cols = triton.cdiv(Og, BN) * BN
-    rows = triton.cdiv(Cg * R * S, BK) * BK if flat_k else R * S * triton.cdiv(Cg, BK) * BK
+    cols = cdiv(Og, BN) * BN
+    rows = cdiv(Cg * R * S, BK) * BK if flat_k else R * S * cdiv(Cg, BK) * BK
     padded = cols != Og or rows != Cg * R * S
     out = (torch.zeros if padded else torch.empty)((G, rows, cols), dtype=weight.dtype,
                                                    device=weight.device)
@@ -298,33 +300,33 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     in_place = (per_image and tuple(stride) == (1, 1) and OW == W and x.stride(3) == 1
                 and x.stride(2) == W and (direct or (R == S == 1 and OH == H)))
     if x.stride(1) != 1 and C > 1 and not in_place:
-        x = x.contiguous(memory_format=torch.channels_last)   # NCHW: channels contiguous for K
+        x = to_channels_last(x)                                # NCHW: channels contiguous for K
     y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
     p, q = p.float().contiguous(), q.float().contiguous()
     conv = (*stride, padding[0], padding[2], *dilation, eps, norm_eps)
     flags = dict(PER_IMAGE=per_image, SAVE=save_for_backward, FAST=x.is_cuda and FAST_MATH)
     if direct:
         BM, BG, OGP, warps, stages = direct_config(Og)
-        tiles = triton.cdiv(P_img, BM)
-        grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(G, BG))
+        tiles = cdiv(P_img, BM)
+        grid = (N * tiles if per_image else cdiv(M, BM), cdiv(G, BG))
         w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
-        scd2d_fwd_direct_kernel[grid](
-            x, w_hat.contiguous(), p, q, y, c, norm, H, W, G, OH, OW, P_img, M, tiles,
-            *x.stride()[:4], *y_strides, *conv, R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
-            X_ROWS=in_place, num_warps=warps, num_stages=stages, **flags)
+        launch(scd2d_fwd_direct_kernel, grid, (x, w_hat.contiguous(), p, q, y, c, norm),
+               (H, W, G, OH, OW, P_img, M, tiles, *x.stride()[:4], *y_strides, *conv),
+               dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place, **flags),
+               warps, stages)
         return y, c, norm
     fp32 = x.dtype == torch.float32
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
     w_gemm = _gemm_weight(weight, q, weight_norm, weight_norm_eps, G, BN, BK, flat_k)
-    n_k = triton.cdiv(Cg * R * S, BK) if flat_k else R * S * triton.cdiv(Cg, BK)
+    n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
     precision = dot_precision(x.dtype)
-    tiles = triton.cdiv(P_img, BM)
-    grid = (N * tiles if per_image else triton.cdiv(M, BM), triton.cdiv(Og, BN), G)
-    scd2d_fwd_kernel[grid](
-        x, w_gemm, p, q, y, c, norm, H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
-        n_k * BK, w_gemm.shape[-1], *x.stride()[:4], *y_strides, *conv,
-        R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-        EVEN_K=Cg % BK == 0, X_PLANES=in_place, num_warps=warps, num_stages=stages, **flags)
+    tiles = cdiv(P_img, BM)
+    grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
+    launch(scd2d_fwd_kernel, grid, (x, w_gemm, p, q, y, c, norm),
+           (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k, n_k * BK, w_gemm.shape[-1],
+            *x.stride()[:4], *y_strides, *conv),
+           dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
+                EVEN_K=Cg % BK == 0, X_PLANES=in_place, **flags), warps, stages)
     return y, c, norm
 
 
@@ -363,7 +365,7 @@ def report_jobs():
                             P="*fp32", Q="*fp32", Norm="*fp32")
                 if uses_direct_kernel(groups, Cg, Og):
                     BM, BG, OGP, warps, stages = direct_config(Og)
-                    ints["TILES"] = triton.cdiv(H * W, BM)
+                    ints["TILES"] = cdiv(H * W, BM)
                     for k in ("Cg", "Og"):
                         del ints[k]
                     consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place)
@@ -371,9 +373,9 @@ def report_jobs():
                 else:
                     BM, BN, BK, flat_k, warps, stages = gemm_config(
                         Cg, Og, R, R, groups, N * H * W, dtype == "fp32")
-                    n_k = triton.cdiv(Cg * R * R, BK) if flat_k else R * R * triton.cdiv(Cg, BK)
-                    ints.update(TILES=triton.cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
-                                W_ROWS=n_k * BK, W_COLS=triton.cdiv(Og, BN) * BN)
+                    n_k = cdiv(Cg * R * R, BK) if flat_k else R * R * cdiv(Cg, BK)
+                    ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
+                                W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN)
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
                                   EVEN_K=Cg % BK == 0, X_PLANES=in_place)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"

@@ -3,9 +3,9 @@
 A *job* is a dict ``dict(kernel=<@triton.jit fn>, name=str, dtype="bf16"|"fp16"|"fp32",
 ints=dict, constexprs=dict, pointer_dtypes=dict(arg -> "*bf16"/"*fp32"...), num_warps=int,
 num_stages=int)``, optionally with ``layout`` ("nchw" / "channels_last"). Kernel modules
-export their jobs as ``report_jobs()`` (``fwd.py``, ``bwd.py``, ``weight.py``); each is compiled
-here specialised as the JIT would specialise it on a GPU: pointers and ints divisible by 16 carry
-``tt.divisibility``, ints equal to 1 become constants (except ``do_not_specialize`` ones), any
+export their jobs as ``report_jobs()`` (``fwd.py``, ``bwd.py``, ``weight.py``, ``layout.py``);
+each is compiled here specialised as the JIT would specialise it on a GPU: pointers and ints
+divisible by 16 carry ``tt.divisibility``, ints equal to 1 become constants (except ``do_not_specialize`` ones), any
 other argument is an fp32 scalar. Without that, pipelining is off and the report lies.
 
 Each row gives registers, spill bytes (stack + local memory), shared memory, the count of
@@ -106,7 +106,7 @@ def compile_job(job, arch):
 
 def all_jobs():
     """The jobs of every kernel module (each exports ``report_jobs()``)."""
-    return [job for module in ("fwd", "bwd", "weight")
+    return [job for module in ("fwd", "bwd", "weight", "layout")
             for job in importlib.import_module(f".{module}", __package__).report_jobs()]
 
 

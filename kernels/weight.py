@@ -7,13 +7,18 @@ launch per call instead of a chain of small torch ops. Per output channel ``o``:
     n = sqrt(Σ w_o² + eps);  scale = 1 / (n + q_o) (MODE 2, "norm_q"), 1 / n (MODE 1, "norm"),
     1 (MODE 0, "none");  a zero denominator gives scale 0 (an all-zero kernel matches nothing)
     grad_w = scale · grad_ŵ − w · k · scale² / n,  grad_q = − k · scale²,  k = Σ grad_ŵ · w
-    (MODE 0: grad_w = grad_ŵ; the backward kernel still reduces a split-K workspace then)
+    (MODE 0: grad_w = grad_ŵ)
+
+A split-K workspace of grad_ŵ is first summed by ``sum_splits_kernel``, spread over the whole
+tensor: the Jacobian kernel has one program per few channels, too few to stream a workspace.
 
 NaN in a kernel stays NaN (the zero test is ``== 0``, false for NaN).
 """
 import torch
 import triton
 import triton.language as tl
+
+from .launch import cdiv, launch, next_power_of_2
 
 MODES = {"none": 0, "norm": 1, "norm_q": 2}
 
@@ -34,87 +39,111 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
 
 
 @triton.jit
+def _weight_offsets(o_kk, RS, S, sw_c, sw_r, sw_s):
+    """Offsets in w of the flat (channel, tap) indices ``o_kk`` (w of any strides)."""
+    o_c = o_kk // RS
+    o_t = o_kk - o_c * RS
+    o_r = o_t // S
+    return o_c * sw_c + o_r * sw_r + (o_t - o_r * S) * sw_s, o_c, o_t
+
+
+@triton.jit
 def normalize_weight_kernel(
-    W, Q, W_HAT, SCALE, O, K, RS, Og, sq, s_g, s_j, s_c, s_t, eps,
+    W, Q, W_HAT, SCALE, O, K, RS, S, Og, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps,
     MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):
     """ŵ[o, c, tap] = w[o, c, tap] · scale[o], written at ``g·s_g + j·s_j + c·s_c + tap·s_t``
-    (``o = g·Og + j``); W is [O, K = C/G·R·S] contiguous, Q has stride ``sq`` (0 when shared).
-    Also stores scale [O] (float32)."""
+    (``o = g·Og + j``); W [O, C/G, R, S] has strides ``sw_*`` (channels_last too, no copy), Q
+    stride ``sq`` (0 when shared). Also stores scale [O] (float32)."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
     m_o = o_o < O
     o_k = tl.arange(0, BK)
-    p_w = W + o_o.to(tl.int64)[:, None] * K                              # [BO, 1]
+    p_w = W + o_o.to(tl.int64)[:, None] * sw_o                           # [BO, 1]
     sumsq = tl.zeros((BO,), dtype=tl.float32)
     if MODE != 0:
         for k0 in range(0, K, BK):
+            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
             m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-            b_w = tl.load(p_w + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
+            b_w = tl.load(p_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
             sumsq += tl.sum(b_w * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, _ = _scale(sumsq, b_q, eps, MODE)
     tl.store(SCALE + o_o, b_scale, mask=m_o)
     o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO]
     for k0 in range(0, K, BK):
-        o_kk = k0 + o_k                                                   # [BK] (c, tap)
-        m = m_o[:, None] & (o_kk < K)[None, :]
-        b_w = tl.load(p_w + o_kk[None, :], mask=m, other=0.0).to(tl.float32)
-        o_c = o_kk // RS
-        p_dst = W_HAT + o_dst[:, None] + (o_c * s_c + (o_kk - o_c * RS) * s_t)[None, :]
+        o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)     # [BK] (c, tap)
+        m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
+        b_w = tl.load(p_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
+        p_dst = W_HAT + o_dst[:, None] + (o_c * s_c + o_t * s_t)[None, :]
         tl.store(p_dst, (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def normalize_weight_backward_kernel(
-    GW_HAT, W, Q, GW, GQ, O, K, SPLITS, sq, eps,
-    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    GW_HAT, W, Q, GW, GQ, O, K, RS, S, sq, sw_o, sw_c, sw_r, sw_s, eps,
+    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, ADD_Q: tl.constexpr,
 ):
-    """grad_w and grad_q (MODE 2) from grad_ŵ, given as SPLITS partial sums [SPLITS, O, K]
-    (the split-K workspace of the weight-gradient GEMM, reduced here); W, GW are [O, K]."""
+    """grad_w and grad_q (MODE 2) from grad_ŵ [O, K]; W and GW [O, C/G, R, S] share the
+    strides ``sw_*``. ``ADD_Q``: add grad_q's term to GQ (each channel by one program) instead
+    of storing it."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)
     m_o = o_o < O
     o_k = tl.arange(0, BK)
-    row = o_o.to(tl.int64)[:, None] * K                                  # [BO, 1]
+    row = o_o.to(tl.int64)[:, None] * K                                  # [BO, 1] in GW_HAT
+    row_w = o_o.to(tl.int64)[:, None] * sw_o                             # [BO, 1] in W, GW
     sumsq = tl.zeros((BO,), dtype=tl.float32)
     dot = tl.zeros((BO,), dtype=tl.float32)
     if MODE != 0:
         for k0 in range(0, K, BK):
+            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
             m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-            b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
-            b_g = _split_sum(GW_HAT, row + (k0 + o_k)[None, :], m, O * K, SPLITS)
+            b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
+            b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
             sumsq += tl.sum(b_w * b_w, axis=1)
             dot += tl.sum(b_g * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, b_n = _scale(sumsq, b_q, eps, MODE)
     b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / tl.where(b_n == 0, 1.0, b_n))
     if MODE == 2:
-        tl.store(GQ + o_o, -dot * b_scale * b_scale, mask=m_o)
+        b_gq = -dot * b_scale * b_scale
+        if ADD_Q:
+            b_gq += tl.load(GQ + o_o, mask=m_o, other=0.0)
+        tl.store(GQ + o_o, b_gq, mask=m_o)
     for k0 in range(0, K, BK):
+        o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
         m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-        b_g = _split_sum(GW_HAT, row + (k0 + o_k)[None, :], m, O * K, SPLITS)
+        b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
         if MODE == 0:
             b_gw = b_g
         else:
-            b_w = tl.load(W + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+            b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
             b_gw = b_g * b_scale[:, None] - b_w * b_coef[:, None]
-        tl.store(GW + row + (k0 + o_k)[None, :], b_gw.to(GW.dtype.element_ty), mask=m)
+        tl.store(GW + row_w + o_w[None, :], b_gw.to(GW.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _split_sum(P, offsets, mask, split_stride, SPLITS):
-    """Σ over the SPLITS partial sums at ``offsets``, in float32, in a fixed order."""
-    acc = tl.load(P + offsets, mask=mask, other=0.0).to(tl.float32)
-    for _ in range(1, SPLITS):
-        P += split_stride                          # 64-bit pointer steps: no int32 product
-        acc += tl.load(P + offsets, mask=mask, other=0.0).to(tl.float32)
-    return acc
+def sum_splits_kernel(P, N, SPLITS, SB: tl.constexpr, BLOCK: tl.constexpr):
+    """P[0, i] = Σ_s P[s, i] in place for the SPLITS partial sums P [SPLITS, N], in float32,
+    SB splits per load: the split-K workspace reduced by many programs, in a fixed order."""
+    o_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m_i = o_i < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s0 in range(0, SPLITS, SB):
+        o_s = s0 + tl.arange(0, SB)
+        m = (o_s < SPLITS)[:, None] & m_i[None, :]
+        b_p = tl.load(P + o_s.to(tl.int64)[:, None] * N + o_i[None, :], mask=m, other=0.0)
+        acc += tl.sum(b_p.to(tl.float32), axis=0)
+    tl.store(P + o_i, acc.to(P.dtype.element_ty), mask=m_i)
+
+
+SUM_SPLITS_CONFIG = (16, 256, 4)     # (SB, BLOCK, num_warps)
 
 
 def _blocks(O, K):
     """(BO, BK): a few channels per program, the kernel's row in chunks of up to 256."""
-    BK = max(16, min(256, triton.next_power_of_2(K)))
+    BK = max(16, min(256, next_power_of_2(K)))
     return 4, BK
 
 
@@ -131,26 +160,38 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
         out_strides = (O // groups * K, K, RS, 1)
     scale = torch.empty(O, dtype=torch.float32, device=w.device)
     BO, BK = _blocks(O, K)
-    normalize_weight_kernel[(triton.cdiv(O, BO),)](
-        w.contiguous(), q, out, scale, O, K, RS, O // groups, q.stride(0), *out_strides, eps,
-        MODE=MODES[mode], BO=BO, BK=BK, num_warps=4, num_stages=1)
+    launch(normalize_weight_kernel, (cdiv(O, BO),), (w, q, out, scale),
+           (O, K, RS, S, O // groups, q.stride(0), *w.stride(), *out_strides, eps),
+           dict(MODE=MODES[mode], BO=BO, BK=BK), 4, 1)
     return out, scale
 
 
-def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1):
-    """``(grad_w, grad_q or None)`` of :func:`normalize_weight`; ``grad_w_hat`` may hold
-    ``splits`` partial sums ([splits, *w.shape], e.g. a split-K workspace), reduced here."""
+def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, grad_q=None):
+    """``(grad_w, grad_q)`` of :func:`normalize_weight`; ``grad_w_hat`` may hold ``splits``
+    partial sums ([splits, *w.shape], e.g. a split-K workspace), reduced here into its first
+    split (in place, by ``sum_splits_kernel``, when contiguous) before the Jacobian. The
+    normalisation's grad_q term (mode "norm_q") is added in place to ``grad_q`` (float32 [O],
+    contiguous) when given, else returned as a new tensor; other modes return ``grad_q``."""
     if mode == "none" and splits == 1 and grad_w_hat.dtype == w.dtype:
-        return grad_w_hat.view_as(w), None
-    O = w.shape[0]
-    K = w[0].numel()
-    grad_w = torch.empty_like(w, memory_format=torch.contiguous_format)
-    grad_q = torch.empty(O, dtype=torch.float32, device=w.device) if mode == "norm_q" else None
-    BO, BK = _blocks(O, K)
-    normalize_weight_backward_kernel[(triton.cdiv(O, BO),)](
-        grad_w_hat.contiguous(), w.contiguous(), q, grad_w, grad_q if grad_q is not None else q,
-        O, K, splits, q.stride(0), eps, MODE=MODES[mode], BO=BO, BK=BK, num_warps=8,
-        num_stages=1)   # 4 warps spill 16 B in float32 on sm_90 (kernel report)
+        return grad_w_hat.view_as(w), grad_q
+    O, Cg, R, S = w.shape
+    grad_w_hat = grad_w_hat.contiguous()
+    if splits > 1:
+        SB, BLOCK, warps = SUM_SPLITS_CONFIG
+        launch(sum_splits_kernel, (cdiv(w.numel(), BLOCK),), (grad_w_hat,), (w.numel(), splits),
+               dict(SB=SB, BLOCK=BLOCK), warps, 1)
+    grad_w = torch.empty_like(w)        # w's layout, as autograd's gradient layout contract asks
+    if grad_w.stride() != w.stride():   # w not dense (a strided view)
+        w, grad_w = w.contiguous(), torch.empty_like(w, memory_format=torch.contiguous_format)
+    add_q = grad_q is not None
+    if mode == "norm_q" and not add_q:
+        grad_q = torch.empty(O, dtype=torch.float32, device=w.device)
+    BO, BK = _blocks(O, Cg * R * S)
+    launch(normalize_weight_backward_kernel, (cdiv(O, BO),),
+           (grad_w_hat, w, q, grad_w, grad_q if grad_q is not None else q),
+           (O, Cg * R * S, R * S, S, q.stride(0), *w.stride(), eps),
+           dict(MODE=MODES[mode], BO=BO, BK=BK, ADD_Q=add_q),
+           8, 1)   # 4 warps spill 16 B in float32 on sm_90 (kernel report)
     return grad_w, grad_q
 
 
@@ -162,14 +203,19 @@ def report_jobs():
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
         jobs.append(dict(kernel=normalize_weight_kernel, name=f"BO{BO}-BK{BK}-w4", dtype=dtype,
-                         ints=dict(O=O, K=K, RS=RS, Og=O, sq=1, s_g=O * K, s_j=1, s_c=O,
-                                   s_t=O * 128),
+                         ints=dict(O=O, K=K, RS=RS, S=3, Og=O, sq=1, sw_o=K, sw_c=RS, sw_r=3,
+                                   sw_s=1, s_g=O * K, s_j=1, s_c=O, s_t=O * 128),
                          constexprs=dict(MODE=2, BO=BO, BK=BK),
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt, SCALE="*fp32"),
                          num_warps=4, num_stages=1))
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
-                         dtype=dtype, ints=dict(O=O, K=K, SPLITS=4, sq=1),
-                         constexprs=dict(MODE=2, BO=BO, BK=BK),
+                         dtype=dtype, ints=dict(O=O, K=K, RS=RS, S=3, sq=1, sw_o=K, sw_c=RS,
+                                                   sw_r=3, sw_s=1),
+                         constexprs=dict(MODE=2, BO=BO, BK=BK, ADD_Q=True),
                          pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32"),
                          num_warps=8, num_stages=1))
+    SB, BLOCK, warps = SUM_SPLITS_CONFIG
+    jobs.append(dict(kernel=sum_splits_kernel, name=f"SB{SB}-BLOCK{BLOCK}-w{warps}", dtype="fp32",
+                     ints=dict(N=O * K, SPLITS=10), constexprs=dict(SB=SB, BLOCK=BLOCK),
+                     pointer_dtypes=dict(P="*fp32"), num_warps=warps, num_stages=1))
     return jobs

@@ -17,25 +17,34 @@ def _formula(w, q, mode, eps):
     return w * scale.view(-1, 1, 1, 1) if mode != "none" else w
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("mode, eps", [("norm_q", 1e-12), ("norm", 0.0), ("norm", 1e-6), ("none", 0.0)])
-def test_normalize_weight_and_its_jacobian(mode, eps, dtype):
+def test_normalize_weight_and_its_jacobian(mode, eps, dtype, layout):
+    """Any weight layout is read in place; grad_w comes in the weight's layout."""
     O, Cg, R, S = 6, 5, 3, 2
     w = torch.randn(O, Cg, R, S, dtype=torch.float64)
     q = torch.rand(O, dtype=torch.float64) * 0.3 if mode != "norm" else torch.rand(()).expand(O)
-    w_hat, scale = normalize_weight(w.to(DEVICE, dtype), q.float().to(DEVICE), mode, eps)
+    w_dev = w.to(DEVICE, dtype).contiguous(memory_format=layout)
+    w_hat, scale = normalize_weight(w_dev, q.float().to(DEVICE), mode, eps)
     w_ref, q_ref = w.to(dtype).double().requires_grad_(), q.clone().requires_grad_()
     ref = _formula(w_ref, q_ref, mode, eps)
     assert w_hat.dtype == dtype and (scale is None) == (mode == "none")
     assert_close("w_hat", w_hat.cpu(), ref.detach(), dtype, reduce_dim=Cg * R * S)
     grad = torch.randn_like(ref)
     ref.backward(grad)
-    grad_w, grad_q = normalize_weight_backward(grad.to(DEVICE, dtype), w.to(DEVICE, dtype),
-                                               q.float().to(DEVICE), mode, eps)
-    assert_close("grad_w", grad_w.cpu(), w_ref.grad, dtype, grad=True, reduce_dim=Cg * R * S)
+    grad_w, grad_q = normalize_weight_backward(grad.to(DEVICE, dtype).repeat(2, 1, 1, 1), w_dev,
+                                               q.float().to(DEVICE), mode, eps, splits=2)
+    assert grad_w.stride() == w_dev.stride()
+    assert_close("grad_w", grad_w.cpu(), 2 * w_ref.grad, dtype, grad=True, reduce_dim=Cg * R * S)
     if mode == "norm_q":
-        assert_close("grad_q", grad_q.cpu(), q_ref.grad, dtype, grad=True,
+        assert_close("grad_q", grad_q.cpu(), 2 * q_ref.grad, dtype, grad=True,
                      reduce_dim=Cg * R * S)
+        base = torch.randn(O, device=DEVICE)
+        _, added = normalize_weight_backward(grad.to(DEVICE, dtype), w_dev, q.float().to(DEVICE),
+                                             mode, eps, grad_q=base.clone())
+        assert_close("grad_q added", added.cpu(), base.cpu().double() + q_ref.grad, dtype,
+                     grad=True, reduce_dim=Cg * R * S)
     else:
         assert grad_q is None
 

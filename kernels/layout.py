@@ -1,0 +1,49 @@
+"""NCHW → channels_last copy of ``x`` for the GEMM kernels, which read channels contiguous.
+
+PyTorch's ``x.contiguous(memory_format=torch.channels_last)`` runs a generic strided copy: one
+side of the permutation is read or written a channel stride apart. This kernel moves a
+[BC channels, BP positions] tile per program: loaded along positions and stored along channels,
+Triton's layout conversion (through shared memory) keeps both sides coalesced.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .launch import cdiv, launch
+
+CONFIG = (64, 64, 4)      # (BC, BP, num_warps)
+
+
+@triton.jit
+def nchw_to_channels_last_kernel(X, Y, C, P, BC: tl.constexpr, BP: tl.constexpr):
+    """Program (i_p, i_c, i_n): y[n, p, c] = x[n, c, p] on a [BC, BP] tile, ``P = H·W``."""
+    i_p, i_c, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_c = i_c * BC + tl.arange(0, BC)
+    o_p = i_p * BP + tl.arange(0, BP)
+    m = (o_c < C)[:, None] & (o_p < P)[None, :]
+    base = i_n.to(tl.int64) * C * P
+    b_x = tl.load(X + base + o_c[:, None] * P + o_p[None, :], mask=m)          # [BC, BP]
+    tl.store(Y + base + o_p[None, :] * C + o_c[:, None], b_x, mask=m)
+
+
+def to_channels_last(x):
+    """``x.contiguous(memory_format=torch.channels_last)`` of a 4-D tensor, one launch when x
+    is NCHW-contiguous (per-sample sizes below 2**31, as the SCD kernels assume)."""
+    N, C, H, W = x.shape
+    if not x.is_contiguous() or C == 1 or H * W == 1 or x.numel() == 0:
+        return x.contiguous(memory_format=torch.channels_last)
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    BC, BP, warps = CONFIG
+    launch(nchw_to_channels_last_kernel, (cdiv(H * W, BP), cdiv(C, BC), N), (x, y),
+           (C, H * W), dict(BC=BC, BP=BP), warps, 1)
+    return y
+
+
+def report_jobs():
+    """The copy for a 128-channel 56² bf16 / fp32 tensor, for ``kernels/report.py``."""
+    BC, BP, warps = CONFIG
+    return [dict(kernel=nchw_to_channels_last_kernel, name=f"BC{BC}-BP{BP}-w{warps}",
+                 dtype=dtype, ints=dict(C=128, P=56 * 56), constexprs=dict(BC=BC, BP=BP),
+                 pointer_dtypes=dict(X=f"*{dtype}", Y=f"*{dtype}"), num_warps=warps,
+                 num_stages=1)
+            for dtype in ("bf16", "fp32")]

@@ -1,0 +1,100 @@
+"""kernels/launch.py: the cached direct launch, driven by stand-ins for a CUDA tensor and a
+Triton kernel (no GPU needed; the GPU tests run every kernel through the real path)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from scd_triton.kernels import launch as launch_mod
+from scd_triton.kernels.launch import cdiv, launch, next_power_of_2
+
+
+class FakeTensor:
+    """What ``launch`` reads of a tensor: device, dtype, data_ptr."""
+
+    def __init__(self, ptr, dtype=torch.float16, device="cuda"):
+        self.device = SimpleNamespace(type=device, index=0)
+        self.dtype, self.ptr = dtype, ptr
+
+    def data_ptr(self):
+        return self.ptr
+
+
+class FakeKernel:
+    """Records ordinary launches (``kernel[grid](...)``) and direct ones (``compiled.run``)."""
+
+    def __init__(self, names):
+        self.params = [SimpleNamespace(name=n) for n in names]
+        self.slow, self.fast = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.slow.append((grid, args, kwargs))
+            return SimpleNamespace(run=lambda *a: self.fast.append(a), function=f"fn{len(self.slow)}",
+                                   packed_metadata="meta")
+        return run
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setattr(launch_mod, "driver",
+                        SimpleNamespace(active=SimpleNamespace(get_current_stream=lambda i: 77)))
+    launch_mod._COMPILED.clear()
+    yield FakeKernel(["X", "Y", "n", "eps", "BLOCK", "FLAG"])
+    launch_mod._COMPILED.clear()
+
+
+def test_second_call_launches_the_cached_kernel_directly(kernel):
+    x, y = FakeTensor(1024), FakeTensor(2048)
+    launch(kernel, (3, 2), (x, y), (10, 0.5), dict(FLAG=True, BLOCK=64), 4, 2)
+    assert len(kernel.slow) == 1 and not kernel.fast
+    assert kernel.slow[0][2] == dict(FLAG=True, BLOCK=64, num_warps=4, num_stages=2)
+    launch(kernel, (3, 2), (x, y), (10, 0.5), dict(FLAG=True, BLOCK=64), 4, 2)
+    assert len(kernel.slow) == 1
+    # grid padded to 3-D, the current stream, the compiled function, constexprs in parameter order
+    assert kernel.fast == [(3, 2, 1, 77, "fn1", "meta", None, None, None, x, y, 10, 0.5, 64, True)]
+
+
+@pytest.mark.parametrize("change", ["alignment", "dtype", "int", "constexpr", "warps"])
+def test_anything_that_changes_the_specialisation_compiles_anew(kernel, change):
+    args = dict(tensors=(FakeTensor(1024), FakeTensor(2048)), scalars=(16, 0.5),
+                constexprs=dict(BLOCK=64, FLAG=False), warps=4)
+    launch(kernel, (1,), args["tensors"], args["scalars"], args["constexprs"], args["warps"], 1)
+    changed = dict(args)
+    if change == "alignment":
+        changed["tensors"] = (FakeTensor(1026), FakeTensor(2048))
+    elif change == "dtype":
+        changed["tensors"] = (FakeTensor(1024, torch.float32), FakeTensor(2048))
+    elif change == "int":
+        changed["scalars"] = (17, 0.5)
+    elif change == "constexpr":
+        changed["constexprs"] = dict(BLOCK=128, FLAG=False)
+    else:
+        changed["warps"] = 8
+    launch(kernel, (1,), changed["tensors"], changed["scalars"], changed["constexprs"],
+           changed["warps"], 1)
+    assert len(kernel.slow) == 2 and not kernel.fast
+
+
+def test_cpu_tensors_and_launch_hooks_take_the_ordinary_path(kernel, monkeypatch):
+    cpu = (FakeTensor(1024, device="cpu"),)
+    for _ in range(2):
+        launch(kernel, (1,), cpu, (1,), dict(BLOCK=1, FLAG=1), 4, 1)
+    assert len(kernel.slow) == 2 and not kernel.fast
+    hook = launch_mod.knobs.runtime.launch_enter_hook
+    if hasattr(hook, "add"):   # Triton >= 3.7: a chain of hooks
+        monkeypatch.setattr(hook, "calls", [print])
+    else:
+        monkeypatch.setattr(launch_mod.knobs.runtime, "launch_enter_hook", print)
+    cuda = (FakeTensor(1024),)
+    for _ in range(2):
+        launch(kernel, (1,), cuda, (1,), dict(BLOCK=1, FLAG=1), 4, 1)
+    assert len(kernel.slow) == 4 and not kernel.fast
+
+
+def test_integer_helpers_match_triton():
+    import triton
+    for n in range(1, 300):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 3, 16, 64):
+            assert cdiv(n, d) == triton.cdiv(n, d)
