@@ -249,15 +249,19 @@ def _sm_count(index):
 
 
 def _dgrad_config(dtype, Cg, Og, cuda):
+    """BN (input channels) no wider than C/G needs: a 3-channel stem takes 16, not 64."""
     if not cuda:  # the interpreter: small tiles, few loop steps
         return 64, pow2_between(Cg, 16, 64), pow2_between(Og, 16, 64), 4, 1
     if dtype == torch.float32:
-        return DGRAD_CONFIG_FP32
-    return DGRAD_CONFIGS["large" if Cg > 64 and Og >= 64 else "small"]
+        BM, BN, BK, warps, stages = DGRAD_CONFIG_FP32
+    else:
+        BM, BN, BK, warps, stages = DGRAD_CONFIGS["large" if Cg > 64 and Og >= 64 else "small"]
+    return BM, pow2_between(Cg, 16, BN), BK, warps, stages
 
 
-def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0):
-    """``flat_cols``: the (channel, tap) columns of a FLAT wgrad (0: per-tap tiles)."""
+def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0, large=True):
+    """``flat_cols``: the (channel, tap) columns of a FLAT wgrad (0: per-tap tiles);
+    ``large=False`` keeps wide layers on the small tiles (when split-K is capped)."""
     if not cuda:
         return pow2_between(Og, 16, 64), pow2_between(flat_cols or Cg, 16, 64), 64, 4, 1
     if flat_cols:
@@ -265,7 +269,7 @@ def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0):
         return BM, pow2_between(flat_cols, 16, BN), BK, warps, stages
     if dtype == torch.float32:
         return WGRAD_CONFIG_FP32
-    return WGRAD_CONFIGS["large" if Cg > 64 and Og > 64 else "small"]
+    return WGRAD_CONFIGS["large" if large and Cg > 64 and Og > 64 else "small"]
 
 
 def _splits(tiles, M, BK, device, split_bytes, budget_bytes):
@@ -387,11 +391,15 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                 PLANES=planes), warps, stages)
 
     flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
-    BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda, Cg * R * S if flat else 0)
     taps = 1 if flat else R * S
-    tiles = cdiv(Og, BM) * cdiv(Cg * R * S if flat else Cg, BN)
-    splits = _splits(tiles * taps * G, M, BK, dev, weight.numel() * 4,
-                     grad_d.numel() * grad_d.element_size())
+    for large in (True, False):   # large tiles unless the capped split-K leaves them < 2 waves
+        BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda,
+                                                  Cg * R * S if flat else 0, large)
+        tiles = cdiv(Og, BM) * cdiv(Cg * R * S if flat else Cg, BN)
+        splits = _splits(tiles * taps * G, M, BK, dev, weight.numel() * 4,
+                         grad_d.numel() * grad_d.element_size())
+        if not cuda or tiles * taps * G * splits >= 2 * _sm_count(dev.index or 0):
+            break
     k_split = cdiv(cdiv(M, splits), BK) * BK
     splits = cdiv(M, k_split)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
