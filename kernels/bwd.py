@@ -1,11 +1,12 @@
 """Backward of the SCD core op (SPEC section 2): four launches (with the kernel normalisation's
-backward, ``weight.normalize_weight_backward_kernel``) plus one tiny reduction.
+backward, ``weight.normalize_weight_backward_kernel``), plus the split-K sum when split.
 
 - ``scd2d_bwd_prologue_kernel``: one pass over ``grad_y`` and the saved ``c`` and norms. Per
   element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =
   |y|/(|c|+eps)``); stores ``grad_d = G/a`` as ``[N, OH, OW, O]`` in the input dtype (the GEMM
   operand of both GEMMs, channels contiguous), ``grad_‖s‖/‖s‖`` per (n, group, position) in
-  float32 and per-block partial sums of ``grad_p``, ``grad_q`` (summed by one reduction, no atomics).
+  float32 and per-block partial sums of ``grad_p``, ``grad_q`` (summed by the weight kernel, no
+  atomics).
 - ``scd2d_dgrad_kernel``: implicit GEMM of ``grad_d`` with ``ŵ`` onto the input positions of one
   stride phase ``(ih mod sh, iw mod sw)`` (grid axis 2), so that the kernel taps that reach them
   are the same for the whole tile and the K loop runs over those taps only (no zero insertion,
@@ -34,7 +35,7 @@ from .weight import normalize_weight, normalize_weight_backward
 
 @triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_bwd_prologue_kernel(
-    GY, Cin, Norm, P, Q, GD, GNS, WP, WQ,
+    GY, Cin, Norm, P, Q, GD, GNS, PART,
     M, TILES, G, Og, O, P_IMG,
     sgn, sgc, sgp, scn, scc, scp,
     eps,
@@ -81,8 +82,9 @@ def scd2d_bwd_prologue_kernel(
         b_gp = tl.where(zero, 0.0, b_gy * tl.where(b_c < 0, -b_mag, b_mag) * b_l)
         tl.store(GD + o_gd[:, None, None] + o_glob[None, :, :], b_gd.to(GD.dtype.element_ty),
                  mask=m)
-        tl.store(WQ + i_m * O + o_glob, -tl.sum(b_gc, axis=0), mask=m_go)
-        tl.store(WP + i_m * O + o_glob, tl.sum(b_gp, axis=0) * 0.6931471805599453, mask=m_go)
+        p_part = PART + i_m.to(tl.int64) * (2 * O) + o_glob              # [ROWS, 2, O]: p, q
+        tl.store(p_part, tl.sum(b_gp, axis=0) * 0.6931471805599453, mask=m_go)
+        tl.store(p_part + O, -tl.sum(b_gc, axis=0), mask=m_go)
     tl.store(GNS + o_norm, -b_ns / b_norm, mask=m_pg)
 
 
@@ -286,12 +288,10 @@ def _splits(tiles, M, BK, device, split_bytes, budget_bytes):
 
 def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials):
     """(grad_weight, grad_p, grad_q): the split-K workspace ``ws`` [splits, O, C/G, R, S]
-    reduced through the kernel normalisation's backward, which adds its term to grad_q; the
-    prologue's per-block ``partials`` [2, blocks, O] summed in one reduction."""
-    grad_p, grad_q = partials.sum(1)
-    grad_w, grad_q = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
-                                               splits=ws.shape[0], grad_q=grad_q)
-    return grad_w, grad_p, grad_q
+    reduced through the kernel normalisation's backward, which also sums the prologue's
+    per-block ``partials`` [blocks, 2, O] of grad_p and grad_q."""
+    return normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
+                                     splits=ws.shape[0], partials=partials)
 
 
 def _position_strides(t):
@@ -340,9 +340,9 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     n_blk = N * tiles if per_image else cdiv(M, BP)
     grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
-    partials = torch.empty((2, n_blk, O), dtype=torch.float32, device=dev)   # grad_p, grad_q
+    partials = torch.empty((n_blk, 2, O), dtype=torch.float32, device=dev)   # grad_p, grad_q
     launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
-           (grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, partials[0], partials[1]),
+           (grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, partials),
            (M, tiles, G, Og, O, OH * OW, *sg, *sc, eps),
            dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image), warps, stages)
 
@@ -476,7 +476,7 @@ def report_jobs():
                             ints(scd2d_bwd_prologue_kernel, lay),
                             dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw),
                             dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
-                                 GNS="*fp32", WP="*fp32", WQ="*fp32"), warps, stages))
+                                 GNS="*fp32", PART="*fp32"), warps, stages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             dw, dw_cl = layer(layout, 128, 128, 128, BM)
             jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,

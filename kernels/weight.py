@@ -81,12 +81,14 @@ def normalize_weight_kernel(
 
 @triton.jit
 def normalize_weight_backward_kernel(
-    GW_HAT, W, Q, GW, GQ, O, K, RS, S, sq, sw_o, sw_c, sw_r, sw_s, eps,
-    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, ADD_Q: tl.constexpr,
+    GW_HAT, W, Q, GW, GQ, PART, GP, O, K, RS, S, ROWS, sq, sw_o, sw_c, sw_r, sw_s, eps,
+    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, PARTIALS: tl.constexpr,
+    BR: tl.constexpr,
 ):
     """grad_w and grad_q (MODE 2) from grad_ŵ [O, K]; W and GW [O, C/G, R, S] share the
-    strides ``sw_*``. ``ADD_Q``: add grad_q's term to GQ (each channel by one program) instead
-    of storing it."""
+    strides ``sw_*``. ``PARTIALS``: PART [ROWS, 2, O] holds per-block partial sums of grad_p
+    and grad_q (the backward prologue's), summed here in a fixed order into GP and into GQ
+    (added to the normalisation's term)."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)
     m_o = o_o < O
@@ -106,10 +108,19 @@ def normalize_weight_backward_kernel(
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, b_n = _scale(sumsq, b_q, eps, MODE)
     b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / tl.where(b_n == 0, 1.0, b_n))
+    b_gq = tl.zeros((BO,), dtype=tl.float32)
+    if PARTIALS:
+        b_gp = tl.zeros((BO,), dtype=tl.float32)
+        for r0 in range(0, ROWS, BR):
+            o_r = r0 + tl.arange(0, BR)
+            m = m_o[:, None] & (o_r < ROWS)[None, :]
+            p_part = PART + o_o[:, None] + (o_r.to(tl.int64) * (2 * O))[None, :]  # [BO, BR]
+            b_gp += tl.sum(tl.load(p_part, mask=m, other=0.0), axis=1)
+            b_gq += tl.sum(tl.load(p_part + O, mask=m, other=0.0), axis=1)
+        tl.store(GP + o_o, b_gp, mask=m_o)
     if MODE == 2:
-        b_gq = -dot * b_scale * b_scale
-        if ADD_Q:
-            b_gq += tl.load(GQ + o_o, mask=m_o, other=0.0)
+        b_gq += -dot * b_scale * b_scale
+    if PARTIALS or MODE == 2:
         tl.store(GQ + o_o, b_gq, mask=m_o)
     for k0 in range(0, K, BK):
         o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
@@ -142,9 +153,10 @@ SUM_SPLITS_CONFIG = (16, 256, 4)     # (SB, BLOCK, num_warps)
 
 
 def _blocks(O, K):
-    """(BO, BK): a few channels per program, the kernel's row in chunks of up to 256."""
-    BK = max(16, min(256, next_power_of_2(K)))
-    return 4, BK
+    """(BO, BK): a kernel row in one chunk of up to 2048 (one pass over memory per loop), and
+    as many rows per program as fill 2048 elements, at most 16: O programs for wide kernels."""
+    BK = max(16, min(2048, next_power_of_2(K)))
+    return max(1, min(16, 2048 // BK)), BK
 
 
 def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
@@ -166,14 +178,15 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
     return out, scale
 
 
-def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, grad_q=None):
-    """``(grad_w, grad_q)`` of :func:`normalize_weight`; ``grad_w_hat`` may hold ``splits``
-    partial sums ([splits, *w.shape], e.g. a split-K workspace), reduced here into its first
-    split (in place, by ``sum_splits_kernel``, when contiguous) before the Jacobian. The
-    normalisation's grad_q term (mode "norm_q") is added in place to ``grad_q`` (float32 [O],
-    contiguous) when given, else returned as a new tensor; other modes return ``grad_q``."""
-    if mode == "none" and splits == 1 and grad_w_hat.dtype == w.dtype:
-        return grad_w_hat.view_as(w), grad_q
+def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=None):
+    """``(grad_w, grad_p, grad_q)`` of :func:`normalize_weight`; ``grad_w_hat`` may hold
+    ``splits`` partial sums ([splits, *w.shape], e.g. a split-K workspace), reduced here into its
+    first split (in place, by ``sum_splits_kernel``, when contiguous) before the Jacobian.
+    ``partials`` [rows, 2, O] (float32): per-block partial sums of grad_p and grad_q, summed
+    into grad_p and added to grad_q (without it grad_p is None, and so is grad_q unless the
+    mode is "norm_q")."""
+    if mode == "none" and splits == 1 and grad_w_hat.dtype == w.dtype and partials is None:
+        return grad_w_hat.view_as(w), None, None
     O, Cg, R, S = w.shape
     grad_w_hat = grad_w_hat.contiguous()
     if splits > 1:
@@ -183,16 +196,20 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, grad_q=None
     grad_w = torch.empty_like(w)        # w's layout, as autograd's gradient layout contract asks
     if grad_w.stride() != w.stride():   # w not dense (a strided view)
         w, grad_w = w.contiguous(), torch.empty_like(w, memory_format=torch.contiguous_format)
-    add_q = grad_q is not None
-    if mode == "norm_q" and not add_q:
-        grad_q = torch.empty(O, dtype=torch.float32, device=w.device)
+    has_partials = partials is not None
+    sums = torch.empty((2, O), dtype=torch.float32, device=w.device)    # grad_p, grad_q
+    grad_p = sums[0] if has_partials else None
+    grad_q = sums[1] if has_partials or mode == "norm_q" else None
     BO, BK = _blocks(O, Cg * R * S)
     launch(normalize_weight_backward_kernel, (cdiv(O, BO),),
-           (grad_w_hat, w, q, grad_w, grad_q if grad_q is not None else q),
-           (O, Cg * R * S, R * S, S, q.stride(0), *w.stride(), eps),
-           dict(MODE=MODES[mode], BO=BO, BK=BK, ADD_Q=add_q),
-           8, 1)   # 4 warps spill 16 B in float32 on sm_90 (kernel report)
-    return grad_w, grad_q
+           (grad_w_hat, w, q, grad_w, sums[1], partials if has_partials else sums, sums[0]),
+           (O, Cg * R * S, R * S, S, partials.shape[0] if has_partials else 0, q.stride(0),
+            *w.stride(), eps),
+           dict(MODE=MODES[mode], BO=BO, BK=BK, PARTIALS=has_partials, BR=PARTIAL_ROWS), 8, 1)
+    return grad_w, grad_p, grad_q
+
+
+PARTIAL_ROWS = 256        # partial sums per load in the Jacobian kernel
 
 
 def report_jobs():
@@ -209,10 +226,11 @@ def report_jobs():
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt, SCALE="*fp32"),
                          num_warps=4, num_stages=1))
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
-                         dtype=dtype, ints=dict(O=O, K=K, RS=RS, S=3, sq=1, sw_o=K, sw_c=RS,
-                                                   sw_r=3, sw_s=1),
-                         constexprs=dict(MODE=2, BO=BO, BK=BK, ADD_Q=True),
-                         pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32"),
+                         dtype=dtype, ints=dict(O=O, K=K, RS=RS, S=3, ROWS=392, sq=1, sw_o=K,
+                                                   sw_c=RS, sw_r=3, sw_s=1),
+                         constexprs=dict(MODE=2, BO=BO, BK=BK, PARTIALS=True, BR=PARTIAL_ROWS),
+                         pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
+                                             PART="*fp32", GP="*fp32"),
                          num_warps=8, num_stages=1))
     SB, BLOCK, warps = SUM_SPLITS_CONFIG
     jobs.append(dict(kernel=sum_splits_kernel, name=f"SB{SB}-BLOCK{BLOCK}-w{warps}", dtype="fp32",

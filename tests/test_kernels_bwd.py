@@ -192,7 +192,7 @@ def test_forward_backward_runs_no_conv_and_no_output_sized_torch_op(groups):
         y.backward(grad_y)
     out_numel = y.numel()
     ops = [e for e in prof.events() if e.name.startswith("aten::")]
-    assert any(e.name == "aten::sum" for e in ops), "the profiler recorded no torch ops"
+    assert any(e.name == "aten::empty" for e in ops), "the profiler recorded no torch ops"
     for e in ops:
         op = e.name[len("aten::"):]
         assert not _GEMM_OPS.search(op), f"{e.name} ran: the kernels must do every GEMM"

@@ -33,20 +33,28 @@ def test_normalize_weight_and_its_jacobian(mode, eps, dtype, layout):
     assert_close("w_hat", w_hat.cpu(), ref.detach(), dtype, reduce_dim=Cg * R * S)
     grad = torch.randn_like(ref)
     ref.backward(grad)
-    grad_w, grad_q = normalize_weight_backward(grad.to(DEVICE, dtype).repeat(2, 1, 1, 1), w_dev,
-                                               q.float().to(DEVICE), mode, eps, splits=2)
+    grad_w, grad_p, grad_q = normalize_weight_backward(grad.to(DEVICE, dtype).repeat(2, 1, 1, 1),
+                                                       w_dev, q.float().to(DEVICE), mode, eps,
+                                                       splits=2)
+    assert grad_p is None
     assert grad_w.stride() == w_dev.stride()
     assert_close("grad_w", grad_w.cpu(), 2 * w_ref.grad, dtype, grad=True, reduce_dim=Cg * R * S)
     if mode == "norm_q":
         assert_close("grad_q", grad_q.cpu(), 2 * q_ref.grad, dtype, grad=True,
                      reduce_dim=Cg * R * S)
-        base = torch.randn(O, device=DEVICE)
-        _, added = normalize_weight_backward(grad.to(DEVICE, dtype), w_dev, q.float().to(DEVICE),
-                                             mode, eps, grad_q=base.clone())
-        assert_close("grad_q added", added.cpu(), base.cpu().double() + q_ref.grad, dtype,
-                     grad=True, reduce_dim=Cg * R * S)
     else:
         assert grad_q is None
+    # the prologue's per-block partial sums of grad_p and grad_q [rows, 2, O], summed in
+    rows = 300    # more than one load of PARTIAL_ROWS
+    partials = torch.randn(rows, 2, O, device=DEVICE)
+    _, grad_p, grad_q = normalize_weight_backward(grad.to(DEVICE, dtype), w_dev,
+                                                  q.float().to(DEVICE), mode, eps,
+                                                  partials=partials)
+    sums = partials.double().sum(0).cpu()
+    torch.testing.assert_close(grad_p.cpu().double(), sums[0], rtol=1e-5, atol=1e-5)
+    expected_q = sums[1] + (q_ref.grad if mode == "norm_q" else 0)
+    assert_close("grad_q with partials", grad_q.cpu(), expected_q, dtype, grad=True,
+                 reduce_dim=Cg * R * S)
 
 
 def test_writes_into_any_layout():
@@ -70,6 +78,6 @@ def test_zero_and_nan_kernels():
     w_hat, scale = normalize_weight(w, q, "norm", 0.0)
     assert (w_hat[0] == 0).all() and scale[0] == 0
     assert torch.isfinite(w_hat[1]).all() and torch.isnan(w_hat[2]).all()
-    grad_w, _ = normalize_weight_backward(torch.ones_like(w), w, q, "norm", 0.0)
+    grad_w, _, _ = normalize_weight_backward(torch.ones_like(w), w, q, "norm", 0.0)
     assert (grad_w[0] == 0).all() and torch.isfinite(grad_w[1]).all()
     assert torch.isnan(grad_w[2]).all()
