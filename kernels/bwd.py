@@ -37,7 +37,7 @@ from .weight import normalize_weight, normalize_weight_backward
 def scd2d_bwd_prologue_kernel(
     GY, Cin, Norm, P, Q, GD, GNS, PART,
     M, TILES, G, Og, O, P_IMG,
-    sgn, sgc, sgp, scn, scc, scp,
+    sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
 ):
@@ -68,8 +68,8 @@ def scd2d_bwd_prologue_kernel(
         b_gy = tl.load(GY + o_gy[:, None, None] + (o_glob * sgc)[None, :, :], mask=m, other=0.0)
         b_c = tl.load(Cin + o_c[:, None, None] + (o_glob * scc)[None, :, :], mask=m, other=0.0)
         b_gy, b_c = b_gy.to(tl.float32), b_c.to(tl.float32)              # [BP, BG, BO]
-        b_p = tl.load(P + o_glob, mask=m_go, other=1.0)[None, :, :]
-        b_q = tl.load(Q + o_glob, mask=m_go, other=0.0)[None, :, :]
+        b_p = tl.load(P + o_glob * sp, mask=m_go, other=1.0)[None, :, :]
+        b_q = tl.load(Q + o_glob * sq, mask=m_go, other=0.0)[None, :, :]
         b_base = tl.abs(b_c) + eps
         b_l = tl.log2(b_base)
         b_mag = tl.exp2(b_p * b_l)                                       # |y|
@@ -328,7 +328,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                          f"C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below 2**31")
     sh, sw = stride
     conv = (sh, sw, padding[0], padding[2], *dilation)
-    p, norm = p.float().contiguous(), norm.contiguous()
+    norm = norm.contiguous()
 
     # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
     per_image = memory_format(x) == torch.contiguous_format     # NCHW: tiles along positions
@@ -342,8 +342,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
     partials = torch.empty((n_blk, 2, O), dtype=torch.float32, device=dev)   # grad_p, grad_q
     launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
-           (grad_y, c, norm, p, q.float().contiguous(), grad_d, gns, partials),
-           (M, tiles, G, Og, O, OH * OW, *sg, *sc, eps),
+           (grad_y, c, norm, p, q, grad_d, gns, partials),
+           (M, tiles, G, Og, O, OH * OW, *sg, *sc, p.stride(0), q.stride(0), eps),
            dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image), warps, stages)
 
     # 2. dgrad and 3. wgrad. NCHW x is copied channels-contiguous once (2·|x| of traffic) for
@@ -426,7 +426,7 @@ def report_jobs():
         gx = dict(sdn=C * P, sdc=P, sdh=W, sdw=1) if nchw else dict(sdn=P * C, sdc=1, sdh=W * C,
                                                                       sdw=C)
         out = dict(sgn=O * P, sgc=P if nchw else 1, sgp=1 if nchw else O)
-        out.update(scn=out["sgn"], scc=out["sgc"], scp=out["sgp"])
+        out.update(scn=out["sgn"], scc=out["sgc"], scp=out["sgp"], sp=1, sq=0)
         conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
         ints = dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * P, P_IMG=P,
                     TILES=cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,

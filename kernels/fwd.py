@@ -39,7 +39,7 @@ def scd2d_fwd_kernel(
     X, W, P, Q, Y, Cout, Norm,
     H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS,
     sxn, sxc, sxh, sxw, syn, syc, syp,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sp, sq,
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT_K: tl.constexpr,
@@ -110,8 +110,8 @@ def scd2d_fwd_kernel(
         acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
 
     m_o = o_o < Og
-    b_p = tl.load(P + i_g * Og + o_o, mask=m_o, other=1.0)
-    b_q = tl.load(Q + i_g * Og + o_o, mask=m_o, other=0.0)
+    b_p = tl.load(P + (i_g * Og + o_o) * sp, mask=m_o, other=1.0)
+    b_q = tl.load(Q + (i_g * Og + o_o) * sq, mask=m_o, other=0.0)
     b_norm = tl.sqrt(tl.sum(ssq, axis=1) + norm_eps)                     # [BM]
     b_c, b_y = sharpen(acc, b_norm[:, None], b_p[None, :], b_q[None, :], eps, FAST)
     o_y = ((o_n.to(tl.int64) * syn + o_p * syp)[:, None]
@@ -129,7 +129,7 @@ def scd2d_fwd_direct_kernel(
     X, W, P, Q, Y, Cout, Norm,
     H, Wd, G, OH, OW, P_IMG, M, TILES,
     sxn, sxc, sxh, sxw, syn, syc, syp,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sp, sq,
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, CG: tl.constexpr, OG: tl.constexpr, OGP: tl.constexpr,
     BM: tl.constexpr, BG: tl.constexpr, X_ROWS: tl.constexpr, PER_IMAGE: tl.constexpr,
@@ -177,8 +177,8 @@ def scd2d_fwd_direct_kernel(
             acc += b_x[:, :, None] * b_w[None, :, :]
             ssq += b_x * b_x
 
-    b_p = tl.load(P + o_o, mask=m_o, other=1.0)
-    b_q = tl.load(Q + o_o, mask=m_o, other=0.0)
+    b_p = tl.load(P + o_o * sp, mask=m_o, other=1.0)
+    b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_norm = tl.sqrt(ssq + norm_eps)                                     # [BM, BG]
     b_c, b_y = sharpen(acc, b_norm[:, :, None], b_p[None, :, :], b_q[None, :, :], eps,
                        FAST)                                             # [BM, BG, OGP]
@@ -302,8 +302,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     if x.stride(1) != 1 and C > 1 and not in_place:
         x = to_channels_last(x)                                # NCHW: channels contiguous for K
     y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
-    p, q = p.float().contiguous(), q.float().contiguous()
-    conv = (*stride, padding[0], padding[2], *dilation, eps, norm_eps)
+    conv = (*stride, padding[0], padding[2], *dilation, p.stride(0), q.stride(0), eps, norm_eps)
     flags = dict(PER_IMAGE=per_image, SAVE=save_for_backward, FAST=x.is_cuda and FAST_MATH)
     if direct:
         BM, BG, OGP, warps, stages = direct_config(Og)
@@ -337,7 +336,7 @@ def _layer_ints(layout, N, C, O, H, W, R, groups):
     return dict(H=H, Wd=W, G=G, Cg=C // G, Og=O // G, OH=H, OW=W, P_IMG=P_img, M=N * P_img,
                 sxn=H * W * C, sxc=1, sxh=W * C, sxw=C, syn=O * P_img,
                 syc=P_img if layout == "nchw" else 1, syp=1 if layout == "nchw" else O,
-                stride_h=1, stride_w=1, pad_h=R // 2, pad_w=R // 2, dil_h=1, dil_w=1)
+                stride_h=1, stride_w=1, pad_h=R // 2, pad_w=R // 2, dil_h=1, dil_w=1, sp=1, sq=0)
 
 
 def report_jobs():
