@@ -19,6 +19,7 @@ backward, ``weight.normalize_weight_backward_kernel``), plus the split-K sum whe
 """
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -235,7 +236,7 @@ def scd2d_wgrad_kernel(
 
 # CUDA configs, one or two per kernel (no autotune: a GPU compiles little). GEMM tuples are
 # (BM, BN, BK, num_warps, num_stages); the "large" ones serve groups of more than 64 channels.
-PROLOGUE_CONFIG = (64, 32, 4, 1)                  # (BP, largest BO, warps, stages)
+PROLOGUE_CONFIG = (64, 32, 8, 1)                  # (BP, largest BO, warps, stages): 4 warps spilled 8 B (fp32, sm_90)
 DGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (128, 64, 32, 4, 3)}
 WGRAD_CONFIGS = {"large": (128, 128, 64, 8, 3), "small": (64, 64, 64, 4, 3)}
 DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
@@ -274,16 +275,16 @@ def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0, large=True):
     return WGRAD_CONFIGS["large" if large and Cg > 64 and Og > 64 else "small"]
 
 
-def _splits(tiles, M, BK, device, split_bytes, budget_bytes):
-    """Split-K count: about three waves of programs, each split at least 8 K steps long, and a
-    float32 workspace (``split_bytes`` a split) no larger than ``budget_bytes`` (one
-    output-sized tensor: the memory a training step may spend beyond conv2d's).
-    The interpreter takes two splits (when there is room) so tests exercise the reduction."""
+def _splits(tiles, M, BK, sms, split_bytes, budget_bytes):
+    """Split-K count: about three waves of programs on ``sms`` SMs, each split at least 8 K
+    steps long, and a float32 workspace (``split_bytes`` a split) no larger than
+    ``budget_bytes`` (one output-sized tensor: the memory a training step may spend beyond
+    conv2d's). The interpreter (``sms`` 0) takes two splits (when there is room) so tests
+    exercise the reduction."""
     steps = cdiv(M, BK)
-    if device.type != "cuda":
+    if not sms:
         return min(2, steps)
-    waves = cdiv(3 * _sm_count(device.index or 0), tiles)
-    return max(1, min(waves, steps // 8, budget_bytes // split_bytes))
+    return max(1, min(cdiv(3 * sms, tiles), steps // 8, budget_bytes // split_bytes))
 
 
 def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials):
@@ -302,6 +303,114 @@ def _position_strides(t):
     return t, (t.stride(0), t.stride(1), t.stride(3))
 
 
+class _Launch(NamedTuple):
+    """One launch of a plan: runtime ints before / after the strides taken at call time."""
+    kernel: object
+    grid: tuple
+    head: tuple
+    tail: tuple
+    constexprs: dict
+    warps: int
+    stages: int
+
+
+class _Plan(NamedTuple):
+    """What a backward needs that follows from shapes, layouts and arguments."""
+    n_blk: int                # prologue blocks: rows of the grad_p / grad_q partials
+    prologue: _Launch
+    w_layout: tuple           # (shape, out_strides) of ŵ for dgrad; None: [O, C/G, R, S]
+    dgrad: _Launch
+    planes: bool              # dgrad reads x as NCHW planes (else the channels-contiguous copy)
+    ws_shape: tuple           # split-K workspace [splits, O, C/G, R, S]
+    ws_float32: bool
+    wgrad: _Launch
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device_index, stride,
+          padding, dilation, groups, eps, weight_norm, precision):
+    """The backward's launches for one layer signature, worked out once (host time per call)."""
+    N, C, H, W = x_shape
+    O, Cg, R, S = w_shape
+    G, Og = groups, O // groups
+    OH, OW = out_hw
+    M = N * OH * OW
+    if max(M, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
+        raise ValueError(f"scd2d_bwd indexes positions and per-sample offsets in int32: needs "
+                         f"N·OH·OW = {M}, N·H·W = {N * H * W} and per-sample sizes "
+                         f"C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below 2**31")
+    sh, sw = stride
+    conv = (sh, sw, padding[0], padding[2], *dilation)
+    budget = M * O * (4 if dtype == torch.float32 else 2)    # bytes of grad_d
+    sms = _sm_count(device_index) if cuda else 0
+
+    BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
+    BO = min(BO, next_power_of_2(Og))
+    BG = min(64 // BO, next_power_of_2(G))  # narrow groups: several per tile
+    tiles = cdiv(OH * OW, BP)
+    n_blk = N * tiles if per_image else cdiv(M, BP)
+    prologue = _Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
+                       (M, tiles, G, Og, O, OH * OW), (eps,),
+                       dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image), warps, stages)
+
+    if uses_direct_kernel(G, Cg, Og):
+        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
+        planes = per_image and x_contiguous      # NCHW: tiles along each image's positions
+        tiles = cdiv(H * W, BM)
+        dgrad = _Launch(scd2d_dgrad_direct_kernel,
+                        (N * tiles if planes else cdiv(N * H * W, BM), cdiv(C, BC)),
+                        (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles), conv,
+                        dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes), warps, stages)
+        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
+        splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4, budget)
+        k_split = cdiv(cdiv(M, splits), BP) * BP
+        splits = cdiv(M, k_split)
+        wgrad = _Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
+                        (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
+                        dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
+        return _Plan(n_blk, prologue, None, dgrad, planes, (splits, O, Cg, R, S), True, wgrad)
+
+    BM, BN, BK, warps, stages = _dgrad_config(dtype, Cg, Og, cuda)
+    HQ, WQ = cdiv(H, sh), cdiv(W, sw)
+    step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])
+    # ŵ as [G, R·S, O/G, C/G]: the B tile of each K step is one contiguous row block
+    w_layout = ((G, R * S, Og, Cg), (R * S * Og * Cg, Cg, 1, Og * Cg))
+    # NCHW grad_x: per-image tiles store along positions; at stride 1 x and grad_x are read and
+    # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous
+    planes = per_image and (sh, sw) == (1, 1) and x_contiguous
+    tiles = cdiv(HQ * WQ, BM)
+    dgrad = _Launch(scd2d_dgrad_kernel,
+                    (N * tiles if per_image else cdiv(N * HQ * WQ, BM), cdiv(Cg, BN), G * sh * sw),
+                    (N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ),
+                    (*conv, step_h, step_w),
+                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK,
+                         PER_IMAGE=per_image, PLANES=planes), warps, stages)
+
+    flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
+    taps = 1 if flat else R * S
+    for large in (True, False):   # large tiles unless the capped split-K leaves them < 2 waves
+        BM, BN, BK, warps, stages = _wgrad_config(dtype, Cg, Og, cuda, Cg * R * S if flat else 0,
+                                                  large)
+        tiles = cdiv(Og, BM) * cdiv(Cg * R * S if flat else Cg, BN)
+        splits = _splits(tiles * taps * G, M, BK, sms, O * Cg * R * S * 4, budget)
+        if not cuda or tiles * taps * G * splits >= 2 * sms:
+            break
+    k_split = cdiv(cdiv(M, splits), BK) * BK
+    splits = cdiv(M, k_split)
+    wgrad = _Launch(scd2d_wgrad_kernel, (tiles, taps, G * splits),
+                    (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
+                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat),
+                    warps, stages)
+    # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
+    return _Plan(n_blk, prologue, w_layout, dgrad, planes, (splits, O, Cg, R, S),
+                 splits > 1 or weight_norm != "none", wgrad)
+
+
+def _run(step, tensors, strides):
+    launch(step.kernel, step.grid, tensors, (*step.head, *strides, *step.tail), step.constexprs,
+           step.warps, step.stages)
+
+
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
               weight_norm="none", weight_norm_eps=0.0):
     """Gradients ``(x, weight, p, q)`` of the core op, as ``reference.scd2d_bwd`` computes them.
@@ -310,104 +419,47 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     dgrad GEMM reads; the weight-gradient GEMM's split-K workspace is reduced by the
     normalisation's backward kernel, which applies its Jacobian on the way. ``padding`` is
     (top, bottom, left, right); only top/left enter the index arithmetic (the saved ``c`` gives
-    the output size). ``grad_x`` takes x's dtype and memory format.
+    the output size). ``grad_x`` takes x's dtype and memory format. Everything that follows
+    from the call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
     """
-    N, C, H, W = x.shape
-    O, Cg, R, S = weight.shape
-    G, Og = groups, O // groups
-    OH, OW = c.shape[-2:]
-    dev, cuda = x.device, x.device.type == "cuda"
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=memory_format(x))
-    M = N * OH * OW
-    if M == 0:
+    dev = x.device
+    fmt = memory_format(x)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=fmt)
+    if c.numel() == 0:
+        O = weight.shape[0]
         return (grad_x, torch.zeros(weight.shape, dtype=weight.dtype, device=dev),
                 torch.zeros(O, device=dev), torch.zeros(O, device=dev))
-    if max(M, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
-        raise ValueError(f"scd2d_bwd indexes positions and per-sample offsets in int32: needs "
-                         f"N·OH·OW = {M}, N·H·W = {N * H * W} and per-sample sizes "
-                         f"C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below 2**31")
-    sh, sw = stride
-    conv = (sh, sw, padding[0], padding[2], *dilation)
-    norm = norm.contiguous()
+    cuda = dev.type == "cuda"
+    plan = _plan(x.shape, x.is_contiguous(), weight.shape, c.shape[-2:],
+                 fmt == torch.contiguous_format, x.dtype, cuda, dev.index or 0, tuple(stride),
+                 tuple(padding), tuple(dilation), groups, eps, weight_norm,
+                 dot_precision(x.dtype))
+    N, _, OH, OW = c.shape
+    G = groups
 
     # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
-    per_image = memory_format(x) == torch.contiguous_format     # NCHW: tiles along positions
     (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
-    BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
-    BO = min(BO, next_power_of_2(Og))
-    BG = min(64 // BO, next_power_of_2(G))  # narrow groups: several per tile
-    tiles = cdiv(OH * OW, BP)
-    n_blk = N * tiles if per_image else cdiv(M, BP)
-    grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
+    grad_d = torch.empty((N, OH, OW, weight.shape[0]), dtype=x.dtype, device=dev)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
-    partials = torch.empty((n_blk, 2, O), dtype=torch.float32, device=dev)   # grad_p, grad_q
-    launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
-           (grad_y, c, norm, p, q, grad_d, gns, partials),
-           (M, tiles, G, Og, O, OH * OW, *sg, *sc, p.stride(0), q.stride(0), eps),
-           dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image), warps, stages)
+    partials = torch.empty((plan.n_blk, 2, weight.shape[0]), dtype=torch.float32, device=dev)
+    _run(plan.prologue, (grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials),
+         (*sg, *sc, p.stride(0), q.stride(0)))
 
     # 2. dgrad and 3. wgrad. NCHW x is copied channels-contiguous once (2·|x| of traffic) for
     # the wgrad GEMM's x tiles, which a tap shift misaligns, and the dgrad's x term at stride > 1
-    x_cl = x if x.stride(1) == 1 or C == 1 else to_channels_last(x)
-    if uses_direct_kernel(G, Cg, Og):
-        w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
-        BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
-        planes = per_image and x.is_contiguous()    # NCHW: tiles along each image's positions
-        tiles = cdiv(H * W, BM)
-        grid = (N * tiles if planes else cdiv(N * H * W, BM), cdiv(C, BC))
-        launch(scd2d_dgrad_direct_kernel, grid, (grad_d, w_hat.contiguous(), gns, x, grad_x),
-               (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles, *x.stride(),
-                *grad_x.stride(), *conv), dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes),
-               warps, stages)
-        BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
-        splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, dev, weight.numel() * 4,
-                         grad_d.numel() * grad_d.element_size())
-        k_split = cdiv(cdiv(M, splits), BP) * BP
-        ws = torch.empty((cdiv(M, k_split), O, Cg, R, S), dtype=torch.float32, device=dev)
-        launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, ws.shape[0]),
-               (grad_d, x_cl, ws), (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(),
-                                    *conv), dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
-        return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials))
-
-    precision = dot_precision(x.dtype)
-    BM, BN, BK, warps, stages = _dgrad_config(x.dtype, Cg, Og, cuda)
-    HQ, WQ = cdiv(H, sh), cdiv(W, sw)
-    step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])
-    # ŵ as [G, R·S, O/G, C/G]: the B tile of each K step is one contiguous row block
-    w_gemm = torch.empty((G, R * S, Og, Cg), dtype=x.dtype, device=dev)
-    normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_gemm,
-                     out_strides=(R * S * Og * Cg, Cg, 1, Og * Cg), groups=G)
-    # NCHW grad_x: per-image tiles store along positions; at stride 1 x and grad_x are read and
-    # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous
-    planes = per_image and (sh, sw) == (1, 1) and x.is_contiguous()
-    x_d = x if planes else x_cl
-    tiles = cdiv(HQ * WQ, BM)
-    grid = (N * tiles if per_image else cdiv(N * HQ * WQ, BM), cdiv(Cg, BN),
-            G * sh * sw)
-    launch(scd2d_dgrad_kernel, grid, (grad_d, w_gemm, gns, x_d, grad_x),
-           (N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ, *x_d.stride(),
-            *grad_x.stride(), *conv, step_h, step_w),
-           dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, PER_IMAGE=per_image,
-                PLANES=planes), warps, stages)
-
-    flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
-    taps = 1 if flat else R * S
-    for large in (True, False):   # large tiles unless the capped split-K leaves them < 2 waves
-        BM, BN, BK, warps, stages = _wgrad_config(x.dtype, Cg, Og, cuda,
-                                                  Cg * R * S if flat else 0, large)
-        tiles = cdiv(Og, BM) * cdiv(Cg * R * S if flat else Cg, BN)
-        splits = _splits(tiles * taps * G, M, BK, dev, weight.numel() * 4,
-                         grad_d.numel() * grad_d.element_size())
-        if not cuda or tiles * taps * G * splits >= 2 * _sm_count(dev.index or 0):
-            break
-    k_split = cdiv(cdiv(M, splits), BK) * BK
-    splits = cdiv(M, k_split)
-    # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
-    ws_dtype = weight.dtype if splits == 1 and weight_norm == "none" else torch.float32
-    ws = torch.empty((splits, O, Cg, R, S), dtype=ws_dtype, device=dev)
-    launch(scd2d_wgrad_kernel, (tiles, taps, G * splits), (grad_d, x_cl, ws),
-           (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *x_cl.stride(), *conv),
-           dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat), warps, stages)
+    x_cl = x if x.stride(1) == 1 or x.shape[1] == 1 else to_channels_last(x)
+    if plan.w_layout is None:   # direct kernels
+        w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
+    else:
+        shape, out_strides = plan.w_layout
+        w_hat = torch.empty(shape, dtype=x.dtype, device=dev)
+        normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat,
+                         out_strides=out_strides, groups=G)
+    x_d = x if plan.planes else x_cl
+    _run(plan.dgrad, (grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
+    ws = torch.empty(plan.ws_shape, device=dev,
+                     dtype=torch.float32 if plan.ws_float32 else weight.dtype)
+    _run(plan.wgrad, (grad_d, x_cl, ws), x_cl.stride())
     return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials))
 
 

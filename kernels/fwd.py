@@ -22,6 +22,7 @@ NCHW outputs are tiled per image (``PER_IMAGE``), so a tile's positions are one 
 of every (n, o) plane and y, c, norm are stored 16 bytes at a time.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -249,21 +250,76 @@ def direct_config(Og):
     return 64, max(1, 64 // OGP), OGP, 4, 2
 
 
-def _gemm_weight(weight, q, weight_norm, weight_norm_eps, G, BN, BK, flat_k):
-    """ŵ normalised from ``weight`` [O, C/G, R, S] straight into the zero-padded
-    [G, N_K·BK, cdiv(O/G, BN)·BN] B matrix of the loop (one launch, plus a memset if padded):
-    rows are (tap, channel block) steps, or the flat (tap, channel) index with ``flat_k``."""
-    O, Cg, R, S = weight.shape
+def _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k):
+    """(shape, padded, out_strides) of ŵ as the zero-padded [G, N_K·BK, cdiv(O/G, BN)·BN] B
+    matrix of the loop: rows are (tap, channel block) steps, or the flat (tap, channel) index
+    with ``flat_k``; ``out_strides`` as ``weight.normalize_weight`` takes them."""
     Og = O // G
     cols = cdiv(Og, BN) * BN
     rows = cdiv(Cg * R * S, BK) * BK if flat_k else R * S * cdiv(Cg, BK) * BK
-    padded = cols != Og or rows != Cg * R * S
-    out = (torch.zeros if padded else torch.empty)((G, rows, cols), dtype=weight.dtype,
-                                                   device=weight.device)
     tap_rows = Cg if flat_k else rows // (R * S)
-    normalize_weight(weight, q, weight_norm, weight_norm_eps, out=out, groups=G,
-                     out_strides=(rows * cols, 1, cols, tap_rows * cols))
-    return out
+    return ((G, rows, cols), cols != Og or rows != Cg * R * S,
+            (rows * cols, 1, cols, tap_rows * cols))
+
+
+class _Plan(NamedTuple):
+    """What a forward launch needs that follows from shapes, layouts and arguments."""
+    y_shape: tuple
+    norm_shape: tuple
+    transpose_x: bool         # NCHW x: copy it channels-contiguous first
+    w_layout: tuple           # (shape, padded, out_strides) of the GEMM's ŵ; None: direct
+    kernel: object
+    grid: tuple
+    head: tuple               # runtime ints before x's strides
+    tail: tuple               # and after them
+    constexprs: dict
+    warps: int
+    stages: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(x_shape, x_strides, w_shape, fmt, p_stride, q_stride, fp32, fast, stride, padding,
+          dilation, groups, eps, norm_eps, save, precision):
+    """The forward's launch of one layer signature, worked out once (host time per call)."""
+    N, C, H, W = x_shape
+    O, Cg, R, S = w_shape
+    G, Og = groups, O // groups
+    OH, OW = output_hw((H, W), (R, S), stride, padding, dilation)
+    P_img = OH * OW
+    M = N * P_img
+    if M >= 2**31 or max(C * H * W, O * P_img) >= 2**31:
+        raise ValueError(f"scd2d_fwd indexes positions and per-sample offsets in int32: needs "
+                         f"N·OH·OW = {M} and per-sample sizes C·H·W = {C * H * W}, "
+                         f"O·OH·OW = {O * P_img} below 2**31")
+    per_image = fmt == torch.contiguous_format                 # NCHW y: store along positions
+    direct = uses_direct_kernel(G, Cg, Og)
+    # NCHW x read in place: 1×1 GEMM layers as planes, stride-1 'same width' direct layers as rows
+    in_place = (per_image and stride == (1, 1) and OW == W and x_strides[3] == 1
+                and x_strides[2] == W and (direct or (R == S == 1 and OH == H)))
+    transpose_x = x_strides[1] != 1 and C > 1 and not in_place
+    y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
+    conv = (*stride, padding[0], padding[2], *dilation, p_stride, q_stride, eps, norm_eps)
+    flags = dict(PER_IMAGE=per_image, SAVE=save, FAST=fast)
+    shapes = ((N, O, OH, OW), (N, G, OH, OW), transpose_x)
+    if direct:
+        BM, BG, OGP, warps, stages = direct_config(Og)
+        tiles = cdiv(P_img, BM)
+        grid = (N * tiles if per_image else cdiv(M, BM), cdiv(G, BG))
+        return _Plan(*shapes, None, scd2d_fwd_direct_kernel, grid,
+                     (H, W, G, OH, OW, P_img, M, tiles), (*y_strides, *conv),
+                     dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place,
+                          **flags), warps, stages)
+    BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
+    w_layout = _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k)
+    n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
+    tiles = cdiv(P_img, BM)
+    grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
+    return _Plan(*shapes, w_layout, scd2d_fwd_kernel, grid,
+                 (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k, n_k * BK,
+                  w_layout[0][-1]), (*y_strides, *conv),
+                 dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
+                      EVEN_K=Cg % BK == 0, X_PLANES=in_place, **flags),
+                 warps, stages)
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -273,59 +329,34 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     ŵ is normalised from ``weight`` (``weight.normalize_weight``, mode ``weight_norm``) into
     the layout the kernel reads. ``padding`` is (top, bottom, left, right); only top/left enter
     the index arithmetic. With ``save_for_backward=False`` only ``y`` is written and ``c``,
-    ``norm`` are empty (shape (0,)).
+    ``norm`` are empty (shape (0,)). Everything that follows from the call's shapes, layouts
+    and arguments comes from ``_plan``, cached per layer.
     """
-    N, C, H, W = x.shape
-    O, Cg, R, S = weight.shape
-    G, Og = groups, O // groups
-    OH, OW = output_hw((H, W), (R, S), stride, padding, dilation)
     fmt = memory_format(x)
-    y = torch.empty((N, O, OH, OW), dtype=x.dtype, device=x.device, memory_format=fmt)
+    plan = _plan(x.shape, x.stride(), weight.shape, fmt, p.stride(0), q.stride(0),
+                 x.dtype == torch.float32, x.is_cuda and FAST_MATH, tuple(stride), tuple(padding),
+                 tuple(dilation), groups, eps, norm_eps, save_for_backward,
+                 dot_precision(x.dtype))
+    dev = x.device
+    y = torch.empty(plan.y_shape, dtype=x.dtype, device=dev, memory_format=fmt)
     if save_for_backward:
         c = torch.empty_like(y)
-        norm = torch.empty((N, G, OH, OW), dtype=torch.float32, device=x.device)
+        norm = torch.empty(plan.norm_shape, dtype=torch.float32, device=dev)
     else:
         c, norm = y.new_empty((0,)), y.new_empty((0,), dtype=torch.float32)
-    P_img = OH * OW
-    M = N * P_img
-    if M == 0:
+    if y.numel() == 0:
         return y, c, norm
-    if M >= 2**31 or max(C * H * W, O * P_img) >= 2**31:
-        raise ValueError(f"scd2d_fwd indexes positions and per-sample offsets in int32: needs "
-                         f"N·OH·OW = {M} and per-sample sizes C·H·W = {C * H * W}, "
-                         f"O·OH·OW = {O * P_img} below 2**31")
-    per_image = fmt == torch.contiguous_format                 # NCHW y: store along positions
-    direct = uses_direct_kernel(G, Cg, Og)
-    # NCHW x read in place: 1×1 GEMM layers as planes, stride-1 'same width' direct layers as rows
-    in_place = (per_image and tuple(stride) == (1, 1) and OW == W and x.stride(3) == 1
-                and x.stride(2) == W and (direct or (R == S == 1 and OH == H)))
-    if x.stride(1) != 1 and C > 1 and not in_place:
+    if plan.transpose_x:
         x = to_channels_last(x)                                # NCHW: channels contiguous for K
-    y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
-    conv = (*stride, padding[0], padding[2], *dilation, p.stride(0), q.stride(0), eps, norm_eps)
-    flags = dict(PER_IMAGE=per_image, SAVE=save_for_backward, FAST=x.is_cuda and FAST_MATH)
-    if direct:
-        BM, BG, OGP, warps, stages = direct_config(Og)
-        tiles = cdiv(P_img, BM)
-        grid = (N * tiles if per_image else cdiv(M, BM), cdiv(G, BG))
-        w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
-        launch(scd2d_fwd_direct_kernel, grid, (x, w_hat.contiguous(), p, q, y, c, norm),
-               (H, W, G, OH, OW, P_img, M, tiles, *x.stride()[:4], *y_strides, *conv),
-               dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place, **flags),
-               warps, stages)
-        return y, c, norm
-    fp32 = x.dtype == torch.float32
-    BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
-    w_gemm = _gemm_weight(weight, q, weight_norm, weight_norm_eps, G, BN, BK, flat_k)
-    n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
-    precision = dot_precision(x.dtype)
-    tiles = cdiv(P_img, BM)
-    grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
-    launch(scd2d_fwd_kernel, grid, (x, w_gemm, p, q, y, c, norm),
-           (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k, n_k * BK, w_gemm.shape[-1],
-            *x.stride()[:4], *y_strides, *conv),
-           dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-                EVEN_K=Cg % BK == 0, X_PLANES=in_place, **flags), warps, stages)
+    if plan.w_layout is None:     # direct kernel: ŵ as [O, C/G, R, S]
+        w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
+    else:
+        shape, padded, out_strides = plan.w_layout
+        w_hat = (torch.zeros if padded else torch.empty)(shape, dtype=weight.dtype, device=dev)
+        normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
+                         out_strides=out_strides)
+    launch(plan.kernel, plan.grid, (x, w_hat, p, q, y, c, norm),
+           (*plan.head, *x.stride(), *plan.tail), plan.constexprs, plan.warps, plan.stages)
     return y, c, norm
 
 

@@ -14,6 +14,8 @@ tensor: the Jacobian kernel has one program per few channels, too few to stream 
 
 NaN in a kernel stays NaN (the zero test is ``== 0``, false for NaN).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,12 +51,12 @@ def _weight_offsets(o_kk, RS, S, sw_c, sw_r, sw_s):
 
 @triton.jit
 def normalize_weight_kernel(
-    W, Q, W_HAT, SCALE, O, K, RS, S, Og, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps,
+    W, Q, W_HAT, O, K, RS, S, Og, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps,
     MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):
     """ŵ[o, c, tap] = w[o, c, tap] · scale[o], written at ``g·s_g + j·s_j + c·s_c + tap·s_t``
     (``o = g·Og + j``); W [O, C/G, R, S] has strides ``sw_*`` (channels_last too, no copy), Q
-    stride ``sq`` (0 when shared). Also stores scale [O] (float32)."""
+    stride ``sq`` (0 when shared)."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
     m_o = o_o < O
@@ -69,7 +71,6 @@ def normalize_weight_kernel(
             sumsq += tl.sum(b_w * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, _ = _scale(sumsq, b_q, eps, MODE)
-    tl.store(SCALE + o_o, b_scale, mask=m_o)
     o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO]
     for k0 in range(0, K, BK):
         o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)     # [BK] (c, tap)
@@ -159,23 +160,29 @@ def _blocks(O, K):
     return max(1, min(16, 2048 // BK)), BK
 
 
+@functools.lru_cache(maxsize=4096)
+def _normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides):
+    """(grid, scalars, constexprs) of ``normalize_weight_kernel``: computed once per layer."""
+    O, Cg, R, S = w_shape
+    BO, BK = _blocks(O, Cg * R * S)
+    return ((cdiv(O, BO),), (O, Cg * R * S, R * S, S, O // groups, q_stride, *w_strides,
+                             *out_strides, eps), dict(MODE=MODES[mode], BO=BO, BK=BK))
+
+
 def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
-    """``(ŵ, scale)``: ŵ written into ``out`` (default: a new tensor shaped like ``w``) at
-    ``out_strides = (per group, per channel in group, per input channel, per tap)``. Mode
-    "none" without ``out`` returns ``w`` itself (no launch)."""
+    """ŵ written into ``out`` (default: a new tensor shaped like ``w``) at ``out_strides =
+    (per group, per channel in group, per input channel, per tap)``. Mode "none" without
+    ``out`` returns ``w`` itself (no launch)."""
     if mode == "none" and out is None:
-        return w, None
-    O, Cg, R, S = w.shape
-    K, RS = Cg * R * S, R * S
+        return w
     if out is None:
         out = torch.empty_like(w, memory_format=torch.contiguous_format)
-        out_strides = (O // groups * K, K, RS, 1)
-    scale = torch.empty(O, dtype=torch.float32, device=w.device)
-    BO, BK = _blocks(O, K)
-    launch(normalize_weight_kernel, (cdiv(O, BO),), (w, q, out, scale),
-           (O, K, RS, S, O // groups, q.stride(0), *w.stride(), *out_strides, eps),
-           dict(MODE=MODES[mode], BO=BO, BK=BK), 4, 1)
-    return out, scale
+        O, Cg, R, S = w.shape
+        out_strides = (O // groups * Cg * R * S, Cg * R * S, R * S, 1)
+    grid, scalars, constexprs = _normalize_args(w.shape, w.stride(), q.stride(0), mode, eps,
+                                                groups, tuple(out_strides))
+    launch(normalize_weight_kernel, grid, (w, q, out), scalars, constexprs, 4, 1)
+    return out
 
 
 def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=None):
@@ -223,7 +230,7 @@ def report_jobs():
                          ints=dict(O=O, K=K, RS=RS, S=3, Og=O, sq=1, sw_o=K, sw_c=RS, sw_r=3,
                                    sw_s=1, s_g=O * K, s_j=1, s_c=O, s_t=O * 128),
                          constexprs=dict(MODE=2, BO=BO, BK=BK),
-                         pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt, SCALE="*fp32"),
+                         pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
                          num_warps=4, num_stages=1))
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
                          dtype=dtype, ints=dict(O=O, K=K, RS=RS, S=3, ROWS=392, sq=1, sw_o=K,
