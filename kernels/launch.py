@@ -4,10 +4,11 @@
 binder alone takes ~13 µs for the forward kernel's 36 arguments on a 2-core x86 host, before
 the cache key, the option parsing and the launch. A layer calls its kernels with the same
 integers every step, so :func:`launch` keys the compiled kernel by everything its
-specialisation depends on (device, argument values, tensor dtypes and 16-byte alignment,
-constexprs, warps, stages, the debug flag) and, on a hit, calls the compiled kernel's launcher
-directly, as ``JITFunction.run`` does after its lookup (same call on Triton 3.6 to 3.9). A miss,
-CPU tensors (Triton's interpreter) and an installed launch hook take the ordinary path.
+specialisation depends on (current device, argument values, tensor dtypes and 16-byte
+alignment, constexprs, warps, stages, the debug and instrumentation options) and, on a hit,
+calls the compiled kernel's launcher directly, as ``JITFunction.run`` does after its lookup
+(same call on Triton 3.6 to 3.9). A miss, CPU tensors, the interpreter and installed launch or
+stage-inspection hooks take the ordinary path.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects, ~6 µs a call
 from Python; the launchers use :func:`cdiv` and :func:`next_power_of_2` below instead.
@@ -32,21 +33,29 @@ def _active(hook):
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _ordinary(first, runtime):
+    """Calls that take Triton's own path: CPU tensors, the interpreter, hooks installed."""
+    return (first.device.type != "cuda" or runtime.interpret or _active(runtime.launch_enter_hook)
+            or _active(runtime.launch_exit_hook)
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None)
+
+
 def launch(kernel, grid, tensors, scalars, constexprs, num_warps, num_stages):
     """``kernel[grid](*tensors, *scalars, **constexprs, num_warps=..., num_stages=...)``.
 
     ``tensors`` are the kernel's leading pointer parameters, ``scalars`` the int / float ones
     after them (a given slot keeps its Python type across calls), ``constexprs`` every remaining
-    parameter by name.
+    parameter by name. Like Triton, it launches on the current device and stream.
     """
-    first = tensors[0]
     runtime = knobs.runtime
-    if (first.device.type != "cuda" or _active(runtime.launch_enter_hook)
-            or _active(runtime.launch_exit_hook)):
+    if _ordinary(tensors[0], runtime):
         kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    index = first.device.index
-    key = (id(kernel), index, num_warps, num_stages, runtime.debug, scalars,
+    compilation = knobs.compilation
+    device = driver.active.get_current_device()
+    key = (id(kernel), device, num_warps, num_stages, runtime.debug,
+           getattr(compilation, "instrumentation_mode", None),
+           getattr(compilation, "fpsan_homomorphic_casts", None), scalars,
            tuple(constexprs.values()), tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
     entry = _COMPILED.get(key)
     if entry is None:
@@ -54,6 +63,8 @@ def launch(kernel, grid, tensors, scalars, constexprs, num_warps, num_stages):
                                 num_stages=num_stages)
         if hasattr(compiled, "result"):     # an asynchronous compile (Triton 3.6)
             compiled = compiled.result()
+        if compiled is None:
+            return
         tail = tuple(constexprs[p.name] for p in kernel.params[len(tensors) + len(scalars):])
         if len(_COMPILED) >= _MAX_ENTRIES:
             _COMPILED.clear()
@@ -61,5 +72,5 @@ def launch(kernel, grid, tensors, scalars, constexprs, num_warps, num_stages):
         return
     _, run, function, metadata, tail = entry
     grid = (*grid, 1, 1)
-    run(grid[0], grid[1], grid[2], driver.active.get_current_stream(index), function, metadata,
+    run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), function, metadata,
         None, None, None, *tensors, *scalars, *tail)

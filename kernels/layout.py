@@ -15,9 +15,11 @@ CONFIG = (64, 64, 4)      # (BC, BP, num_warps)
 
 
 @triton.jit
-def nchw_to_channels_last_kernel(X, Y, C, P, BC: tl.constexpr, BP: tl.constexpr):
-    """Program (i_p, i_c, i_n): y[n, p, c] = x[n, c, p] on a [BC, BP] tile, ``P = H·W``."""
-    i_p, i_c, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def nchw_to_channels_last_kernel(X, Y, C, P, P_TILES, BC: tl.constexpr, BP: tl.constexpr):
+    """Program (n·P_TILES + i_p, i_c): y[n, p, c] = x[n, c, p] on a [BC, BP] tile, ``P = H·W``
+    (samples on grid axis 0, which allows 2³¹ − 1 programs; axes 1 and 2 stop at 65535)."""
+    i_np, i_c = tl.program_id(0), tl.program_id(1)
+    i_n, i_p = i_np // P_TILES, i_np % P_TILES
     o_c = i_c * BC + tl.arange(0, BC)
     o_p = i_p * BP + tl.arange(0, BP)
     m = (o_c < C)[:, None] & (o_p < P)[None, :]
@@ -34,8 +36,9 @@ def to_channels_last(x):
         return x.contiguous(memory_format=torch.channels_last)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     BC, BP, warps = CONFIG
-    launch(nchw_to_channels_last_kernel, (cdiv(H * W, BP), cdiv(C, BC), N), (x, y),
-           (C, H * W), dict(BC=BC, BP=BP), warps, 1)
+    p_tiles = cdiv(H * W, BP)
+    launch(nchw_to_channels_last_kernel, (N * p_tiles, cdiv(C, BC)), (x, y),
+           (C, H * W, p_tiles), dict(BC=BC, BP=BP), warps, 1)
     return y
 
 
@@ -43,7 +46,8 @@ def report_jobs():
     """The copy for a 128-channel 56² bf16 / fp32 tensor, for ``kernels/report.py``."""
     BC, BP, warps = CONFIG
     return [dict(kernel=nchw_to_channels_last_kernel, name=f"BC{BC}-BP{BP}-w{warps}",
-                 dtype=dtype, ints=dict(C=128, P=56 * 56), constexprs=dict(BC=BC, BP=BP),
+                 dtype=dtype, ints=dict(C=128, P=56 * 56, P_TILES=cdiv(56 * 56, BP)),
+                 constexprs=dict(BC=BC, BP=BP),
                  pointer_dtypes=dict(X=f"*{dtype}", Y=f"*{dtype}"), num_warps=warps,
                  num_stages=1)
             for dtype in ("bf16", "fp32")]

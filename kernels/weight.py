@@ -204,12 +204,15 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
     if grad_w.stride() != w.stride():   # w not dense (a strided view)
         w, grad_w = w.contiguous(), torch.empty_like(w, memory_format=torch.contiguous_format)
     has_partials = partials is not None
-    sums = torch.empty((2, O), dtype=torch.float32, device=w.device)    # grad_p, grad_q
-    grad_p = sums[0] if has_partials else None
-    grad_q = sums[1] if has_partials or mode == "norm_q" else None
+    # two tensors, not views of one: a custom op's outputs must not alias each other
+    grad_p = torch.empty(O, dtype=torch.float32, device=w.device) if has_partials else None
+    grad_q = (torch.empty(O, dtype=torch.float32, device=w.device)
+              if has_partials or mode == "norm_q" else None)
+    unused = q            # float32 placeholder for the pointers this mode does not touch
     BO, BK = _blocks(O, Cg * R * S)
     launch(normalize_weight_backward_kernel, (cdiv(O, BO),),
-           (grad_w_hat, w, q, grad_w, sums[1], partials if has_partials else sums, sums[0]),
+           (grad_w_hat, w, q, grad_w, unused if grad_q is None else grad_q,
+            partials if has_partials else unused, grad_p if has_partials else unused),
            (O, Cg * R * S, R * S, S, partials.shape[0] if has_partials else 0, q.stride(0),
             *w.stride(), eps),
            dict(MODE=MODES[mode], BO=BO, BK=BK, PARTIALS=has_partials, BR=PARTIAL_ROWS), 8, 1)

@@ -37,10 +37,12 @@ class FakeKernel:
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(launch_mod, "driver",
-                        SimpleNamespace(active=SimpleNamespace(get_current_stream=lambda i: 77)))
+    monkeypatch.setattr(launch_mod, "driver", SimpleNamespace(active=SimpleNamespace(
+        get_current_stream=lambda i: 77 + i, get_current_device=lambda: 0)))
     launch_mod._COMPILED.clear()
-    yield FakeKernel(["X", "Y", "n", "eps", "BLOCK", "FLAG"])
+    with launch_mod.knobs.runtime.scope():   # knob overrides set by a test end with it
+        launch_mod.knobs.runtime.interpret = False   # CI runs under the interpreter
+        yield FakeKernel(["X", "Y", "n", "eps", "BLOCK", "FLAG"])
     launch_mod._COMPILED.clear()
 
 
@@ -53,6 +55,15 @@ def test_second_call_launches_the_cached_kernel_directly(kernel):
     assert len(kernel.slow) == 1
     # grid padded to 3-D, the current stream, the compiled function, constexprs in parameter order
     assert kernel.fast == [(3, 2, 1, 77, "fn1", "meta", None, None, None, x, y, 10, 0.5, 64, True)]
+
+
+def test_the_current_device_picks_the_compiled_kernel_and_the_stream(kernel, monkeypatch):
+    args = ((FakeTensor(1024), FakeTensor(2048)), (16, 0.5), dict(BLOCK=64, FLAG=True), 4, 1)
+    launch(kernel, (1,), *args)
+    monkeypatch.setattr(launch_mod.driver.active, "get_current_device", lambda: 1)
+    launch(kernel, (1,), *args)   # another current device: compiles (loads) there
+    launch(kernel, (1,), *args)
+    assert len(kernel.slow) == 2 and [call[3:5] for call in kernel.fast] == [(78, "fn2")]
 
 
 @pytest.mark.parametrize("change", ["alignment", "dtype", "int", "constexpr", "warps"])
@@ -76,20 +87,25 @@ def test_anything_that_changes_the_specialisation_compiles_anew(kernel, change):
     assert len(kernel.slow) == 2 and not kernel.fast
 
 
-def test_cpu_tensors_and_launch_hooks_take_the_ordinary_path(kernel, monkeypatch):
+def test_cpu_tensors_the_interpreter_and_launch_hooks_take_the_ordinary_path(kernel, monkeypatch):
     cpu = (FakeTensor(1024, device="cpu"),)
     for _ in range(2):
         launch(kernel, (1,), cpu, (1,), dict(BLOCK=1, FLAG=1), 4, 1)
     assert len(kernel.slow) == 2 and not kernel.fast
+    launch_mod.knobs.runtime.interpret = True   # CUDA tensors, interpreted
+    for _ in range(2):
+        launch(kernel, (1,), (FakeTensor(1024),), (1,), dict(BLOCK=1, FLAG=1), 4, 1)
+    assert len(kernel.slow) == 4 and not kernel.fast
+    launch_mod.knobs.runtime.interpret = False
     hook = launch_mod.knobs.runtime.launch_enter_hook
     if hasattr(hook, "add"):   # Triton >= 3.7: a chain of hooks
         monkeypatch.setattr(hook, "calls", [print])
     else:
-        monkeypatch.setattr(launch_mod.knobs.runtime, "launch_enter_hook", print)
+        launch_mod.knobs.runtime.launch_enter_hook = print
     cuda = (FakeTensor(1024),)
     for _ in range(2):
         launch(kernel, (1,), cuda, (1,), dict(BLOCK=1, FLAG=1), 4, 1)
-    assert len(kernel.slow) == 4 and not kernel.fast
+    assert len(kernel.slow) == 6 and not kernel.fast
 
 
 def test_integer_helpers_match_triton():

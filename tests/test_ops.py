@@ -10,16 +10,27 @@ def _args(N=2, C=4, H=6, W=6, O=6, k=3, dtype=torch.float32):
     return torch.randn(N, C, H, W, dtype=dtype), torch.randn(O, C, k, k, dtype=dtype)
 
 
+def _triton_runs():
+    from scd_triton.functional import _triton_interpreter_on
+    return torch.cuda.is_available() or _triton_interpreter_on()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("weight_norm", ["none", "norm", "norm_q"])
-def test_opcheck_core_op(weight_norm):
+def test_opcheck_core_op(weight_norm, backend):
+    """The op and its registered backward as torch.compile sees them (schema, fake tensors,
+    autograd; outputs that alias each other fail here), on both backends."""
+    if backend == "triton" and not _triton_runs():
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     x, _ = _args()
     p, q = torch.rand(6) + 1, torch.rand(6)
     w = torch.randn(6, 2, 3, 3)
     for x_in in (x, x.to(memory_format=torch.channels_last)):
         for save in (True, False):  # without saving, the op is only called where no grad is needed
-            tensors = [t.detach().requires_grad_(save) for t in (x_in, w, p, q)]
+            tensors = [t.to(device).detach().requires_grad_(save) for t in (x_in, w, p, q)]
             args = (*tensors, [1, 1], [1, 1, 0, 1], [1, 1], 2, 1e-6, 1e-6, weight_norm, 1e-6,
-                    "reference", save)
+                    backend, save)
             torch.library.opcheck(torch.ops.scd_triton.scd2d_core.default, args)
 
 
