@@ -6,7 +6,7 @@
 2. a quick benchmark of every provider on the whole suite in bfloat16 and float32 (the
    ``torch.compile`` providers on a few shapes only: each compile takes tens of seconds);
 3. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
-   kernels (forward, and forward+backward).
+   kernels (forward, and forward+backward), and the costliest kernels of each.
 It writes ``<out-dir>/<gpu>.json`` (rows, profile, test summary) and ``<gpu>.png``, and prints the
 tables. It needs torch with CUDA and the project installed (``pip install --no-deps
 --no-build-isolation -e .``); it uses no network.
@@ -55,8 +55,20 @@ def run_tests(timeout_s, selection=("tests",)):
     return code, (lines[-1] if lines else ""), time.time() - start
 
 
+def _device_us(event):
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+
+def per_kernel_us(events, calls, top=8):
+    """{kernel name: GPU µs per call} of the ``top`` costliest kernels (profiler averages)."""
+    timed = sorted(((e.key, _device_us(e) / calls) for e in events if _device_us(e) > 0),
+                   key=lambda kv: -kv[1])
+    return {name[:60]: round(us, 1) for name, us in timed[:top]}
+
+
 def _host_and_kernel_us(step, calls=20):
-    """(host µs per call without waiting for the GPU, GPU kernel µs per call) of ``step``."""
+    """(host µs per call without waiting for the GPU, GPU kernel µs per call, the costliest
+    kernels' µs per call) of ``step``."""
     from torch.profiler import ProfilerActivity, profile
     step()
     torch.cuda.synchronize()
@@ -69,9 +81,8 @@ def _host_and_kernel_us(step, calls=20):
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
-    kernel = sum(getattr(k, "self_device_time_total", None) or getattr(k, "self_cuda_time_total", 0)
-                 for k in prof.key_averages()) / calls
-    return host, kernel
+    events = prof.key_averages()
+    return host, sum(_device_us(e) for e in events) / calls, per_kernel_us(events, calls)
 
 
 def profile_summary(shapes, dtype=torch.bfloat16):
@@ -89,12 +100,14 @@ def profile_summary(shapes, dtype=torch.bfloat16):
         def train():
             torch.autograd.grad(fn(xg, wg, p, q), (xg, wg), grad)
         row = dict(shape=shape.label)
-        row["fwd_host_us"], row["fwd_kernel_us"] = _host_and_kernel_us(fwd)
-        row["train_host_us"], row["train_kernel_us"] = _host_and_kernel_us(train)
+        row["fwd_host_us"], row["fwd_kernel_us"], row["fwd_kernels"] = _host_and_kernel_us(fwd)
+        row["train_host_us"], row["train_kernel_us"], row["train_kernels"] = \
+            _host_and_kernel_us(train)
         rows.append(row)
         print(f"{shape.label:40s} fwd host {row['fwd_host_us']:7.1f} µs kernels "
               f"{row['fwd_kernel_us']:8.1f} µs | fwd+bwd host {row['train_host_us']:7.1f} µs "
               f"kernels {row['train_kernel_us']:8.1f} µs")
+        print("    fwd+bwd: " + ", ".join(f"{k} {v}" for k, v in row["train_kernels"].items()))
     return rows
 
 

@@ -79,3 +79,13 @@ def test_gpu_check_names_real_shapes_and_providers():
     assert set(gpu_check.FAST_PROVIDERS + gpu_check.COMPILE_PROVIDERS) <= set(bench_run.PROVIDERS)
     assert {"triton", "triton-cl", "rohrer+compile"} <= set(gpu_check.FAST_PROVIDERS
                                                           + gpu_check.COMPILE_PROVIDERS)
+
+
+def test_gpu_check_ranks_kernels_by_device_time():
+    from types import SimpleNamespace
+    from bench import gpu_check
+    events = [SimpleNamespace(key="wgrad", self_device_time_total=700.0),
+              SimpleNamespace(key="aten::empty", self_device_time_total=0.0),
+              SimpleNamespace(key="dgrad", self_device_time_total=360.0),
+              SimpleNamespace(key="prologue", self_device_time_total=240.0)]
+    assert gpu_check.per_kernel_us(events, calls=10, top=2) == {"wgrad": 70.0, "dgrad": 36.0}
