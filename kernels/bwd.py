@@ -29,7 +29,7 @@ from .shapes import memory_format
 from ._common import dgrad_phase_taps, tap_offsets, tile_positions
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
-from .launch import cdiv, launch, next_power_of_2
+from .launch import Launch, cdiv, next_power_of_2
 from .layout import to_channels_last
 from .weight import normalize_weight, normalize_weight_backward
 
@@ -303,27 +303,16 @@ def _position_strides(t):
     return t, (t.stride(0), t.stride(1), t.stride(3))
 
 
-class _Launch(NamedTuple):
-    """One launch of a plan: runtime ints before / after the strides taken at call time."""
-    kernel: object
-    grid: tuple
-    head: tuple
-    tail: tuple
-    constexprs: dict
-    warps: int
-    stages: int
-
-
 class _Plan(NamedTuple):
     """What a backward needs that follows from shapes, layouts and arguments."""
     n_blk: int                # prologue blocks: rows of the grad_p / grad_q partials
-    prologue: _Launch
+    prologue: Launch
     w_layout: tuple           # (shape, out_strides) of ŵ for dgrad; None: [O, C/G, R, S]
-    dgrad: _Launch
+    dgrad: Launch
     planes: bool              # dgrad reads x as NCHW planes (else the channels-contiguous copy)
     ws_shape: tuple           # split-K workspace [splits, O, C/G, R, S]
     ws_float32: bool
-    wgrad: _Launch
+    wgrad: Launch
 
 
 @functools.lru_cache(maxsize=1024)
@@ -349,7 +338,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     BG = min(64 // BO, next_power_of_2(G))  # narrow groups: several per tile
     tiles = cdiv(OH * OW, BP)
     n_blk = N * tiles if per_image else cdiv(M, BP)
-    prologue = _Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
+    prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
                        (M, tiles, G, Og, O, OH * OW), (eps,),
                        dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image), warps, stages)
 
@@ -357,7 +346,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
         planes = per_image and x_contiguous      # NCHW: tiles along each image's positions
         tiles = cdiv(H * W, BM)
-        dgrad = _Launch(scd2d_dgrad_direct_kernel,
+        dgrad = Launch(scd2d_dgrad_direct_kernel,
                         (N * tiles if planes else cdiv(N * H * W, BM), cdiv(C, BC)),
                         (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles), conv,
                         dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes), warps, stages)
@@ -365,7 +354,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
         splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4, budget)
         k_split = cdiv(cdiv(M, splits), BP) * BP
         splits = cdiv(M, k_split)
-        wgrad = _Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
+        wgrad = Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
                         (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
                         dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
         return _Plan(n_blk, prologue, None, dgrad, planes, (splits, O, Cg, R, S), True, wgrad)
@@ -379,7 +368,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous
     planes = per_image and (sh, sw) == (1, 1) and x_contiguous
     tiles = cdiv(HQ * WQ, BM)
-    dgrad = _Launch(scd2d_dgrad_kernel,
+    dgrad = Launch(scd2d_dgrad_kernel,
                     (N * tiles if per_image else cdiv(N * HQ * WQ, BM), cdiv(Cg, BN), G * sh * sw),
                     (N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ),
                     (*conv, step_h, step_w),
@@ -397,18 +386,13 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
             break
     k_split = cdiv(cdiv(M, splits), BK) * BK
     splits = cdiv(M, k_split)
-    wgrad = _Launch(scd2d_wgrad_kernel, (tiles, taps, G * splits),
+    wgrad = Launch(scd2d_wgrad_kernel, (tiles, taps, G * splits),
                     (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat),
                     warps, stages)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     return _Plan(n_blk, prologue, w_layout, dgrad, planes, (splits, O, Cg, R, S),
                  splits > 1 or weight_norm != "none", wgrad)
-
-
-def _run(step, tensors, strides):
-    launch(step.kernel, step.grid, tensors, (*step.head, *strides, *step.tail), step.constexprs,
-           step.warps, step.stages)
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
@@ -442,7 +426,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     grad_d = torch.empty((N, OH, OW, weight.shape[0]), dtype=x.dtype, device=dev)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
     partials = torch.empty((plan.n_blk, 2, weight.shape[0]), dtype=torch.float32, device=dev)
-    _run(plan.prologue, (grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials),
+    plan.prologue((grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials),
          (*sg, *sc, p.stride(0), q.stride(0)))
 
     # 2. dgrad and 3. wgrad. NCHW x is copied channels-contiguous once (2·|x| of traffic) for
@@ -456,10 +440,10 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat,
                          out_strides=out_strides, groups=G)
     x_d = x if plan.planes else x_cl
-    _run(plan.dgrad, (grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
+    plan.dgrad((grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
     ws = torch.empty(plan.ws_shape, device=dev,
                      dtype=torch.float32 if plan.ws_float32 else weight.dtype)
-    _run(plan.wgrad, (grad_d, x_cl, ws), x_cl.stride())
+    plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
     return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials))
 
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .shapes import memory_format, output_hw  # the layout and sizes the fake op promises
 from ._common import sharpen, tile_positions
-from .launch import cdiv, launch, next_power_of_2
+from .launch import Launch, cdiv, next_power_of_2
 from .layout import to_channels_last
 from .weight import normalize_weight
 
@@ -268,13 +268,7 @@ class _Plan(NamedTuple):
     norm_shape: tuple
     transpose_x: bool         # NCHW x: copy it channels-contiguous first
     w_layout: tuple           # (shape, padded, out_strides) of the GEMM's ŵ; None: direct
-    kernel: object
-    grid: tuple
-    head: tuple               # runtime ints before x's strides
-    tail: tuple               # and after them
-    constexprs: dict
-    warps: int
-    stages: int
+    main: Launch              # its strides: x's
 
 
 @functools.lru_cache(maxsize=1024)
@@ -305,21 +299,20 @@ def _plan(x_shape, x_strides, w_shape, fmt, p_stride, q_stride, fp32, fast, stri
         BM, BG, OGP, warps, stages = direct_config(Og)
         tiles = cdiv(P_img, BM)
         grid = (N * tiles if per_image else cdiv(M, BM), cdiv(G, BG))
-        return _Plan(*shapes, None, scd2d_fwd_direct_kernel, grid,
-                     (H, W, G, OH, OW, P_img, M, tiles), (*y_strides, *conv),
-                     dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place,
-                          **flags), warps, stages)
+        return _Plan(*shapes, None, Launch(
+            scd2d_fwd_direct_kernel, grid, (H, W, G, OH, OW, P_img, M, tiles),
+            (*y_strides, *conv), dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
+                                      X_ROWS=in_place, **flags), warps, stages))
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
     w_layout = _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k)
     n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
     tiles = cdiv(P_img, BM)
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
-    return _Plan(*shapes, w_layout, scd2d_fwd_kernel, grid,
-                 (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k, n_k * BK,
-                  w_layout[0][-1]), (*y_strides, *conv),
-                 dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-                      EVEN_K=Cg % BK == 0, X_PLANES=in_place, **flags),
-                 warps, stages)
+    return _Plan(*shapes, w_layout, Launch(
+        scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
+                                 n_k * BK, w_layout[0][-1]), (*y_strides, *conv),
+        dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
+             EVEN_K=Cg % BK == 0, X_PLANES=in_place, **flags), warps, stages))
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -355,8 +348,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         w_hat = (torch.zeros if padded else torch.empty)(shape, dtype=weight.dtype, device=dev)
         normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
                          out_strides=out_strides)
-    launch(plan.kernel, plan.grid, (x, w_hat, p, q, y, c, norm),
-           (*plan.head, *x.stride(), *plan.tail), plan.constexprs, plan.warps, plan.stages)
+    plan.main((x, w_hat, p, q, y, c, norm), x.stride())
     return y, c, norm
 
 

@@ -13,10 +13,12 @@ stage-inspection hooks take the ordinary path.
 ``triton.cdiv`` and ``triton.next_power_of_2`` are ``constexpr_function`` objects, ~6 µs a call
 from Python; the launchers use :func:`cdiv` and :func:`next_power_of_2` below instead.
 """
+from typing import NamedTuple
+
 from triton import knobs
 from triton.runtime import driver
 
-_COMPILED = {}            # key -> (launcher, function handle, packed metadata, constexpr values)
+_COMPILED = {}   # key -> (kernel, its launcher, function handle, packed metadata, constexprs)
 _MAX_ENTRIES = 4096       # a bound for programs that call with ever new sizes
 
 
@@ -74,3 +76,19 @@ def launch(kernel, grid, tensors, scalars, constexprs, num_warps, num_stages):
     grid = (*grid, 1, 1)
     run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), function, metadata,
         None, None, None, *tensors, *scalars, *tail)
+
+
+class Launch(NamedTuple):
+    """A launch a launcher works out once per layer: the runtime ints before and after the
+    tensor strides, which are taken at call time."""
+    kernel: object
+    grid: tuple
+    head: tuple
+    tail: tuple
+    constexprs: dict
+    warps: int
+    stages: int
+
+    def __call__(self, tensors, strides):
+        launch(self.kernel, self.grid, tensors, (*self.head, *strides, *self.tail),
+               self.constexprs, self.warps, self.stages)
