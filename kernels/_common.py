@@ -82,3 +82,14 @@ def tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w, sxn, sxh, 
     o_iw = o_ow * stride_w + dw
     m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
     return (o_t // OH).to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw, m_x, m_k
+
+
+@triton.jit
+def input_offsets(o_n, o_p, o_ih, o_iw, sn, sh, sw, PLANES: tl.constexpr):
+    """Offsets of input positions (n, ih, iw) in a tensor of sample / row / column strides
+    ``sn, sh, sw`` (x or grad_x in the dgrad epilogues). ``PLANES`` (NCHW-contiguous, ``o_p =
+    ih·W + iw``): ``n·sn + o_p``, a run the compiler sees as contiguous (wide accesses)."""
+    if PLANES:
+        return o_n * sn + o_p
+    else:
+        return o_n * sn + o_ih * sh + o_iw * sw

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .shapes import memory_format
-from ._common import dgrad_phase_taps, tap_offsets, tile_positions
+from ._common import dgrad_phase_taps, input_offsets, tap_offsets, tile_positions
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
 from .launch import Launch, cdiv, next_power_of_2
@@ -154,12 +154,8 @@ def scd2d_dgrad_kernel(
 
     m = m_m[:, None] & m_c[None, :]
     o_cg = (i_g * Cg + o_c)[None, :]
-    if PLANES:
-        o_x = o_n * sxn + o_q                                            # = ih·W + iw
-        o_gx = o_n * sdn + o_q
-    else:
-        o_x = o_n * sxn + o_ih * sxh + o_iw * sxw
-        o_gx = o_n * sdn + o_ih * sdh + o_iw * sdw
+    o_x = input_offsets(o_n, o_q, o_ih, o_iw, sxn, sxh, sxw, PLANES)
+    o_gx = input_offsets(o_n, o_q, o_ih, o_iw, sdn, sdh, sdw, PLANES)
     b_x = tl.load(X + o_x[:, None] + o_cg * sxc, mask=m, other=0.0).to(tl.float32)
     b_gx = acc + b_x * b_box[:, None]
     tl.store(GX + o_gx[:, None] + o_cg * sdc, b_gx.to(GX.dtype.element_ty), mask=m)

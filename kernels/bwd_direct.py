@@ -3,7 +3,7 @@ dgrad and wgrad of ``kernels/bwd.py`` as memory-bound multiply-accumulate loops,
 import triton
 import triton.language as tl
 
-from ._common import tap_offsets, tile_positions
+from ._common import input_offsets, tap_offsets, tile_positions
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -49,12 +49,8 @@ def scd2d_dgrad_direct_kernel(
             acc += b_gd * b_w[None, :]
 
     m = m_m[:, None] & m_c[None, :]
-    if PLANES:
-        o_x = o_n * sxn + o_p                                            # = ih·W + iw
-        o_gx = o_n * sdn + o_p
-    else:
-        o_x = o_n * sxn + o_ih * sxh + o_iw * sxw
-        o_gx = o_n * sdn + o_ih * sdh + o_iw * sdw
+    o_x = input_offsets(o_n, o_p, o_ih, o_iw, sxn, sxh, sxw, PLANES)
+    o_gx = input_offsets(o_n, o_p, o_ih, o_iw, sdn, sdh, sdw, PLANES)
     b_x = tl.load(X + o_x[:, None] + (o_c * sxc)[None, :], mask=m, other=0.0).to(tl.float32)
     o_gx = o_gx[:, None] + (o_c * sdc)[None, :]
     tl.store(GX + o_gx, (acc + b_x * b_box).to(GX.dtype.element_ty), mask=m)
