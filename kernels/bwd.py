@@ -283,14 +283,6 @@ def _splits(tiles, M, BK, sms, split_bytes, budget_bytes):
     return max(1, min(cdiv(3 * sms, tiles), steps // 8, budget_bytes // split_bytes))
 
 
-def _weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials):
-    """(grad_weight, grad_p, grad_q): the split-K workspace ``ws`` [splits, O, C/G, R, S]
-    reduced through the kernel normalisation's backward, which also sums the prologue's
-    per-block ``partials`` [blocks, 2, O] of grad_p and grad_q."""
-    return normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
-                                     splits=ws.shape[0], partials=partials)
-
-
 def _position_strides(t):
     """``t`` [N, O, OH, OW] and its (sample, channel, position) strides, positions ``oh·OW + ow``
     (NCHW, channels_last and broadcast tensors as they are; other strides copied to NCHW)."""
@@ -423,7 +415,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
     partials = torch.empty((plan.n_blk, 2, weight.shape[0]), dtype=torch.float32, device=dev)
     plan.prologue((grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials),
-         (*sg, *sc, p.stride(0), q.stride(0)))
+                  (*sg, *sc, p.stride(0), q.stride(0)))
 
     # 2. dgrad and 3. wgrad. NCHW x is copied channels-contiguous once (2·|x| of traffic) for
     # the wgrad GEMM's x tiles, which a tap shift misaligns, and the dgrad's x term at stride > 1
@@ -440,7 +432,9 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     ws = torch.empty(plan.ws_shape, device=dev,
                      dtype=torch.float32 if plan.ws_float32 else weight.dtype)
     plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
-    return (grad_x, *_weight_grads(ws, weight, q, weight_norm, weight_norm_eps, partials))
+    # 4. the workspace and the prologue's grad_p / grad_q partials, through the Jacobian
+    return (grad_x, *normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
+                                               splits=ws.shape[0], partials=partials))
 
 
 def report_jobs():
