@@ -56,7 +56,9 @@ def run_tests(timeout_s, selection=("tests",)):
 
 
 def _device_us(event):
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+    """An event's own GPU time (the attribute's name changed across torch versions)."""
+    return (getattr(event, "self_device_time_total", None)
+            or getattr(event, "self_cuda_time_total", 0))
 
 
 def per_kernel_us(events, calls, top=8):
