@@ -251,15 +251,17 @@ def direct_config(Og):
 
 
 def _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k):
-    """(shape, padded, out_strides) of ŵ as the zero-padded [G, N_K·BK, cdiv(O/G, BN)·BN] B
-    matrix of the loop: rows are (tap, channel block) steps, or the flat (tap, channel) index
-    with ``flat_k``; ``out_strides`` as ``weight.normalize_weight`` takes them."""
+    """(shape, out_strides, slots) of ŵ as the [G, N_K·BK, cdiv(O/G, BN)·BN] B matrix of the
+    loop: rows are (tap, channel block) steps, or the flat (tap, channel) index with
+    ``flat_k``; ``out_strides`` and ``slots`` as ``weight.normalize_weight`` takes them, which
+    zeroes the padded rows (x's padded channels are 0, but 0 · garbage can be NaN). The padded
+    columns stay unwritten: they only feed output columns that are never stored."""
     Og = O // G
     cols = cdiv(Og, BN) * BN
     rows = cdiv(Cg * R * S, BK) * BK if flat_k else R * S * cdiv(Cg, BK) * BK
     tap_rows = Cg if flat_k else rows // (R * S)
-    return ((G, rows, cols), cols != Og or rows != Cg * R * S,
-            (rows * cols, 1, cols, tap_rows * cols))
+    return ((G, rows, cols), (rows * cols, 1, cols, tap_rows * cols),
+            (tap_rows, cdiv(rows, tap_rows), rows))
 
 
 class _Plan(NamedTuple):
@@ -267,7 +269,7 @@ class _Plan(NamedTuple):
     y_shape: tuple
     norm_shape: tuple
     transpose_x: bool         # NCHW x: copy it channels-contiguous first
-    w_layout: tuple           # (shape, padded, out_strides) of the GEMM's ŵ; None: direct
+    w_layout: tuple           # (shape, out_strides, slots) of the GEMM's ŵ; None: direct
     main: Launch              # its strides: x's
 
 
@@ -344,10 +346,10 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     if plan.w_layout is None:     # direct kernel: ŵ as [O, C/G, R, S]
         w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
     else:
-        shape, padded, out_strides = plan.w_layout
-        w_hat = (torch.zeros if padded else torch.empty)(shape, dtype=weight.dtype, device=dev)
+        shape, out_strides, slots = plan.w_layout
+        w_hat = torch.empty(shape, dtype=weight.dtype, device=dev)
         normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
-                         out_strides=out_strides)
+                         out_strides=out_strides, slots=slots)
     plan.main((x, w_hat, p, q, y, c, norm), x.stride())
     return y, c, norm
 

@@ -42,7 +42,8 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
 
 @triton.jit
 def _weight_offsets(o_kk, RS, S, sw_c, sw_r, sw_s):
-    """Offsets in w of the flat (channel, tap) indices ``o_kk`` (w of any strides)."""
+    """Offsets in w of the flat (channel, tap) indices ``o_kk`` with ``RS`` taps per channel
+    (w of any strides), and the channels and taps."""
     o_c = o_kk // RS
     o_t = o_kk - o_c * RS
     o_r = o_t // S
@@ -51,12 +52,14 @@ def _weight_offsets(o_kk, RS, S, sw_c, sw_r, sw_s):
 
 @triton.jit
 def normalize_weight_kernel(
-    W, Q, W_HAT, O, K, RS, S, Og, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps,
-    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    W, Q, W_HAT, O, K, RS, S, Og, Cg, CP, TP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c,
+    s_t, eps, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):
     """ŵ[o, c, tap] = w[o, c, tap] · scale[o], written at ``g·s_g + j·s_j + c·s_c + tap·s_t``
     (``o = g·Og + j``); W [O, C/G, R, S] has strides ``sw_*`` (channels_last too, no copy), Q
-    stride ``sq`` (0 when shared)."""
+    stride ``sq`` (0 when shared). The destination has ``CP ≥ C/G`` channel slots for each of
+    ``TP ≥ R·S`` tap slots; slots outside w with row ``tap·CP + c < ROWS`` get 0 (a GEMM's
+    padded K rows, which its unmasked loads multiply by zeros of x)."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
     m_o = o_o < O
@@ -72,10 +75,11 @@ def normalize_weight_kernel(
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, _ = _scale(sumsq, b_q, eps, MODE)
     o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO]
-    for k0 in range(0, K, BK):
-        o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)     # [BK] (c, tap)
-        m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-        b_w = tl.load(p_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
+    for k0 in range(0, CP * TP, BK):
+        o_w, o_c, o_t = _weight_offsets(k0 + o_k, TP, S, sw_c, sw_r, sw_s)     # [BK] (c, tap)
+        m = m_o[:, None] & ((k0 + o_k < CP * TP) & (o_t * CP + o_c < ROWS))[None, :]
+        in_w = ((o_c < Cg) & (o_t < RS))[None, :]
+        b_w = tl.load(p_w + o_w[None, :], mask=m & in_w, other=0.0).to(tl.float32)
         p_dst = W_HAT + o_dst[:, None] + (o_c * s_c + o_t * s_t)[None, :]
         tl.store(p_dst, (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
 
@@ -161,18 +165,21 @@ def _blocks(O, K):
 
 
 @functools.lru_cache(maxsize=4096)
-def _normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides):
+def _normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides, slots):
     """(grid, scalars, constexprs) of ``normalize_weight_kernel``: computed once per layer."""
     O, Cg, R, S = w_shape
-    BO, BK = _blocks(O, Cg * R * S)
-    return ((cdiv(O, BO),), (O, Cg * R * S, R * S, S, O // groups, q_stride, *w_strides,
-                             *out_strides, eps), dict(MODE=MODES[mode], BO=BO, BK=BK))
+    CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
+    BO, BK = _blocks(O, CP * TP)
+    return ((cdiv(O, BO),), (O, Cg * R * S, R * S, S, O // groups, Cg, CP, TP, ROWS, q_stride,
+                             *w_strides, *out_strides, eps), dict(MODE=MODES[mode], BO=BO, BK=BK))
 
 
-def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
+def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slots=None):
     """ŵ written into ``out`` (default: a new tensor shaped like ``w``) at ``out_strides =
-    (per group, per channel in group, per input channel, per tap)``. Mode "none" without
-    ``out`` returns ``w`` itself (no launch)."""
+    (per group, per channel in group, per input channel, per tap)``. ``slots = (CP, TP,
+    ROWS)``: ``out`` has CP channel slots per tap and TP tap slots, and its slots outside w
+    with ``tap·CP + channel < ROWS`` are zeroed (a GEMM's padded K rows). Mode "none"
+    without ``out`` returns ``w`` itself (no launch)."""
     if mode == "none" and out is None:
         return w
     if out is None:
@@ -180,7 +187,7 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1):
         O, Cg, R, S = w.shape
         out_strides = (O // groups * Cg * R * S, Cg * R * S, R * S, 1)
     grid, scalars, constexprs = _normalize_args(w.shape, w.stride(), q.stride(0), mode, eps,
-                                                groups, tuple(out_strides))
+                                                groups, tuple(out_strides), slots)
     launch(normalize_weight_kernel, grid, (w, q, out), scalars, constexprs, 4, 1)
     return out
 
@@ -230,8 +237,9 @@ def report_jobs():
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
         jobs.append(dict(kernel=normalize_weight_kernel, name=f"BO{BO}-BK{BK}-w4", dtype=dtype,
-                         ints=dict(O=O, K=K, RS=RS, S=3, Og=O, sq=1, sw_o=K, sw_c=RS, sw_r=3,
-                                   sw_s=1, s_g=O * K, s_j=1, s_c=O, s_t=O * 128),
+                         ints=dict(O=O, K=K, RS=RS, S=3, Og=O, Cg=128, CP=128, TP=RS, ROWS=K,
+                                   sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1, s_g=O * K, s_j=1,
+                                   s_c=O, s_t=O * 128),
                          constexprs=dict(MODE=2, BO=BO, BK=BK),
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
                          num_warps=4, num_stages=1))

@@ -81,3 +81,26 @@ def test_zero_and_nan_kernels():
     grad_w, _, _ = normalize_weight_backward(torch.ones_like(w), w, q, "norm", 0.0)
     assert (grad_w[0] == 0).all() and torch.isfinite(grad_w[1]).all()
     assert torch.isnan(grad_w[2]).all()
+
+
+@pytest.mark.parametrize("Cg, flat_k", [(5, False), (3, True)])
+def test_padded_gemm_rows_are_zeroed(Cg, flat_k):
+    """The forward's B matrix: ŵ at its (tap, channel) rows, 0 in the padded K rows (which
+    multiply x's zero-masked channels: garbage there could be NaN), padded columns untouched."""
+    from scd_triton.kernels.fwd import _gemm_weight_layout
+    G, Og, R, S, BN, BK = 2, 3, 3, 3, 16, 16
+    shape, out_strides, slots = _gemm_weight_layout(G * Og, Cg, R, S, G, BN, BK, flat_k)
+    w = torch.randn(G * Og, Cg, R, S, device=DEVICE)
+    q = torch.full((G * Og,), 0.1, device=DEVICE)
+    out = torch.full(shape, float("nan"), device=DEVICE)
+    normalize_weight(w, q, "norm_q", 1e-12, out=out, out_strides=out_strides, groups=G,
+                     slots=slots)
+    ref = _formula(w.cpu(), q.cpu(), "norm_q", 1e-12).float().reshape(G, Og, Cg, R * S)
+    rows = ref.permute(0, 3, 2, 1)                                        # [G, taps, Cg, Og]
+    if not flat_k:      # each tap's channels padded to a multiple of BK
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, shape[1] // (R * S) - Cg))
+    expected = torch.zeros(G, shape[1], Og)
+    expected[:, :rows.shape[1] * rows.shape[2]] = rows.reshape(G, -1, Og)
+    got = out.cpu()
+    torch.testing.assert_close(got[..., :Og], expected, rtol=1e-6, atol=1e-6)
+    assert torch.isnan(got[..., Og:]).all()
