@@ -299,7 +299,8 @@ class _Plan(NamedTuple):
     dgrad: Launch
     planes: bool              # dgrad reads x as NCHW planes (else the channels-contiguous copy)
     ws_shape: tuple           # split-K workspace [splits, O, C/G, R, S]
-    ws_float32: bool
+    ws_dtype: torch.dtype
+    ws_in_grad_x: bool        # the workspace fits in grad_x's memory, written only after it
     wgrad: Launch
 
 
@@ -345,7 +346,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
         wgrad = Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
                         (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
                         dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
-        return _Plan(n_blk, prologue, None, dgrad, planes, (splits, O, Cg, R, S), True, wgrad)
+        return _Plan(n_blk, prologue, None, dgrad, planes, *_workspace(
+            (splits, O, Cg, R, S), torch.float32, x_shape, dtype), wgrad)
 
     BM, BN, BK, warps, stages = _dgrad_config(dtype, Cg, Og, cuda)
     HQ, WQ = cdiv(H, sh), cdiv(W, sw)
@@ -379,8 +381,17 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat),
                     warps, stages)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
-    return _Plan(n_blk, prologue, w_layout, dgrad, planes, (splits, O, Cg, R, S),
-                 splits > 1 or weight_norm != "none", wgrad)
+    ws_dtype = torch.float32 if splits > 1 or weight_norm != "none" else dtype
+    return _Plan(n_blk, prologue, w_layout, dgrad, planes,
+                 *_workspace((splits, O, Cg, R, S), ws_dtype, x_shape, dtype), wgrad)
+
+
+def _workspace(shape, ws_dtype, x_shape, dtype):
+    """(shape, dtype, in grad_x) of the split-K workspace. It lives in grad_x's memory when it
+    fits there: the backward reduces it before the dgrad writes grad_x, so a training step's
+    peak holds no separate workspace."""
+    fits = math.prod(shape) * ws_dtype.itemsize <= math.prod(x_shape) * dtype.itemsize
+    return shape, ws_dtype, fits
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
@@ -417,9 +428,20 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     plan.prologue((grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials),
                   (*sg, *sc, p.stride(0), q.stride(0)))
 
-    # 2. dgrad and 3. wgrad. NCHW x is copied channels-contiguous once (2·|x| of traffic) for
-    # the wgrad GEMM's x tiles, which a tap shift misaligns, and the dgrad's x term at stride > 1
+    # NCHW x is copied channels-contiguous once (2·|x| of traffic) for the wgrad GEMM's x
+    # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1
     x_cl = x if x.stride(1) == 1 or x.shape[1] == 1 else to_channels_last(x)
+    # 2. wgrad, then 3. the workspace and the prologue's grad_p / grad_q partials through the
+    # Jacobian into new tensors, before 4. the dgrad overwrites grad_x, whose memory may hold
+    # the workspace (same stream: the launches run in this order)
+    if plan.ws_in_grad_x:
+        ws = grad_x.new_empty(0, dtype=plan.ws_dtype).set_(grad_x.untyped_storage(), 0,
+                                                           plan.ws_shape)
+    else:
+        ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
+    plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
+    grads_w = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
+                                        splits=ws.shape[0], partials=partials)
     if plan.w_layout is None:   # direct kernels
         w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
     else:
@@ -429,12 +451,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                          out_strides=out_strides, groups=G)
     x_d = x if plan.planes else x_cl
     plan.dgrad((grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
-    ws = torch.empty(plan.ws_shape, device=dev,
-                     dtype=torch.float32 if plan.ws_float32 else weight.dtype)
-    plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
-    # 4. the workspace and the prologue's grad_p / grad_q partials, through the Jacobian
-    return (grad_x, *normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
-                                               splits=ws.shape[0], partials=partials))
+    return (grad_x, *grads_w)
 
 
 def report_jobs():

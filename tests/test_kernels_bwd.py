@@ -224,6 +224,38 @@ def test_training_steps_match_reference_backend(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+# (case, whether the split-K workspace fits in grad_x's memory and lives there)
+FRESH_BUFFER_CASES = [
+    (Case(2, 8, 12, 12, 8, (3, 3), padding=1), True),
+    (NEW_PATH_CASES[0], False),      # stride 2: strided dgrad
+    (NEW_PATH_CASES[1], True),       # stem: flat K, padded ŵ rows and columns
+    (NEW_PATH_CASES[2], False),      # C/G = 20 with BK 16: padded ŵ rows
+    (NEW_PATH_CASES[3], False),      # direct kernels
+    (Case(1, 4, 12, 12, 4, (3, 3), padding=1, groups=4), True),
+]
+
+
+@pytest.mark.parametrize("case, ws_in_grad_x", [pytest.param(c, f, id=c.id)
+                                                for c, f in FRESH_BUFFER_CASES])
+def test_fresh_buffers_are_written_before_read(case, ws_in_grad_x, monkeypatch):
+    """Every buffer the launchers allocate is written before a kernel reads it (padded GEMM
+    rows, the split-K workspace in grad_x's memory): with ``torch.empty`` filling NaN, the
+    forward and the gradients still match the oracle."""
+    from scd_triton.kernels import bwd
+    empty, empty_like = torch.empty, torch.empty_like
+    nan = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    fits = []
+    workspace = bwd._workspace
+    monkeypatch.setattr(bwd, "_workspace", lambda *a: fits.append(workspace(*a)[2]) or
+                        workspace(*a))
+    bwd._plan.cache_clear()
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
+    bwd._plan.cache_clear()
+    assert fits == [ws_in_grad_x]
+
+
 @gpu
 @pytest.mark.parametrize("case", params([KERNEL_CASES[0], KERNEL_CASES[2], KERNEL_CASES[7],
                                          KERNEL_CASES[-1]]))
