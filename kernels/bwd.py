@@ -1,5 +1,6 @@
 """Backward of the SCD core op (SPEC section 2): four launches (with the kernel normalisation's
-backward, ``weight.normalize_weight_backward_kernel``), plus the split-K sum when split.
+backward, ``weight.normalize_weight_backward_kernel``, which also writes the dgrad's ŵ), plus
+the split-K sum when split and the channels-contiguous copy of NCHW x.
 
 - ``scd2d_bwd_prologue_kernel``: one pass over ``grad_y`` and the saved ``c`` and norms. Per
   element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =
@@ -31,7 +32,7 @@ from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
 from .launch import Launch, cdiv, next_power_of_2
 from .layout import to_channels_last
-from .weight import normalize_weight, normalize_weight_backward
+from .weight import normalize_weight_backward
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -295,7 +296,7 @@ class _Plan(NamedTuple):
     """What a backward needs that follows from shapes, layouts and arguments."""
     n_blk: int                # prologue blocks: rows of the grad_p / grad_q partials
     prologue: Launch
-    w_layout: tuple           # (shape, out_strides) of ŵ for dgrad; None: [O, C/G, R, S]
+    w_layout: tuple           # (shape, out_strides) of ŵ for dgrad
     dgrad: Launch
     planes: bool              # dgrad reads x as NCHW planes (else the channels-contiguous copy)
     ws_shape: tuple           # split-K workspace [splits, O, C/G, R, S]
@@ -346,7 +347,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
         wgrad = Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
                         (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
                         dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
-        return _Plan(n_blk, prologue, None, dgrad, planes, *_workspace(
+        w_layout = (w_shape, (Og * Cg * R * S, Cg * R * S, R * S, 1))   # [O, C/G, R, S]
+        return _Plan(n_blk, prologue, w_layout, dgrad, planes, *_workspace(
             (splits, O, Cg, R, S), torch.float32, x_shape, dtype), wgrad)
 
     BM, BN, BK, warps, stages = _dgrad_config(dtype, Cg, Og, cuda)
@@ -398,9 +400,9 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
               weight_norm="none", weight_norm_eps=0.0):
     """Gradients ``(x, weight, p, q)`` of the core op, as ``reference.scd2d_bwd`` computes them.
 
-    ŵ is normalised from ``weight`` (``weight.normalize_weight``) straight into the layout the
-    dgrad GEMM reads; the weight-gradient GEMM's split-K workspace is reduced by the
-    normalisation's backward kernel, which applies its Jacobian on the way. ``padding`` is
+    The weight-gradient GEMM's split-K workspace is reduced by the normalisation's backward
+    kernel (``weight.normalize_weight_backward``), which applies its Jacobian on the way and
+    writes ŵ straight into the layout the dgrad GEMM reads. ``padding`` is
     (top, bottom, left, right); only top/left enter the index arithmetic (the saved ``c`` gives
     the output size). ``grad_x`` takes x's dtype and memory format. Everything that follows
     from the call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
@@ -432,23 +434,19 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1
     x_cl = x if x.stride(1) == 1 or x.shape[1] == 1 else to_channels_last(x)
     # 2. wgrad, then 3. the workspace and the prologue's grad_p / grad_q partials through the
-    # Jacobian into new tensors, before 4. the dgrad overwrites grad_x, whose memory may hold
-    # the workspace (same stream: the launches run in this order)
+    # Jacobian into new tensors (the same launch writes the dgrad's ŵ), before 4. the dgrad
+    # overwrites grad_x, whose memory may hold the workspace (one stream: launches run in order)
     if plan.ws_in_grad_x:
         ws = grad_x.new_empty(0, dtype=plan.ws_dtype).set_(grad_x.untyped_storage(), 0,
                                                            plan.ws_shape)
     else:
         ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
     plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
+    shape, out_strides = plan.w_layout
+    w_hat = torch.empty(shape, dtype=x.dtype, device=dev)
     grads_w = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
-                                        splits=ws.shape[0], partials=partials)
-    if plan.w_layout is None:   # direct kernels
-        w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
-    else:
-        shape, out_strides = plan.w_layout
-        w_hat = torch.empty(shape, dtype=x.dtype, device=dev)
-        normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat,
-                         out_strides=out_strides, groups=G)
+                                        splits=ws.shape[0], partials=partials, w_hat=w_hat,
+                                        w_hat_strides=out_strides, groups=G)
     x_d = x if plan.planes else x_cl
     plan.dgrad((grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
     return (grad_x, *grads_w)

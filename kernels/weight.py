@@ -86,14 +86,15 @@ def normalize_weight_kernel(
 
 @triton.jit
 def normalize_weight_backward_kernel(
-    GW_HAT, W, Q, GW, GQ, PART, GP, O, K, RS, S, ROWS, sq, sw_o, sw_c, sw_r, sw_s, eps,
-    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, PARTIALS: tl.constexpr,
-    BR: tl.constexpr,
+    GW_HAT, W, Q, GW, GQ, PART, GP, W_HAT, O, K, RS, S, ROWS, Og, sq, sw_o, sw_c, sw_r, sw_s,
+    s_g, s_j, s_c, s_t, eps, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    PARTIALS: tl.constexpr, BR: tl.constexpr, W_HAT_OUT: tl.constexpr,
 ):
     """grad_w and grad_q (MODE 2) from grad_ŵ [O, K]; W and GW [O, C/G, R, S] share the
     strides ``sw_*``. ``PARTIALS``: PART [ROWS, 2, O] holds per-block partial sums of grad_p
     and grad_q (the backward prologue's), summed here in a fixed order into GP and into GQ
-    (added to the normalisation's term)."""
+    (added to the normalisation's term). ``W_HAT_OUT``: also writes ŵ, as
+    ``normalize_weight_kernel`` does (strides ``s_*``), for a GEMM that runs next."""
     i_o = tl.program_id(0)
     o_o = i_o * BO + tl.arange(0, BO)
     m_o = o_o < O
@@ -127,16 +128,21 @@ def normalize_weight_backward_kernel(
         b_gq += -dot * b_scale * b_scale
     if PARTIALS or MODE == 2:
         tl.store(GQ + o_o, b_gq, mask=m_o)
+    o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO] in ŵ
     for k0 in range(0, K, BK):
-        o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
+        o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
         m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
         b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+        if MODE != 0 or W_HAT_OUT:
+            b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
         if MODE == 0:
             b_gw = b_g
         else:
-            b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
             b_gw = b_g * b_scale[:, None] - b_w * b_coef[:, None]
         tl.store(GW + row_w + o_w[None, :], b_gw.to(GW.dtype.element_ty), mask=m)
+        if W_HAT_OUT:
+            p_dst = W_HAT + o_dst[:, None] + (o_c * s_c + o_t * s_t)[None, :]
+            tl.store(p_dst, (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -192,16 +198,19 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slot
     return out
 
 
-def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=None):
+def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=None, w_hat=None,
+                              w_hat_strides=None, groups=1):
     """``(grad_w, grad_p, grad_q)`` of :func:`normalize_weight`; ``grad_w_hat`` may hold
     ``splits`` partial sums ([splits, *w.shape], e.g. a split-K workspace), reduced here into its
     first split (in place, by ``sum_splits_kernel``, when contiguous) before the Jacobian.
     ``partials`` [rows, 2, O] (float32): per-block partial sums of grad_p and grad_q, summed
     into grad_p and added to grad_q (without it grad_p is None, and so is grad_q unless the
-    mode is "norm_q")."""
-    if mode == "none" and splits == 1 and grad_w_hat.dtype == w.dtype and partials is None:
+    mode is "norm_q"). ``w_hat``: also write ŵ there, at ``w_hat_strides`` as
+    :func:`normalize_weight` takes them (the same launch: it computes the scale anyway)."""
+    if (mode == "none" and splits == 1 and grad_w_hat.dtype == w.dtype and partials is None
+            and w_hat is None):
         return grad_w_hat.view_as(w), None, None
-    O, Cg, R, S = w.shape
+    O = w.shape[0]
     grad_w_hat = grad_w_hat.contiguous()
     if splits > 1:
         SB, BLOCK, warps = SUM_SPLITS_CONFIG
@@ -216,14 +225,26 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
     grad_q = (torch.empty(O, dtype=torch.float32, device=w.device)
               if has_partials or mode == "norm_q" else None)
     unused = q            # float32 placeholder for the pointers this mode does not touch
-    BO, BK = _blocks(O, Cg * R * S)
-    launch(normalize_weight_backward_kernel, (cdiv(O, BO),),
+    grid, scalars, constexprs = _backward_args(
+        w.shape, w.stride(), q.stride(0), mode, eps, partials.shape[0] if has_partials else 0,
+        groups, None if w_hat is None else tuple(w_hat_strides))
+    launch(normalize_weight_backward_kernel, grid,
            (grad_w_hat, w, q, grad_w, unused if grad_q is None else grad_q,
-            partials if has_partials else unused, grad_p if has_partials else unused),
-           (O, Cg * R * S, R * S, S, partials.shape[0] if has_partials else 0, q.stride(0),
-            *w.stride(), eps),
-           dict(MODE=MODES[mode], BO=BO, BK=BK, PARTIALS=has_partials, BR=PARTIAL_ROWS), 8, 1)
+            partials if has_partials else unused, grad_p if has_partials else unused,
+            unused if w_hat is None else w_hat), scalars, constexprs, 8, 1)
     return grad_w, grad_p, grad_q
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_args(w_shape, w_strides, q_stride, mode, eps, rows, groups, w_hat_strides):
+    """(grid, scalars, constexprs) of ``normalize_weight_backward_kernel``, once per layer."""
+    O, Cg, R, S = w_shape
+    BO, BK = _blocks(O, Cg * R * S)
+    return ((cdiv(O, BO),),
+            (O, Cg * R * S, R * S, S, rows, O // groups, q_stride, *w_strides,
+             *(w_hat_strides or (0, 0, 0, 0)), eps),
+            dict(MODE=MODES[mode], BO=BO, BK=BK, PARTIALS=rows > 0, BR=PARTIAL_ROWS,
+                 W_HAT_OUT=w_hat_strides is not None))
 
 
 PARTIAL_ROWS = 256        # partial sums per load in the Jacobian kernel
@@ -244,11 +265,13 @@ def report_jobs():
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
                          num_warps=4, num_stages=1))
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
-                         dtype=dtype, ints=dict(O=O, K=K, RS=RS, S=3, ROWS=392, sq=1, sw_o=K,
-                                                   sw_c=RS, sw_r=3, sw_s=1),
-                         constexprs=dict(MODE=2, BO=BO, BK=BK, PARTIALS=True, BR=PARTIAL_ROWS),
+                         dtype=dtype, ints=dict(O=O, K=K, RS=RS, S=3, ROWS=392, Og=O, sq=1,
+                                                   sw_o=K, sw_c=RS, sw_r=3, sw_s=1, s_g=O * K,
+                                                   s_j=128, s_c=1, s_t=O * 128),
+                         constexprs=dict(MODE=2, BO=BO, BK=BK, PARTIALS=True, BR=PARTIAL_ROWS,
+                                         W_HAT_OUT=True),
                          pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
-                                             PART="*fp32", GP="*fp32"),
+                                             PART="*fp32", GP="*fp32", W_HAT=dt),
                          num_warps=8, num_stages=1))
     SB, BLOCK, warps = SUM_SPLITS_CONFIG
     jobs.append(dict(kernel=sum_splits_kernel, name=f"SB{SB}-BLOCK{BLOCK}-w{warps}", dtype="fp32",

@@ -57,15 +57,22 @@ def test_normalize_weight_and_its_jacobian(mode, eps, dtype, layout):
                  reduce_dim=Cg * R * S)
 
 
-def test_writes_into_any_layout():
-    """ŵ lands at the strides the GEMM asks for: here [G, R·S, C/G, O/G] for 2 groups."""
+@pytest.mark.parametrize("mode", ["norm_q", "none"])
+@pytest.mark.parametrize("writer", ["normalize_weight", "normalize_weight_backward"])
+def test_writes_into_any_layout(writer, mode):
+    """ŵ lands at the strides the GEMM asks for: here [G, R·S, C/G, O/G] for 2 groups, from the
+    forward's kernel or as the Jacobian kernel's side output (for the dgrad)."""
     G, Og, Cg, R, S = 2, 3, 4, 3, 3
     w = torch.randn(G * Og, Cg, R, S, device=DEVICE)
     q = torch.full((G * Og,), 0.1, device=DEVICE)
     out = torch.full((G, R * S, Cg, Og), float("nan"), device=DEVICE)
-    normalize_weight(w, q, "norm_q", 1e-12, out=out, out_strides=(R * S * Cg * Og, 1, Og, Cg * Og),
-                     groups=G)
-    ref = _formula(w.cpu(), q.cpu(), "norm_q", 1e-12).float()
+    strides = (R * S * Cg * Og, 1, Og, Cg * Og)
+    if writer == "normalize_weight":
+        normalize_weight(w, q, mode, 1e-12, out=out, out_strides=strides, groups=G)
+    else:
+        normalize_weight_backward(torch.ones_like(w), w, q, mode, 1e-12, w_hat=out,
+                                  w_hat_strides=strides, groups=G)
+    ref = _formula(w.cpu(), q.cpu(), mode, 1e-12).float()
     expected = ref.reshape(G, Og, Cg, R * S).permute(0, 3, 2, 1)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6)
 
