@@ -23,23 +23,35 @@ from .kernels.shapes import compute_dtype, memory_format, output_hw
 WEIGHT_NORMS = ("none", "norm", "norm_q")
 
 
+_MODULES = {"reference": reference}
+
+
 def _backend(backend):
     """The module implementing ``backend``: ``reference`` or ``kernels``, both with
     ``scd2d_fwd`` and ``scd2d_bwd`` (kernel normalisation included)."""
-    if backend == "reference":
-        return reference
-    from . import kernels  # imported lazily: importing triton is slow
-    return kernels
+    module = _MODULES.get(backend)
+    if module is None:
+        from . import kernels  # imported on first use: importing triton is slow
+        module = _MODULES[backend] = kernels
+    return module
+
+
+_UNGUARDED = contextlib.nullcontext()
 
 
 def _guard(x):
     """The op runs on x's device, in its inputs' dtypes: kernels launch on x's GPU (not the
     current one) and autocast, if on, does not recast the op's internals."""
+    device = x.device
+    switch = device.type == "cuda" and device.index != torch.cuda.current_device()
+    autocast = torch.is_autocast_enabled(device.type)
+    if not (switch or autocast):
+        return _UNGUARDED
     stack = contextlib.ExitStack()
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        stack.enter_context(torch.cuda.device(x.device))
-    if torch.is_autocast_enabled(x.device.type):
-        stack.enter_context(torch.autocast(x.device.type, enabled=False))
+    if switch:
+        stack.enter_context(torch.cuda.device(device))
+    if autocast:
+        stack.enter_context(torch.autocast(device.type, enabled=False))
     return stack
 
 
@@ -121,13 +133,14 @@ scd2d_core.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerSCD2d(torch.autograd.Function):
-    """The custom op's forward and backward without the dispatcher (eager mode, grad needed)."""
+    """The custom op's forward and backward without the dispatcher (eager mode, grad needed).
+    The non-tensor arguments come as one tuple: ``apply`` costs host time per argument."""
 
     @staticmethod
-    def forward(ctx, x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
-                weight_norm, weight_norm_eps, backend):
-        y, c, norm = forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
-                             weight_norm, weight_norm_eps, backend, True)
+    def forward(ctx, x, weight, p, q, args):
+        stride, padding, dilation, groups, eps, norm_eps, weight_norm, weight_norm_eps, \
+            backend = args
+        y, c, norm = forward(x, weight, p, q, *args, True)
         ctx.save_for_backward(x, weight, p, q, c, norm)
         ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
         return y
@@ -136,7 +149,7 @@ class _EagerSCD2d(torch.autograd.Function):
     @torch.autograd.function.once_differentiable   # the analytic backward has no graph
     def backward(ctx, grad_y):
         x, weight, p, q, c, norm = ctx.saved_tensors
-        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args),) + (None,) * 9
+        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args), None)
 
 
 def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
@@ -151,5 +164,5 @@ def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, wei
         return torch.ops.scd_triton.scd2d_core(x, weight, p, q, list(stride), list(padding),
                                                list(dilation), *args[3:], save)[0]
     if save:
-        return _EagerSCD2d.apply(x, weight, p, q, *args)
+        return _EagerSCD2d.apply(x, weight, p, q, args)
     return forward(x, weight, p, q, *args, False)[0]
