@@ -397,19 +397,21 @@ def _workspace(shape, ws_dtype, x_shape, dtype):
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
-              weight_norm="none", weight_norm_eps=0.0):
+              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True):
     """Gradients ``(x, weight, p, q)`` of the core op, as ``reference.scd2d_bwd`` computes them.
 
     The weight-gradient GEMM's split-K workspace is reduced by the normalisation's backward
     kernel (``weight.normalize_weight_backward``), which applies its Jacobian on the way and
     writes ŵ straight into the layout the dgrad GEMM reads. ``padding`` is
     (top, bottom, left, right); only top/left enter the index arithmetic (the saved ``c`` gives
-    the output size). ``grad_x`` takes x's dtype and memory format. Everything that follows
+    the output size). ``grad_x`` takes x's dtype and memory format; without ``need_grad_x`` it
+    is None and the dgrad does not run. Everything that follows
     from the call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
     """
     dev = x.device
     fmt = memory_format(x)
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=fmt)
+    grad_x = (torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=fmt) if need_grad_x
+              else None)
     if c.numel() == 0:
         O = weight.shape[0]
         return (grad_x, torch.zeros(weight.shape, dtype=weight.dtype, device=dev),
@@ -436,17 +438,19 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     # 2. wgrad, then 3. the workspace and the prologue's grad_p / grad_q partials through the
     # Jacobian into new tensors (the same launch writes the dgrad's ŵ), before 4. the dgrad
     # overwrites grad_x, whose memory may hold the workspace (one stream: launches run in order)
-    if plan.ws_in_grad_x:
+    if plan.ws_in_grad_x and need_grad_x:
         ws = grad_x.new_empty(0, dtype=plan.ws_dtype).set_(grad_x.untyped_storage(), 0,
                                                            plan.ws_shape)
     else:
         ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
     plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
     shape, out_strides = plan.w_layout
-    w_hat = torch.empty(shape, dtype=x.dtype, device=dev)
+    w_hat = torch.empty(shape, dtype=x.dtype, device=dev) if need_grad_x else None
     grads_w = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
                                         splits=ws.shape[0], partials=partials, w_hat=w_hat,
                                         w_hat_strides=out_strides, groups=G)
+    if not need_grad_x:
+        return (None, *grads_w)
     x_d = x if plan.planes else x_cl
     plan.dgrad((grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
     return (grad_x, *grads_w)

@@ -118,9 +118,10 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
-              weight_norm="none", weight_norm_eps=0.0):
+              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True):
     """Gradients (x, weight, p, q) of the core op from the saved tensors (SPEC section 2),
-    through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`)."""
+    through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`); grad_x is
+    None unless ``need_grad_x``."""
     w_hat, scale = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     N, C, H, W = x.shape
@@ -142,24 +143,25 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     # [d ≠ 0] as in G: with eps = 0, ln(0)·0 would be NaN where c = 0 (NaN in c stays NaN)
     grad_p = base.log_().mul_(y).mul_(gy5).masked_fill_(c5 == 0, 0).sum((0, 3, 4)).reshape(O)
 
-    xc, wc = x.to(cdt), w_hat.to(cdt)
+    xc = x.to(cdt)
     xp, conv_pad = _pad_input(xc, padding)
     grad_d = grad_d.reshape(N, O, OH, OW)
-    grad_xp = conv2d_input(xp.shape, wc, grad_d, stride, conv_pad, dilation, groups)
-    box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, (R, S), xc),
-                       grad_norm / norm, stride, conv_pad, dilation, G)
-    grad_xp = grad_xp + (xp.view(N, G, C // G, *xp.shape[-2:]) * box.unsqueeze(2)).view_as(xp)
-    if xp is xc:
-        grad_x = grad_xp
-    else:  # asymmetric padding was applied explicitly: crop it off
-        top, _, left, _ = padding
-        grad_x = grad_xp[..., top:top + H, left:left + W]
+    grad_x = None
+    if need_grad_x:
+        grad_xp = conv2d_input(xp.shape, w_hat.to(cdt), grad_d, stride, conv_pad, dilation,
+                               groups)
+        box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, (R, S), xc),
+                           grad_norm / norm, stride, conv_pad, dilation, G)
+        grad_xp += (xp.view(N, G, C // G, *xp.shape[-2:]) * box.unsqueeze(2)).view_as(xp)
+        top, _, left, _ = padding   # asymmetric padding was applied explicitly: crop it off
+        grad_x = grad_xp if xp is xc else grad_xp[..., top:top + H, left:left + W]
+        grad_x = grad_x.to(x.dtype).contiguous(memory_format=memory_format(x))
     grad_w = conv2d_weight(xp, w_hat.shape, grad_d, stride, conv_pad, dilation, groups)
     # grad_ŵ stays in the compute dtype: the Jacobian cancels its radial part
     grad_w, grad_q_kernel = normalize_weight_backward(grad_w, weight, q,
                                                       weight_norm, weight_norm_eps, scale)
     if grad_q_kernel is not None:
         grad_q = grad_q + grad_q_kernel
-    fmt = memory_format(x)
-    return (grad_x.to(x.dtype).contiguous(memory_format=fmt), grad_w, grad_p.to(p.dtype),
-            grad_q.to(q.dtype))
+    if grad_w.dtype != weight.dtype or grad_w.stride() != weight.stride():
+        grad_w = torch.empty_like(weight).copy_(grad_w)   # weight's dtype and layout (mode "none")
+    return grad_x, grad_w, grad_p.to(p.dtype), grad_q.to(q.dtype)

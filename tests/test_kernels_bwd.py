@@ -224,6 +224,36 @@ def test_training_steps_match_reference_backend(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", params([KERNEL_CASES[0], NEW_PATH_CASES[3]]))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_input_without_grad_skips_its_gemm(case, backend, monkeypatch):
+    """A first layer's input needs no gradient: the dgrad does not run (as conv2d skips it),
+    and the other gradients are the same bits as when x needs one."""
+    from scd_triton.kernels import launch
+    launched = []
+    real_launch = launch.launch
+    monkeypatch.setattr(launch, "launch", lambda kernel, *a: launched.append(kernel.__name__)
+                        or real_launch(kernel, *a))
+    x, w, p, q = _leaves((case.N, case.C, case.H, case.W), (case.O, case.C // case.groups,
+                                                           *case.kernel), (case.O,), (case.O,))
+    grad_y = None
+    grads = {}
+    for x_grad in (True, False):
+        x.requires_grad_(x_grad)
+        launched.clear()
+        y = scd_triton.scd2d(x, w, p.abs() + 1, q.abs(), backend=backend, **case.conv_kwargs())
+        grad_y = torch.randn_like(y) if grad_y is None else grad_y
+        y.backward(grad_y)
+        grads[x_grad] = [x.grad] + [t.grad.clone() for t in (w, p, q)]
+        dgrads = [k for k in launched if "dgrad" in k]
+        assert len(dgrads) == (x_grad and backend == "triton")
+        for t in (x, w, p, q):
+            t.grad = None
+    assert grads[False][0] is None and grads[True][0] is not None
+    for got, want in zip(grads[False][1:], grads[True][1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # (case, whether the split-K workspace fits in grad_x's memory and lives there)
 FRESH_BUFFER_CASES = [
     (Case(2, 8, 12, 12, 8, (3, 3), padding=1), True),
