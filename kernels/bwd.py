@@ -275,8 +275,9 @@ def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0, large=True):
 def _splits(tiles, M, BK, sms, split_bytes, budget_bytes):
     """Split-K count: about three waves of programs on ``sms`` SMs, each split at least 8 K
     steps long, and a float32 workspace (``split_bytes`` a split) no larger than
-    ``budget_bytes`` (one output-sized tensor: the memory a training step may spend beyond
-    conv2d's). The interpreter (``sms`` 0) takes two splits (when there is room) so tests
+    ``budget_bytes`` (the larger of one output-sized tensor, the memory a training step may
+    spend beyond conv2d's, and grad_x, which holds a workspace that fits for free). The
+    interpreter (``sms`` 0) takes two splits (when there is room) so tests
     exercise the reduction."""
     steps = cdiv(M, BK)
     if not sms:
@@ -307,7 +308,7 @@ class _Plan(NamedTuple):
 
 @functools.lru_cache(maxsize=1024)
 def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device_index, stride,
-          padding, dilation, groups, eps, weight_norm, precision):
+          padding, dilation, groups, eps, weight_norm, precision, need_grad_x):
     """The backward's launches for one layer signature, worked out once (host time per call)."""
     N, C, H, W = x_shape
     O, Cg, R, S = w_shape
@@ -320,7 +321,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                          f"C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below 2**31")
     sh, sw = stride
     conv = (sh, sw, padding[0], padding[2], *dilation)
-    budget = M * O * (4 if dtype == torch.float32 else 2)    # bytes of grad_d
+    x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x
+    budget = max(M * O * dtype.itemsize, x_bytes)                      # grad_d or grad_x
     sms = _sm_count(device_index) if cuda else 0
 
     BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
@@ -349,7 +351,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                         dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
         w_layout = (w_shape, (Og * Cg * R * S, Cg * R * S, R * S, 1))   # [O, C/G, R, S]
         return _Plan(n_blk, prologue, w_layout, dgrad, planes, *_workspace(
-            (splits, O, Cg, R, S), torch.float32, x_shape, dtype), wgrad)
+            (splits, O, Cg, R, S), torch.float32, x_bytes), wgrad)
 
     BM, BN, BK, warps, stages = _dgrad_config(dtype, Cg, Og, cuda)
     HQ, WQ = cdiv(H, sh), cdiv(W, sw)
@@ -385,15 +387,14 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     ws_dtype = torch.float32 if splits > 1 or weight_norm != "none" else dtype
     return _Plan(n_blk, prologue, w_layout, dgrad, planes,
-                 *_workspace((splits, O, Cg, R, S), ws_dtype, x_shape, dtype), wgrad)
+                 *_workspace((splits, O, Cg, R, S), ws_dtype, x_bytes), wgrad)
 
 
-def _workspace(shape, ws_dtype, x_shape, dtype):
-    """(shape, dtype, in grad_x) of the split-K workspace. It lives in grad_x's memory when it
-    fits there: the backward reduces it before the dgrad writes grad_x, so a training step's
-    peak holds no separate workspace."""
-    fits = math.prod(shape) * ws_dtype.itemsize <= math.prod(x_shape) * dtype.itemsize
-    return shape, ws_dtype, fits
+def _workspace(shape, ws_dtype, x_bytes):
+    """(shape, dtype, in grad_x) of the split-K workspace. It lives in grad_x's memory
+    (``x_bytes``, 0 when no grad_x is computed) when it fits there: the backward reduces it
+    before the dgrad writes grad_x, so a training step's peak holds no separate workspace."""
+    return shape, ws_dtype, math.prod(shape) * ws_dtype.itemsize <= x_bytes
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
@@ -420,7 +421,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     plan = _plan(x.shape, x.is_contiguous(), weight.shape, c.shape[-2:],
                  fmt == torch.contiguous_format, x.dtype, cuda, dev.index or 0, tuple(stride),
                  tuple(padding), tuple(dilation), groups, eps, weight_norm,
-                 dot_precision(x.dtype))
+                 dot_precision(x.dtype), need_grad_x)
     N, _, OH, OW = c.shape
     G = groups
 
@@ -438,7 +439,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     # 2. wgrad, then 3. the workspace and the prologue's grad_p / grad_q partials through the
     # Jacobian into new tensors (the same launch writes the dgrad's ŵ), before 4. the dgrad
     # overwrites grad_x, whose memory may hold the workspace (one stream: launches run in order)
-    if plan.ws_in_grad_x and need_grad_x:
+    if plan.ws_in_grad_x:
         ws = grad_x.new_empty(0, dtype=plan.ws_dtype).set_(grad_x.untyped_storage(), 0,
                                                            plan.ws_shape)
     else:

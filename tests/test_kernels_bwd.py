@@ -3,6 +3,7 @@
 On CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest); on a CUDA
 machine the same tests run the compiled kernels.
 """
+import math
 import os
 import re
 
@@ -252,6 +253,33 @@ def test_input_without_grad_skips_its_gemm(case, backend, monkeypatch):
     assert grads[False][0] is None and grads[True][0] is not None
     for got, want in zip(grads[False][1:], grads[True][1:]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("need_grad_x", [True, False])
+@pytest.mark.parametrize("layer", [(32, 128, 28, 128, 1), (32, 64, 56, 128, 2), (64, 3, 32, 80, 1)],
+                         ids=["3x3_128_28", "3x3s2_64-128_56", "stem_5x5"])
+def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad_x, monkeypatch):
+    """The memory policy of the GPU plan (132 SMs): the split-K workspace is either inside
+    grad_x's memory or at most one output-sized tensor, and grad_x's room buys more splits."""
+    from scd_triton.kernels import bwd
+    monkeypatch.setattr(bwd, "_sm_count", lambda device_index: 132)
+    N, C, H, O, s = layer
+    k = 5 if C == 3 else 3
+    OH = H // s
+    plan = bwd._plan.__wrapped__((N, C, H, H), True, (O, C, k, k), (OH, OH), False,
+                                 torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
+                                 1e-12, "norm", "tf32", need_grad_x)
+    ws_bytes = math.prod(plan.ws_shape) * plan.ws_dtype.itemsize
+    x_bytes, out_bytes = N * C * H * H * 2, N * O * OH * OH * 2
+    if plan.ws_in_grad_x:
+        assert need_grad_x and ws_bytes <= x_bytes
+    else:
+        assert ws_bytes <= out_bytes
+    if need_grad_x and x_bytes > out_bytes and plan.ws_shape[0] > 1:
+        fewer = bwd._plan.__wrapped__((N, C, H, H), True, (O, C, k, k), (OH, OH), False,
+                                      torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
+                                      1e-12, "norm", "tf32", False)
+        assert plan.ws_in_grad_x and plan.ws_shape[0] > fewer.ws_shape[0]
 
 
 # (case, whether the split-K workspace fits in grad_x's memory and lives there)
