@@ -413,10 +413,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     fmt = memory_format(x)
     grad_x = (torch.empty(x.shape, dtype=x.dtype, device=dev, memory_format=fmt) if need_grad_x
               else None)
-    if c.numel() == 0:
-        O = weight.shape[0]
-        return (grad_x, torch.zeros(weight.shape, dtype=weight.dtype, device=dev),
-                torch.zeros(O, device=dev), torch.zeros(O, device=dev))
+    if c.numel() == 0:     # an empty batch; zeros in the layouts the fake op promises
+        return grad_x, torch.zeros_like(weight), torch.zeros_like(p), torch.zeros_like(q)
     cuda = dev.type == "cuda"
     plan = _plan(x.shape, x.is_contiguous(), weight.shape, c.shape[-2:],
                  fmt == torch.contiguous_format, x.dtype, cuda, dev.index or 0, tuple(stride),

@@ -175,7 +175,7 @@ def _normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides
     """(grid, scalars, constexprs) of ``normalize_weight_kernel``: computed once per layer."""
     O, Cg, R, S = w_shape
     CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
-    BO, BK = _blocks(O, CP * TP)
+    BO, BK = _blocks(O, Cg * R * S)   # as the backward's: the same Σw² order, the same scale
     return ((cdiv(O, BO),), (O, Cg * R * S, R * S, S, O // groups, Cg, CP, TP, ROWS, q_stride,
                              *w_strides, *out_strides, eps), dict(MODE=MODES[mode], BO=BO, BK=BK))
 
@@ -207,9 +207,6 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
     into grad_p and added to grad_q (without it grad_p is None, and so is grad_q unless the
     mode is "norm_q"). ``w_hat``: also write ŵ there, at ``w_hat_strides`` as
     :func:`normalize_weight` takes them (the same launch: it computes the scale anyway)."""
-    if (mode == "none" and splits == 1 and grad_w_hat.dtype == w.dtype and partials is None
-            and w_hat is None):
-        return grad_w_hat.view_as(w), None, None
     O = w.shape[0]
     grad_w_hat = grad_w_hat.contiguous()
     if splits > 1:
@@ -217,8 +214,8 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
         launch(sum_splits_kernel, (cdiv(w.numel(), BLOCK),), (grad_w_hat,), (w.numel(), splits),
                dict(SB=SB, BLOCK=BLOCK), warps, 1)
     grad_w = torch.empty_like(w)        # w's layout, as autograd's gradient layout contract asks
-    if grad_w.stride() != w.stride():   # w not dense (a strided view)
-        w, grad_w = w.contiguous(), torch.empty_like(w, memory_format=torch.contiguous_format)
+    if grad_w.stride() != w.stride():   # w not dense (a strided view): a dense copy, same strides
+        w = torch.empty_like(w).copy_(w)
     has_partials = partials is not None
     # two tensors, not views of one: a custom op's outputs must not alias each other
     grad_p = torch.empty(O, dtype=torch.float32, device=w.device) if has_partials else None
@@ -226,8 +223,9 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
               if has_partials or mode == "norm_q" else None)
     unused = q            # float32 placeholder for the pointers this mode does not touch
     grid, scalars, constexprs = _backward_args(
-        w.shape, w.stride(), q.stride(0), mode, eps, partials.shape[0] if has_partials else 0,
-        groups, None if w_hat is None else tuple(w_hat_strides))
+        w.shape, w.stride(), q.stride(0), mode, eps, has_partials,
+        partials.shape[0] if has_partials else 0, groups,
+        None if w_hat is None else tuple(w_hat_strides))
     launch(normalize_weight_backward_kernel, grid,
            (grad_w_hat, w, q, grad_w, unused if grad_q is None else grad_q,
             partials if has_partials else unused, grad_p if has_partials else unused,
@@ -236,14 +234,15 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
 
 
 @functools.lru_cache(maxsize=4096)
-def _backward_args(w_shape, w_strides, q_stride, mode, eps, rows, groups, w_hat_strides):
+def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, groups,
+                   w_hat_strides):
     """(grid, scalars, constexprs) of ``normalize_weight_backward_kernel``, once per layer."""
     O, Cg, R, S = w_shape
     BO, BK = _blocks(O, Cg * R * S)
     return ((cdiv(O, BO),),
             (O, Cg * R * S, R * S, S, rows, O // groups, q_stride, *w_strides,
              *(w_hat_strides or (0, 0, 0, 0)), eps),
-            dict(MODE=MODES[mode], BO=BO, BK=BK, PARTIALS=rows > 0, BR=PARTIAL_ROWS,
+            dict(MODE=MODES[mode], BO=BO, BK=BK, PARTIALS=has_partials, BR=PARTIAL_ROWS,
                  W_HAT_OUT=w_hat_strides is not None))
 
 

@@ -100,7 +100,8 @@ def _(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_
 def scd2d_core_backward(grad_y: Tensor, x: Tensor, weight: Tensor, p: Tensor, q: Tensor, c: Tensor,
                         norm: Tensor, stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, eps: float, weight_norm: str, weight_norm_eps: float,
-                        backend: str, need_grad_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        backend: str, need_grad_x: bool = True
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. ``(x, weight, p, q)``, see :func:`backward`; without ``need_grad_x``
     the first is an empty (0,) tensor."""
     grad_x, *grads = backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation,
@@ -110,7 +111,7 @@ def scd2d_core_backward(grad_y: Tensor, x: Tensor, weight: Tensor, p: Tensor, q:
 
 @scd2d_core_backward.register_fake
 def _(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, weight_norm,
-      weight_norm_eps, backend, need_grad_x):
+      weight_norm_eps, backend, need_grad_x=True):
     grad_x = (torch.empty_like(x, memory_format=memory_format(x)) if need_grad_x else
               x.new_empty((0,)))
     return grad_x, torch.empty_like(weight), torch.empty_like(p), torch.empty_like(q)

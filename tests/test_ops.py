@@ -43,6 +43,29 @@ def test_opcheck_core_op(weight_norm, backend):
                                    *conv, 1e-6, weight_norm, 1e-6, backend, need_grad_x))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("weight_kind", ["channels_last", "strided"])
+@pytest.mark.parametrize("N", [2, 0])
+def test_backward_op_matches_its_fake_for_any_weight_layout(N, weight_kind, backend):
+    """grad_w comes in the weight's layout (what the fake op promises torch.compile), also for
+    a weight that is a strided view and for an empty batch."""
+    if backend == "triton" and not _triton_runs():
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x = torch.randn(N, 4, 6, 6, device=device)
+    w = torch.randn(12, 4, 3, 3, device=device).to(memory_format=torch.channels_last)
+    w = w[::2] if weight_kind == "strided" else w[:6]
+    p, q = torch.rand(6, device=device) + 1, torch.rand(6, device=device)
+    conv = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    y, c, norm = torch.ops.scd_triton.scd2d_core(x, w, p, q, *conv, 1e-6, 1e-6, "norm_q", 1e-6,
+                                                 backend, True)
+    args = (torch.randn_like(y), x, w, p, q, c, norm, *conv, 1e-6, "norm_q", 1e-6, backend, True)
+    torch.library.opcheck(torch.ops.scd_triton.scd2d_core_backward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    assert torch.ops.scd_triton.scd2d_core_backward(*args)[1].stride() == \
+        torch.empty_like(w).stride()
+
+
 def test_compile_fullgraph_matches_eager():
     net = torch.nn.Sequential(
         scd_triton.SCD2d(3, 8, 3, padding=1),
