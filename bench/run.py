@@ -112,6 +112,25 @@ def _time_cpu(step, min_run_time):
     return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
 
 
+def _peak_cpu_bytes(step):
+    """Bytes a step holds at its peak beyond what existed before it, from the profiler's
+    allocation events (torch's CPU allocator; as ``max_memory_allocated`` gives on CUDA).
+    None where this torch's profiler does not expose them."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except AttributeError:
+        return None
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def saved_bytes(fn, x, w, p, q):
     """Bytes autograd keeps for backward (distinct storages), via saved_tensors_hooks."""
     storages = {}
@@ -146,6 +165,7 @@ def measure(fn, shape, dtype, device, pass_, min_run_time, layout="nchw"):
         peak = torch.cuda.max_memory_allocated() - base
         ms = _time_cuda(step)
     else:
+        peak = _peak_cpu_bytes(step)
         ms = _time_cpu(step, min_run_time)
     saved = saved_bytes(fn, x, w, p, q) if pass_ == "fwd+bwd" else None
     return ms, saved, peak

@@ -35,9 +35,12 @@ def test_driver_writes_schema_and_plot(tmp_path, monkeypatch):
         assert r["ms_p20"] <= r["ms"] <= r["ms_p80"]
         assert r["ratio_to_conv2d"] > 0
         assert (r["saved_bytes"] is None) == (r["pass"] == "fwd")
+        assert r["peak_bytes"] > 0, r      # from the profiler's allocation events on CPU
     # ours keeps x, ŵ, c and the norms: less than the formulation with autograd through all ops
     saved = {(r["shape"], r["provider"]): r["saved_bytes"] for r in rows if r["pass"] == "fwd+bwd"}
     assert saved["scs3x3_4-6_6", "reference"] < saved["scs3x3_4-6_6", "rohrer"]
+    peak = {(r["shape"], r["provider"]): r["peak_bytes"] for r in rows if r["pass"] == "fwd+bwd"}
+    assert peak["scs3x3_4-6_6", "reference"] < peak["scs3x3_4-6_6", "unfold"]
     assert result["rows"] == rows
 
 
