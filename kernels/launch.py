@@ -58,7 +58,8 @@ def launch(kernel, grid, tensors, scalars, constexprs, num_warps, num_stages):
     key = (id(kernel), device, num_warps, num_stages, runtime.debug,
            getattr(compilation, "instrumentation_mode", None),
            getattr(compilation, "fpsan_homomorphic_casts", None), scalars,
-           tuple(constexprs.values()), tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors))
+           tuple(constexprs.values()),
+           tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors]))   # list: 2x a genexpr
     entry = _COMPILED.get(key)
     if entry is None:
         compiled = kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps,
