@@ -131,17 +131,22 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     c5 = c.to(cdt).reshape(N, G, Og, OH, OW)
     gy5 = grad_y.to(cdt).reshape(N, G, Og, OH, OW)
     p5 = p.to(cdt).view(1, G, Og, 1, 1)
-    a = norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1)
+    # output-sized temporaries are dropped as soon as they are used (the peak memory of a step)
+    zero = c5 == 0
     base = c5.abs().add_(eps)                                        # |c| + eps
     pow_pm1 = base.pow(p5 - 1)                                       # (|c|+eps)^(p-1)
-    # G = grad_y · p · (|c|+eps)^(p-1) · [d ≠ 0];  grad_d = G / a
-    grad_d = (gy5 * p5).mul_(pow_pm1).masked_fill_(c5 == 0, 0).div_(a)
+    # G = grad_y · p · (|c|+eps)^(p-1) · [d ≠ 0];  grad_d = G / a,  a = ‖s‖ + q
+    grad_d = (gy5 * p5).mul_(pow_pm1).masked_fill_(zero, 0).div_(
+        norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1))
+    y = _signed(pow_pm1.mul_(base), c5)                              # reuses the forward's power
+    del pow_pm1
+    # [d ≠ 0] as in G: with eps = 0, ln(0)·0 would be NaN where c = 0 (NaN in c stays NaN)
+    grad_p = base.log_().mul_(y).mul_(gy5).masked_fill_(zero, 0).sum((0, 3, 4)).reshape(O)
+    del base, y, zero
     g_c_over_a = grad_d * c5
     grad_norm = g_c_over_a.sum(2).neg_()                             # [N, G, OH, OW]
     grad_q = g_c_over_a.sum((0, 3, 4)).neg_().reshape(O)
-    y = _signed(pow_pm1.mul_(base), c5)                              # reuses the forward's power
-    # [d ≠ 0] as in G: with eps = 0, ln(0)·0 would be NaN where c = 0 (NaN in c stays NaN)
-    grad_p = base.log_().mul_(y).mul_(gy5).masked_fill_(c5 == 0, 0).sum((0, 3, 4)).reshape(O)
+    del g_c_over_a
 
     xc = x.to(cdt)
     xp, conv_pad = _pad_input(xc, padding)
@@ -152,7 +157,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                                groups)
         box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, (R, S), xc),
                            grad_norm / norm, stride, conv_pad, dilation, G)
-        grad_xp += (xp.view(N, G, C // G, *xp.shape[-2:]) * box.unsqueeze(2)).view_as(xp)
+        grad_xp.view(N, G, C // G, *xp.shape[-2:]).addcmul_(
+            xp.view(N, G, C // G, *xp.shape[-2:]), box.unsqueeze(2))
         top, _, left, _ = padding   # asymmetric padding was applied explicitly: crop it off
         grad_x = grad_xp if xp is xc else grad_xp[..., top:top + H, left:left + W]
         grad_x = grad_x.to(x.dtype).contiguous(memory_format=memory_format(x))
