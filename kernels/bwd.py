@@ -32,7 +32,7 @@ from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
 from .launch import Launch, cdiv, next_power_of_2
 from .layout import to_channels_last
-from .weight import normalize_weight_backward
+from .weight import normalize_weight, normalize_weight_backward
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -398,16 +398,17 @@ def _workspace(shape, ws_dtype, x_bytes):
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
-              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True):
+              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True, need_grad_params=True):
     """Gradients ``(x, weight, p, q)`` of the core op, as ``reference.scd2d_bwd`` computes them.
 
     The weight-gradient GEMM's split-K workspace is reduced by the normalisation's backward
     kernel (``weight.normalize_weight_backward``), which applies its Jacobian on the way and
-    writes ŵ straight into the layout the dgrad GEMM reads. ``padding`` is
-    (top, bottom, left, right); only top/left enter the index arithmetic (the saved ``c`` gives
-    the output size). ``grad_x`` takes x's dtype and memory format; without ``need_grad_x`` it
-    is None and the dgrad does not run. Everything that follows
-    from the call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
+    writes ŵ straight into the layout the dgrad GEMM reads. ``padding`` is (top, bottom, left,
+    right); only top/left enter the index arithmetic (the saved ``c`` gives the output size).
+    ``grad_x`` takes x's dtype and memory format; without ``need_grad_x`` it is None and the
+    dgrad does not run; without ``need_grad_params`` (frozen weight, p and q) the other three
+    are None and neither the wgrad nor the Jacobian runs. Everything that follows from the
+    call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
     """
     dev = x.device
     fmt = memory_format(x)
@@ -433,25 +434,31 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
 
     # NCHW x is copied channels-contiguous once (2·|x| of traffic) for the wgrad GEMM's x
     # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1
-    x_cl = x if x.stride(1) == 1 or x.shape[1] == 1 else to_channels_last(x)
-    # 2. wgrad, then 3. the workspace and the prologue's grad_p / grad_q partials through the
-    # Jacobian into new tensors (the same launch writes the dgrad's ŵ), before 4. the dgrad
-    # overwrites grad_x, whose memory may hold the workspace (one stream: launches run in order)
-    if plan.ws_in_grad_x:
-        ws = grad_x.new_empty(0, dtype=plan.ws_dtype).set_(grad_x.untyped_storage(), 0,
-                                                           plan.ws_shape)
-    else:
-        ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
-    plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
+    needs_x_cl = need_grad_params or not plan.planes
+    x_cl = x if x.stride(1) == 1 or x.shape[1] == 1 or not needs_x_cl else to_channels_last(x)
     shape, out_strides = plan.w_layout
     w_hat = torch.empty(shape, dtype=x.dtype, device=dev) if need_grad_x else None
-    grads_w = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
-                                        splits=ws.shape[0], partials=partials, w_hat=w_hat,
-                                        w_hat_strides=out_strides, groups=G)
-    if not need_grad_x:
-        return (None, *grads_w)
-    x_d = x if plan.planes else x_cl
-    plan.dgrad((grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
+    grads_w = (None,) * 3
+    if need_grad_params:
+        # 2. wgrad, then 3. the workspace and the prologue's grad_p / grad_q partials through
+        # the Jacobian into new tensors (the same launch writes the dgrad's ŵ), before 4. the
+        # dgrad overwrites grad_x, whose memory may hold the workspace (one stream: launches
+        # run in order)
+        if plan.ws_in_grad_x:
+            ws = grad_x.new_empty(0, dtype=plan.ws_dtype).set_(grad_x.untyped_storage(), 0,
+                                                               plan.ws_shape)
+        else:
+            ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
+        plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
+        grads_w = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
+                                            splits=ws.shape[0], partials=partials, w_hat=w_hat,
+                                            w_hat_strides=out_strides, groups=G)
+    elif need_grad_x:     # no Jacobian launch to carry ŵ: the forward's normalisation kernel
+        normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat,
+                         out_strides=out_strides, groups=G)
+    if need_grad_x:
+        x_d = x if plan.planes else x_cl
+        plan.dgrad((grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
     return (grad_x, *grads_w)
 
 

@@ -65,13 +65,14 @@ def forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, w
 
 
 def backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, weight_norm,
-             weight_norm_eps, backend, need_grad_x=True):
+             weight_norm_eps, backend, need_grad_x=True, need_grad_params=True):
     """Gradients ``(x, weight, p, q)`` from what the forward saved; ``grad_x`` is None (and its
-    GEMM skipped) unless ``need_grad_x``, as conv2d skips it for an input that needs no grad."""
+    GEMM skipped) unless ``need_grad_x``, as conv2d skips it for an input that needs no grad,
+    and so are the other three (the weight GEMM skipped) unless ``need_grad_params``."""
     with _guard(x):
         return _backend(backend).scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding,
                                            dilation, groups, eps, weight_norm, weight_norm_eps,
-                                           need_grad_x)
+                                           need_grad_x, need_grad_params)
 
 
 @torch.library.custom_op("scd_triton::scd2d_core", mutates_args=())
@@ -100,20 +101,22 @@ def _(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_
 def scd2d_core_backward(grad_y: Tensor, x: Tensor, weight: Tensor, p: Tensor, q: Tensor, c: Tensor,
                         norm: Tensor, stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, eps: float, weight_norm: str, weight_norm_eps: float,
-                        backend: str, need_grad_x: bool = True
+                        backend: str, need_grad_x: bool = True, need_grad_params: bool = True
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. ``(x, weight, p, q)``, see :func:`backward`; without ``need_grad_x``
-    the first is an empty (0,) tensor."""
-    grad_x, *grads = backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation,
-                              groups, eps, weight_norm, weight_norm_eps, backend, need_grad_x)
-    return (x.new_empty((0,)) if grad_x is None else grad_x, *grads)
+    """Gradients w.r.t. ``(x, weight, p, q)``, see :func:`backward`; those not needed are empty
+    (0,) tensors."""
+    grads = backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
+                     weight_norm, weight_norm_eps, backend, need_grad_x, need_grad_params)
+    return tuple(t.new_empty((0,)) if g is None else g for g, t in zip(grads, (x, weight, p, q)))
 
 
 @scd2d_core_backward.register_fake
 def _(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, weight_norm,
-      weight_norm_eps, backend, need_grad_x=True):
+      weight_norm_eps, backend, need_grad_x=True, need_grad_params=True):
     grad_x = (torch.empty_like(x, memory_format=memory_format(x)) if need_grad_x else
               x.new_empty((0,)))
+    if not need_grad_params:
+        return grad_x, weight.new_empty((0,)), p.new_empty((0,)), q.new_empty((0,))
     return grad_x, torch.empty_like(weight), torch.empty_like(p), torch.empty_like(q)
 
 
@@ -131,10 +134,12 @@ def _backward(ctx, grad_y, _grad_c, _grad_norm):
     if grad_y is None:
         return (None,) * 14
     x, weight, p, q, c, norm = ctx.saved_tensors
-    need_grad_x = ctx.needs_input_grad[0]
-    grad_x, *grads = torch.ops.scd_triton.scd2d_core_backward(grad_y, x, weight, p, q, c, norm,
-                                                              *ctx.args, need_grad_x)
-    return (grad_x if need_grad_x else None, *grads) + (None,) * 10
+    needs = ctx.needs_input_grad
+    need_x, need_params = needs[0], any(needs[1:4])
+    grads = torch.ops.scd_triton.scd2d_core_backward(grad_y, x, weight, p, q, c, norm, *ctx.args,
+                                                     need_x, need_params)
+    return tuple(g if need else None for g, need in zip(grads, (need_x, *(need_params,) * 3))) \
+        + (None,) * 10
 
 
 scd2d_core.register_autograd(_backward, setup_context=_setup_context)
@@ -157,7 +162,8 @@ class _EagerSCD2d(torch.autograd.Function):
     @torch.autograd.function.once_differentiable   # the analytic backward has no graph
     def backward(ctx, grad_y):
         x, weight, p, q, c, norm = ctx.saved_tensors
-        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args, ctx.needs_input_grad[0]),
+        needs = ctx.needs_input_grad
+        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4])),
                 None)
 
 

@@ -118,10 +118,10 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
-              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True):
+              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True, need_grad_params=True):
     """Gradients (x, weight, p, q) of the core op from the saved tensors (SPEC section 2),
     through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`); grad_x is
-    None unless ``need_grad_x``."""
+    None unless ``need_grad_x``, the other three None unless ``need_grad_params``."""
     w_hat, scale = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     N, C, H, W = x.shape
@@ -138,14 +138,16 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     # G = grad_y · p · (|c|+eps)^(p-1) · [d ≠ 0];  grad_d = G / a,  a = ‖s‖ + q
     grad_d = (gy5 * p5).mul_(pow_pm1).masked_fill_(zero, 0).div_(
         norm.unsqueeze(2) + q.to(cdt).view(1, G, Og, 1, 1))
-    y = _signed(pow_pm1.mul_(base), c5)                              # reuses the forward's power
-    del pow_pm1
-    # [d ≠ 0] as in G: with eps = 0, ln(0)·0 would be NaN where c = 0 (NaN in c stays NaN)
-    grad_p = base.log_().mul_(y).mul_(gy5).masked_fill_(zero, 0).sum((0, 3, 4)).reshape(O)
-    del base, y, zero
+    if need_grad_params:
+        y = _signed(pow_pm1.mul_(base), c5)                          # reuses the forward's power
+        # [d ≠ 0] as in G: with eps = 0, ln(0)·0 would be NaN where c = 0 (NaN in c stays NaN)
+        grad_p = base.log_().mul_(y).mul_(gy5).masked_fill_(zero, 0).sum((0, 3, 4)).reshape(O)
+        del y
+    del base, pow_pm1, zero
     g_c_over_a = grad_d * c5
     grad_norm = g_c_over_a.sum(2).neg_()                             # [N, G, OH, OW]
-    grad_q = g_c_over_a.sum((0, 3, 4)).neg_().reshape(O)
+    if need_grad_params:
+        grad_q = g_c_over_a.sum((0, 3, 4)).neg_().reshape(O)
     del g_c_over_a
 
     xc = x.to(cdt)
@@ -162,6 +164,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         top, _, left, _ = padding   # asymmetric padding was applied explicitly: crop it off
         grad_x = grad_xp if xp is xc else grad_xp[..., top:top + H, left:left + W]
         grad_x = grad_x.to(x.dtype).contiguous(memory_format=memory_format(x))
+    if not need_grad_params:
+        return grad_x, None, None, None
     grad_w = conv2d_weight(xp, w_hat.shape, grad_d, stride, conv_pad, dilation, groups)
     # grad_ŵ stays in the compute dtype: the Jacobian cancels its radial part
     grad_w, grad_q_kernel = normalize_weight_backward(grad_w, weight, q,

@@ -227,32 +227,41 @@ def test_training_steps_match_reference_backend(monkeypatch):
 
 @pytest.mark.parametrize("case", params([KERNEL_CASES[0], NEW_PATH_CASES[3]]))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_input_without_grad_skips_its_gemm(case, backend, monkeypatch):
-    """A first layer's input needs no gradient: the dgrad does not run (as conv2d skips it),
-    and the other gradients are the same bits as when x needs one."""
+@pytest.mark.parametrize("frozen", ["x", "params"])
+def test_what_needs_no_grad_skips_its_gemm(case, backend, frozen, monkeypatch):
+    """A first layer's input, or a frozen layer's weight, p and q, need no gradient: their GEMM
+    (dgrad, or wgrad and the Jacobian) does not run, as conv2d skips it, and the remaining
+    gradients are the same bits as when everything needs one."""
     from scd_triton.kernels import launch
     launched = []
     real_launch = launch.launch
     monkeypatch.setattr(launch, "launch", lambda kernel, *a: launched.append(kernel.__name__)
                         or real_launch(kernel, *a))
-    x, w, p, q = _leaves((case.N, case.C, case.H, case.W), (case.O, case.C // case.groups,
-                                                           *case.kernel), (case.O,), (case.O,))
+    leaves = _leaves((case.N, case.C, case.H, case.W),
+                     (case.O, case.C // case.groups, *case.kernel), (case.O,), (case.O,))
     grad_y = None
     grads = {}
-    for x_grad in (True, False):
-        x.requires_grad_(x_grad)
+    for all_grads in (True, False):
+        for i, t in enumerate(leaves):
+            t.requires_grad_(all_grads or (i == 0) != (frozen == "x"))
         launched.clear()
-        y = scd_triton.scd2d(x, w, p.abs() + 1, q.abs(), backend=backend, **case.conv_kwargs())
+        x, w, p, q = leaves
+        y = scd_triton.scd2d(x, w, p.detach().abs() + 1 if not p.requires_grad else p.abs() + 1,
+                             q.abs(), backend=backend, **case.conv_kwargs())
         grad_y = torch.randn_like(y) if grad_y is None else grad_y
         y.backward(grad_y)
-        grads[x_grad] = [x.grad] + [t.grad.clone() for t in (w, p, q)]
-        dgrads = [k for k in launched if "dgrad" in k]
-        assert len(dgrads) == (x_grad and backend == "triton")
-        for t in (x, w, p, q):
+        grads[all_grads] = [None if t.grad is None else t.grad.clone() for t in leaves]
+        kinds = {"dgrad": "x", "wgrad": "params"}     # the GEMMs (kernels/launch.py launches)
+        skipped = {kind for name, kind in kinds.items() if not any(name in k for k in launched)}
+        if backend == "triton":
+            assert skipped == (set() if all_grads else {frozen}), launched
+        for t in leaves:
             t.grad = None
-    assert grads[False][0] is None and grads[True][0] is not None
-    for got, want in zip(grads[False][1:], grads[True][1:]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for i, (got, want) in enumerate(zip(grads[False], grads[True])):
+        if (i == 0) == (frozen == "x"):
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("need_grad_x", [True, False])

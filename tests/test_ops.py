@@ -28,19 +28,20 @@ def test_opcheck_core_op(weight_norm, backend):
     w = torch.randn(6, 2, 3, 3)
     conv = ([1, 1], [1, 1, 0, 1], [1, 1], 2)
     for x_in in (x, x.to(memory_format=torch.channels_last)):
-        # without saving, the op is only called where no grad is needed; x_grad False: an input
-        # that needs no gradient (its GEMM is skipped)
-        for save, x_grad in ((True, True), (False, False), (True, False)):
-            tensors = [t.to(device).detach().requires_grad_(save) for t in (x_in, w, p, q)]
+        # without saving, the op is only called where no grad is needed; an input or frozen
+        # parameters that need no gradient skip their GEMM
+        for save, x_grad, params_grad in ((True, True, True), (False, False, False),
+                                          (True, False, True), (True, True, False)):
+            tensors = [t.to(device).detach().requires_grad_(params_grad) for t in (x_in, w, p, q)]
             tensors[0].requires_grad_(x_grad)
             args = (*tensors, *conv, 1e-6, 1e-6, weight_norm, 1e-6, backend, save)
             torch.library.opcheck(torch.ops.scd_triton.scd2d_core.default, args)
         y, c, norm = torch.ops.scd_triton.scd2d_core(*tensors, *conv, 1e-6, 1e-6, weight_norm,
                                                      1e-6, backend, True)
-        for need_grad_x in (True, False):
+        for needs in ((True, True), (False, True), (True, False)):
             torch.library.opcheck(torch.ops.scd_triton.scd2d_core_backward.default,
                                   (torch.randn_like(y), *[t.detach() for t in tensors], c, norm,
-                                   *conv, 1e-6, weight_norm, 1e-6, backend, need_grad_x))
+                                   *conv, 1e-6, weight_norm, 1e-6, backend, *needs))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
