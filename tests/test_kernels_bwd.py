@@ -225,7 +225,7 @@ def test_training_steps_match_reference_backend(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", params([KERNEL_CASES[0], NEW_PATH_CASES[3]]))
+@pytest.mark.parametrize("case", params([KERNEL_CASES[0], NEW_PATH_CASES[0], NEW_PATH_CASES[3]]))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("frozen", ["x", "params"])
 def test_what_needs_no_grad_skips_its_gemm(case, backend, frozen, monkeypatch):
