@@ -30,9 +30,10 @@ import triton.language as tl
 
 from .shapes import memory_format, output_hw  # the layout and sizes the fake op promises
 from ._common import sharpen, tile_positions
-from .launch import Launch, cdiv, next_power_of_2
-from .layout import to_channels_last
-from .weight import normalize_weight
+from .launch import Launch, cdiv, launch, next_power_of_2
+from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
+from .layout import transpose_tile
+from .weight import normalize_args, normalize_rows, normalize_weight
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -192,6 +193,25 @@ def scd2d_fwd_direct_kernel(
         tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
 
 
+@triton.jit
+def prepare_nchw_kernel(
+    X, X_CL, W, Q, W_HAT, C, P, P_TILES, C_TILES, COPY_PROGRAMS, O, K, RS, S, Og, Cg, CP, TP,
+    ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps, BC: tl.constexpr,
+    BP: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+):
+    """The forward's two preparations of NCHW input in one launch (they are independent, and a
+    launch costs ~10 µs of host time): programs below ``COPY_PROGRAMS`` copy x channels-
+    contiguous (``layout.nchw_to_channels_last_kernel``'s tiles), the others normalise the
+    kernels into the GEMM's B matrix (``weight.normalize_weight_kernel``'s rows)."""
+    pid = tl.program_id(0)
+    if pid < COPY_PROGRAMS:
+        i_np = pid // C_TILES
+        transpose_tile(X, X_CL, C, P, i_np // P_TILES, i_np % P_TILES, pid % C_TILES, BC, BP)
+    else:
+        normalize_rows(W, Q, W_HAT, pid - COPY_PROGRAMS, O, K, RS, S, Og, Cg, CP, TP, ROWS, sq,
+                       sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps, MODE, BO, BK)
+
+
 FAST_MATH = True   # lg2/ex2.approx in the epilogue on CUDA; False: libdevice log2/exp2
 
 
@@ -341,17 +361,38 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         c, norm = y.new_empty((0,)), y.new_empty((0,), dtype=torch.float32)
     if y.numel() == 0:
         return y, c, norm
-    if plan.transpose_x:
-        x = to_channels_last(x)                                # NCHW: channels contiguous for K
     if plan.w_layout is None:     # direct kernel: ŵ as [O, C/G, R, S]
+        if plan.transpose_x:
+            x = to_channels_last(x)                            # NCHW: channels contiguous
         w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
     else:
         shape, out_strides, slots = plan.w_layout
         w_hat = torch.empty(shape, dtype=weight.dtype, device=dev)
-        normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
-                         out_strides=out_strides, slots=slots)
+        if plan.transpose_x and copies_by_kernel(x):           # NCHW: channels contiguous for K
+            x = _prepare_nchw(x, weight, q, w_hat, weight_norm, weight_norm_eps, groups,
+                              out_strides, slots)
+        else:
+            if plan.transpose_x:
+                x = to_channels_last(x)
+            normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
+                             out_strides=out_strides, slots=slots)
     plan.main((x, w_hat, p, q, y, c, norm), x.stride())
     return y, c, norm
+
+
+def _prepare_nchw(x, weight, q, w_hat, mode, eps, groups, out_strides, slots):
+    """x copied channels-contiguous and ŵ written into ``w_hat``, in one launch of
+    ``prepare_nchw_kernel``; returns the copy."""
+    x_cl = torch.empty_like(x, memory_format=torch.channels_last)
+    (w_programs,), w_scalars, w_constexprs = normalize_args(
+        weight.shape, weight.stride(), q.stride(0), mode, eps, groups, tuple(out_strides), slots)
+    BC, BP, warps = COPY_CONFIG
+    p_tiles, c_tiles = copy_tiles(x)
+    copy_programs = x.shape[0] * p_tiles * c_tiles
+    launch(prepare_nchw_kernel, (copy_programs + w_programs,), (x, x_cl, weight, q, w_hat),
+           (x.shape[1], x.shape[2] * x.shape[3], p_tiles, c_tiles, copy_programs, *w_scalars),
+           dict(BC=BC, BP=BP, **w_constexprs), warps, 1)
+    return x_cl
 
 
 def _layer_ints(layout, N, C, O, H, W, R, groups):
@@ -407,4 +448,21 @@ def report_jobs():
                 jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
                                  dtype=dtype, ints=ints, constexprs=consts, pointer_dtypes=ptrs,
                                  num_warps=warps, num_stages=stages))
+    # the NCHW preparation of the 3×3 128→128 56² b64 layer: the copy of x and the B matrix
+    BC, BP, warps = COPY_CONFIG
+    (w_programs,), w_scalars, w_constexprs = normalize_args(
+        (128, 128, 3, 3), (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1, (1152 * 128, 1, 128, 128 * 128),
+        (128, 9, 1152))
+    names = ("O", "K", "RS", "S", "Og", "Cg", "CP", "TP", "ROWS", "sq", "sw_o", "sw_c", "sw_r",
+             "sw_s", "s_g", "s_j", "s_c", "s_t")
+    p_tiles, c_tiles = cdiv(56 * 56, BP), cdiv(128, BC)
+    for dtype in ("bf16", "fp32"):
+        jobs.append(dict(kernel=prepare_nchw_kernel, name=f"BC{BC}-BP{BP}-w{warps}", layout="nchw",
+                         dtype=dtype, ints=dict(C=128, P=56 * 56, P_TILES=p_tiles, C_TILES=c_tiles,
+                                                COPY_PROGRAMS=64 * p_tiles * c_tiles,
+                                                **dict(zip(names, w_scalars))),
+                         constexprs=dict(BC=BC, BP=BP, **w_constexprs),
+                         pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", W=f"*{dtype}",
+                                             Q="*fp32", W_HAT=f"*{dtype}"),
+                         num_warps=warps, num_stages=1))
     return jobs

@@ -19,7 +19,12 @@ def nchw_to_channels_last_kernel(X, Y, C, P, P_TILES, BC: tl.constexpr, BP: tl.c
     """Program (n·P_TILES + i_p, i_c): y[n, p, c] = x[n, c, p] on a [BC, BP] tile, ``P = H·W``
     (samples on grid axis 0, which allows 2³¹ − 1 programs; axes 1 and 2 stop at 65535)."""
     i_np, i_c = tl.program_id(0), tl.program_id(1)
-    i_n, i_p = i_np // P_TILES, i_np % P_TILES
+    transpose_tile(X, Y, C, P, i_np // P_TILES, i_np % P_TILES, i_c, BC, BP)
+
+
+@triton.jit
+def transpose_tile(X, Y, C, P, i_n, i_p, i_c, BC: tl.constexpr, BP: tl.constexpr):
+    """The [BC channels, BP positions] tile (i_c, i_p) of sample i_n."""
     o_c = i_c * BC + tl.arange(0, BC)
     o_p = i_p * BP + tl.arange(0, BP)
     m = (o_c < C)[:, None] & (o_p < P)[None, :]
@@ -28,17 +33,30 @@ def nchw_to_channels_last_kernel(X, Y, C, P, P_TILES, BC: tl.constexpr, BP: tl.c
     tl.store(Y + base + o_p[None, :] * C + o_c[:, None], b_x, mask=m)
 
 
+def copies_by_kernel(x):
+    """Whether :func:`to_channels_last` copies ``x`` with the Triton kernel: NCHW-contiguous,
+    with more than one channel and position (else torch's copy, or no copy, does it)."""
+    N, C, H, W = x.shape
+    return x.is_contiguous() and C > 1 and H * W > 1 and x.numel() > 0
+
+
+def copy_tiles(x):
+    """(position tiles per sample, channel tiles) of the copy of ``x``."""
+    BC, BP, _ = CONFIG
+    return cdiv(x.shape[2] * x.shape[3], BP), cdiv(x.shape[1], BC)
+
+
 def to_channels_last(x):
     """``x.contiguous(memory_format=torch.channels_last)`` of a 4-D tensor, one launch when x
     is NCHW-contiguous (per-sample sizes below 2**31, as the SCD kernels assume)."""
-    N, C, H, W = x.shape
-    if not x.is_contiguous() or C == 1 or H * W == 1 or x.numel() == 0:
+    if not copies_by_kernel(x):
         return x.contiguous(memory_format=torch.channels_last)
+    N, C, H, W = x.shape
     y = torch.empty_like(x, memory_format=torch.channels_last)
     BC, BP, warps = CONFIG
-    p_tiles = cdiv(H * W, BP)
-    launch(nchw_to_channels_last_kernel, (N * p_tiles, cdiv(C, BC)), (x, y),
-           (C, H * W, p_tiles), dict(BC=BC, BP=BP), warps, 1)
+    p_tiles, c_tiles = copy_tiles(x)
+    launch(nchw_to_channels_last_kernel, (N * p_tiles, c_tiles), (x, y), (C, H * W, p_tiles),
+           dict(BC=BC, BP=BP), warps, 1)
     return y
 
 

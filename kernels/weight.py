@@ -60,7 +60,15 @@ def normalize_weight_kernel(
     stride ``sq`` (0 when shared). The destination has ``CP ≥ C/G`` channel slots for each of
     ``TP ≥ R·S`` tap slots; slots outside w with row ``tap·CP + c < ROWS`` get 0 (a GEMM's
     padded K rows, which its unmasked loads multiply by zeros of x)."""
-    i_o = tl.program_id(0)
+    normalize_rows(W, Q, W_HAT, tl.program_id(0), O, K, RS, S, Og, Cg, CP, TP, ROWS, sq, sw_o,
+                   sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps, MODE, BO, BK)
+
+
+@triton.jit
+def normalize_rows(W, Q, W_HAT, i_o, O, K, RS, S, Og, Cg, CP, TP, ROWS, sq, sw_o, sw_c, sw_r, sw_s,
+                   s_g, s_j, s_c, s_t, eps, MODE: tl.constexpr, BO: tl.constexpr,
+                   BK: tl.constexpr):
+    """The work of ``normalize_weight_kernel``'s program ``i_o`` (rows ``i_o·BO …``)."""
     o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
     m_o = o_o < O
     o_k = tl.arange(0, BK)
@@ -171,8 +179,9 @@ def _blocks(O, K):
 
 
 @functools.lru_cache(maxsize=4096)
-def _normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides, slots):
-    """(grid, scalars, constexprs) of ``normalize_weight_kernel``: computed once per layer."""
+def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides, slots):
+    """(grid, scalars, constexprs) of ``normalize_weight_kernel`` (and of ``normalize_rows``
+    where another kernel runs it): computed once per layer."""
     O, Cg, R, S = w_shape
     CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
     BO, BK = _blocks(O, Cg * R * S)   # as the backward's: the same Σw² order, the same scale
@@ -192,7 +201,7 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slot
         out = torch.empty_like(w, memory_format=torch.contiguous_format)
         O, Cg, R, S = w.shape
         out_strides = (O // groups * Cg * R * S, Cg * R * S, R * S, 1)
-    grid, scalars, constexprs = _normalize_args(w.shape, w.stride(), q.stride(0), mode, eps,
+    grid, scalars, constexprs = normalize_args(w.shape, w.stride(), q.stride(0), mode, eps,
                                                 groups, tuple(out_strides), slots)
     launch(normalize_weight_kernel, grid, (w, q, out), scalars, constexprs, 4, 1)
     return out

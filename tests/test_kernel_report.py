@@ -2,8 +2,8 @@
 (bf16 / fp16) and of the backward's dgrad and wgrad GEMMs (bf16), for both input layouts,
 compile for sm_80 and sm_90 without register spills, with tensor-core MMA instructions (HMMA
 on sm_80, wgmma ``HGMMA`` on sm_90); the forward's hot loop stays short and the NCHW backward
-GEMMs' loops as short as channels_last's; the direct, prologue and weight kernels compile
-without spills.
+GEMMs' loops as short as channels_last's; the direct, prologue, weight, layout and NCHW
+preparation kernels compile without spills.
 
 Compiling needs real ``@triton.jit`` functions, so it runs in a subprocess without
 ``TRITON_INTERPRET`` (the test session itself may run the interpreter); two worker processes
@@ -29,6 +29,8 @@ def picked():
         if j["name"].startswith("3x3 128-128") and j["dtype"] in ("bf16", "fp16"):
             jobs += [(j, a) for a in (80, 90)]
         if j["name"].startswith("dw") and j["dtype"] == "bf16" and j["layout"] == "nchw":
+            jobs.append((j, 90))
+        if j["kernel"].__name__ == "prepare_nchw_kernel" and j["dtype"] == "bf16":
             jobs.append((j, 90))
     for j in bwd.report_jobs():
         if j["kernel"].__name__ in ("scd2d_dgrad_kernel", "scd2d_wgrad_kernel") and \\
@@ -101,8 +103,9 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
 def test_direct_prologue_and_weight_kernels_have_no_spills(rows):
     others = [r for r in rows if r["kernel"] in (
         "scd2d_fwd_direct_kernel", "scd2d_bwd_prologue_kernel", "normalize_weight_kernel",
-        "normalize_weight_backward_kernel", "sum_splits_kernel", "nchw_to_channels_last_kernel")]
-    assert len({r["kernel"] for r in others}) == 6
+        "normalize_weight_backward_kernel", "sum_splits_kernel", "nchw_to_channels_last_kernel",
+        "prepare_nchw_kernel")]
+    assert len({r["kernel"] for r in others}) == 7
     assert {r["layout"] for r in others if r["kernel"] == "scd2d_bwd_prologue_kernel"} == {
         "channels_last", "nchw"}
     assert all(r["spill_bytes"] == 0 and r["mma_instructions"] == 0 for r in others), others
