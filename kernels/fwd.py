@@ -361,19 +361,19 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         c, norm = y.new_empty((0,)), y.new_empty((0,), dtype=torch.float32)
     if y.numel() == 0:
         return y, c, norm
+    # NCHW x: copied channels-contiguous for K, in the GEMM's weight launch where it can be
+    prepare = plan.transpose_x and plan.w_layout is not None and copies_by_kernel(x)
+    if plan.transpose_x and not prepare:
+        x = to_channels_last(x)
     if plan.w_layout is None:     # direct kernel: ŵ as [O, C/G, R, S]
-        if plan.transpose_x:
-            x = to_channels_last(x)                            # NCHW: channels contiguous
         w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
     else:
         shape, out_strides, slots = plan.w_layout
         w_hat = torch.empty(shape, dtype=weight.dtype, device=dev)
-        if plan.transpose_x and copies_by_kernel(x):           # NCHW: channels contiguous for K
+        if prepare:
             x = _prepare_nchw(x, weight, q, w_hat, weight_norm, weight_norm_eps, groups,
                               out_strides, slots)
         else:
-            if plan.transpose_x:
-                x = to_channels_last(x)
             normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
                              out_strides=out_strides, slots=slots)
     plan.main((x, w_hat, p, q, y, c, norm), x.stride())
@@ -453,14 +453,14 @@ def report_jobs():
     (w_programs,), w_scalars, w_constexprs = normalize_args(
         (128, 128, 3, 3), (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1, (1152 * 128, 1, 128, 128 * 128),
         (128, 9, 1152))
-    names = ("O", "K", "RS", "S", "Og", "Cg", "CP", "TP", "ROWS", "sq", "sw_o", "sw_c", "sw_r",
-             "sw_s", "s_g", "s_j", "s_c", "s_t")
+    first = prepare_nchw_kernel.arg_names.index("O")       # the normalisation's ints, eps last
+    w_ints = dict(zip(prepare_nchw_kernel.arg_names[first:], w_scalars[:-1]))
     p_tiles, c_tiles = cdiv(56 * 56, BP), cdiv(128, BC)
     for dtype in ("bf16", "fp32"):
-        jobs.append(dict(kernel=prepare_nchw_kernel, name=f"BC{BC}-BP{BP}-w{warps}", layout="nchw",
-                         dtype=dtype, ints=dict(C=128, P=56 * 56, P_TILES=p_tiles, C_TILES=c_tiles,
-                                                COPY_PROGRAMS=64 * p_tiles * c_tiles,
-                                                **dict(zip(names, w_scalars))),
+        jobs.append(dict(kernel=prepare_nchw_kernel, name=f"BC{BC}-BP{BP}-w{warps}",
+                         layout="nchw", dtype=dtype,
+                         ints=dict(C=128, P=56 * 56, P_TILES=p_tiles, C_TILES=c_tiles,
+                                   COPY_PROGRAMS=64 * p_tiles * c_tiles, **w_ints),
                          constexprs=dict(BC=BC, BP=BP, **w_constexprs),
                          pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", W=f"*{dtype}",
                                              Q="*fp32", W_HAT=f"*{dtype}"),
