@@ -11,6 +11,7 @@ with H = R = 1 for every provider.
 """
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -112,6 +113,25 @@ def _time_cpu(step, min_run_time):
     return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
 
 
+def peak_bytes(step, device):
+    """Bytes a step holds at its peak beyond what existed before it. Earlier steps' garbage is
+    collected first and none during the step: the cyclic collector freeing it mid-step made
+    the CPU figure vary by an output-sized tensor from run to run."""
+    gc.collect()
+    gc.disable()
+    try:
+        if device.type != "cuda":
+            return _peak_cpu_bytes(step)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    finally:
+        gc.enable()
+
+
 def _peak_cpu_bytes(step):
     """Bytes a step holds at its peak beyond what existed before it, from the profiler's
     allocation events (torch's CPU allocator; as ``max_memory_allocated`` gives on CUDA).
@@ -155,18 +175,8 @@ def measure(fn, shape, dtype, device, pass_, min_run_time, layout="nchw"):
         def step():
             torch.autograd.grad(fn(x, w, p, q), (x, w), grad)
     step()  # warm-up (and compile)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        ms = _time_cuda(step)
-    else:
-        peak = _peak_cpu_bytes(step)
-        ms = _time_cpu(step, min_run_time)
+    peak = peak_bytes(step, device)
+    ms = _time_cuda(step) if device.type == "cuda" else _time_cpu(step, min_run_time)
     saved = saved_bytes(fn, x, w, p, q) if pass_ == "fwd+bwd" else None
     return ms, saved, peak
 
