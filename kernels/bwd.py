@@ -46,9 +46,12 @@ def scd2d_bwd_prologue_kernel(
     """Program (i_m, i_g): BP output positions × BG groups × all O/G channels of each group,
     in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
 
-    ``grad_y`` and ``c`` are read as [N, O, OH·OW] through (sample, channel, position) strides.
-    ``PER_IMAGE`` (NCHW): tiles run over the positions of one image, a contiguous run of every
-    (n, o) plane, so they load along positions in wide copies; otherwise over the flat positions.
+    ``grad_y`` and ``c`` are read as [N, O, OH·OW] through (sample, channel, position) strides
+    (the forward saves ``c`` channels-last). ``PER_IMAGE`` (NCHW grad_y): tiles run over the
+    positions of one image, a contiguous run of every (n, o) plane, so grad_y loads along
+    positions in wide copies; otherwise over the flat positions. ``GD`` may be ``c``'s memory:
+    each element of ``c`` is read before the same element of grad_d is written, by the same
+    program.
     """
     i_m, i_g = tl.program_id(0), tl.program_id(1)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BP, PER_IMAGE)  # [BP]
@@ -398,7 +401,8 @@ def _workspace(shape, ws_dtype, x_bytes):
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
-              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True, need_grad_params=True):
+              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True, need_grad_params=True,
+              c_is_free=False):
     """Gradients ``(x, weight, p, q)`` of the core op, as ``reference.scd2d_bwd`` computes them.
 
     The weight-gradient GEMM's split-K workspace is reduced by the normalisation's backward
@@ -407,8 +411,12 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     right); only top/left enter the index arithmetic (the saved ``c`` gives the output size).
     ``grad_x`` takes x's dtype and memory format; without ``need_grad_x`` it is None and the
     dgrad does not run; without ``need_grad_params`` (frozen weight, p and q) the other three
-    are None and neither the wgrad nor the Jacobian runs. Everything that follows from the
-    call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
+    are None and neither the wgrad nor the Jacobian runs. ``c_is_free``: nothing reads ``c``
+    after this call (autograd frees it), so a channels-last ``c``, whose order is grad_d's,
+    holds grad_d: the prologue reads each element of ``c`` before it writes the same element
+    of grad_d, and a training step's peak holds one output-sized tensor fewer. Everything
+    that follows from the call's shapes, layouts and arguments comes from ``_plan``, cached
+    per layer.
     """
     dev = x.device
     fmt = memory_format(x)
@@ -421,14 +429,17 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                  fmt == torch.contiguous_format, x.dtype, cuda, dev.index or 0, tuple(stride),
                  tuple(padding), tuple(dilation), groups, eps, weight_norm,
                  dot_precision(x.dtype), need_grad_x)
-    N, _, OH, OW = c.shape
+    N, O, OH, OW = c.shape
     G = groups
 
     # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
+    if c_is_free and c.dtype == x.dtype and c.stride() == (OH * OW * O, 1, OW * O, O):
+        grad_d = c.permute(0, 2, 3, 1)
+    else:
+        grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
     (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
-    grad_d = torch.empty((N, OH, OW, weight.shape[0]), dtype=x.dtype, device=dev)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
-    partials = torch.empty((plan.n_blk, 2, weight.shape[0]), dtype=torch.float32, device=dev)
+    partials = torch.empty((plan.n_blk, 2, O), dtype=torch.float32, device=dev)
     plan.prologue((grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials),
                   (*sg, *sc, p.stride(0), q.stride(0)))
 
@@ -468,7 +479,8 @@ def report_jobs():
     configs, 128→128 for the "large" ones, 128-channel depthwise for the direct kernels), for an
     ahead-of-time compile (``kernels/report.py``). The ints are what the launcher passes: with
     NCHW x, the wgrad kernels read the channels-contiguous copy of x, the dgrad GEMM reads and
-    writes NCHW planes (stride 1), the prologue and the direct dgrad read NCHW in place."""
+    writes NCHW planes (stride 1), the prologue (NCHW grad_y, channels-last c) and the direct
+    dgrad read NCHW in place."""
     def layer(layout, C, O, G, BM, N=32, H=56, W=56):
         Cg, Og, P = C // G, O // G, H * W
         nchw = layout == "nchw"
@@ -476,8 +488,8 @@ def report_jobs():
         x = dict(sxn=C * P, sxc=P, sxh=W, sxw=1) if nchw else cl_x
         gx = dict(sdn=C * P, sdc=P, sdh=W, sdw=1) if nchw else dict(sdn=P * C, sdc=1, sdh=W * C,
                                                                       sdw=C)
-        out = dict(sgn=O * P, sgc=P if nchw else 1, sgp=1 if nchw else O)
-        out.update(scn=out["sgn"], scc=out["sgc"], scp=out["sgp"], sp=1, sq=0)
+        out = dict(sgn=O * P, sgc=P if nchw else 1, sgp=1 if nchw else O,
+                   scn=O * P, scc=1, scp=O, sp=1, sq=0)     # c: channels-last either way
         conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
         ints = dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * P, P_IMG=P,
                     TILES=cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,

@@ -8,8 +8,9 @@ Two kernels:
 - ``scd2d_fwd_direct_kernel``: groups with at most 4 input and 4 output channels (depthwise):
   no GEMM to speak of, a memory-bound multiply-accumulate over (tap, channel).
 Both end in the same epilogue (``_common.sharpen``, lg2/ex2 approximations on CUDA), store
-``y`` in the input dtype and, when saving for backward, ``c`` and the float32 per-(n, group,
-position) norms.
+``y`` in the input dtype and, when saving for backward, ``c`` (channels-last for either input
+layout: the backward writes its GEMM operand there) and the float32 per-(n, group, position)
+norms.
 
 Layouts: the kernels read x with channels contiguous and write y in the input's layout. An
 NCHW ``x`` is transposed once by the launcher (one copy, 2·|x| of memory traffic): a tap-shifted
@@ -19,7 +20,7 @@ tile, against 235 after the transpose, which loads it as 16-byte ``cp.async`` co
 place: 1×1 stride-1 GEMM layers (``X_PLANES``: no shift, NCHW planes load wide) and memory-bound
 direct layers with stride 1 (``X_ROWS``: coalesced along positions, no 2·|x| transpose).
 NCHW outputs are tiled per image (``PER_IMAGE``), so a tile's positions are one contiguous run
-of every (n, o) plane and y, c, norm are stored 16 bytes at a time.
+of every (n, o) plane and y and norm are stored 16 bytes at a time.
 """
 import functools
 from typing import NamedTuple
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import memory_format, output_hw  # the layout and sizes the fake op promises
+from .shapes import memory_format, output_hw, saved_c_format  # what the fake op promises
 from ._common import sharpen, tile_positions
 from .launch import Launch, cdiv, launch, next_power_of_2
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
@@ -121,6 +122,9 @@ def scd2d_fwd_kernel(
     m_y = m_m[:, None] & m_o[None, :]
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
     if SAVE:
+        if PER_IMAGE:   # c is channels-last either way (y's order unless y is NCHW)
+            o_y = (((o_n.to(tl.int64) * P_IMG + o_p) * (G * Og))[:, None]
+                   + (i_g * Og + o_o)[None, :])
         tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
         if i_n == 0:
             tl.store(Norm + (o_n.to(tl.int64) * G + i_g) * P_IMG + o_p, b_norm, mask=m_m)
@@ -188,6 +192,8 @@ def scd2d_fwd_direct_kernel(
     m_y = m_m[:, None, None] & m_o[None, :, :]
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
     if SAVE:
+        if PER_IMAGE:   # c is channels-last either way (y's order unless y is NCHW)
+            o_y = ((o_n.to(tl.int64) * P_IMG + o_p) * (G * OG))[:, None, None] + o_o[None, :, :]
         tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
         o_norm = (o_n.to(tl.int64) * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
         tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
@@ -355,7 +361,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     dev = x.device
     y = torch.empty(plan.y_shape, dtype=x.dtype, device=dev, memory_format=fmt)
     if save_for_backward:
-        c = torch.empty_like(y)
+        c = torch.empty_like(y, memory_format=saved_c_format(x, "triton"))
         norm = torch.empty(plan.norm_shape, dtype=torch.float32, device=dev)
     else:
         c, norm = y.new_empty((0,)), y.new_empty((0,), dtype=torch.float32)

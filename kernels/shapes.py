@@ -18,6 +18,14 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def saved_c_format(x: torch.Tensor, backend: str) -> torch.memory_format:
+    """The layout of the forward's saved ``c``: channels_last on the triton backend for either
+    input layout, which is the order of the backward's GEMM operand ``grad_d [N, OH, OW, O]``,
+    so the backward can write grad_d into c's memory (see ``bwd.scd2d_bwd``); the output's
+    layout on the reference backend."""
+    return torch.channels_last if backend == "triton" else memory_format(x)
+
+
 def output_hw(x_hw, kernel_hw, stride, padding, dilation):
     """Output height and width of a convolution with (top, bottom, left, right) padding."""
     pads = (padding[0] + padding[1], padding[2] + padding[3])

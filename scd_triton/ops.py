@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .kernels.shapes import compute_dtype, memory_format, output_hw
+from .kernels.shapes import compute_dtype, memory_format, output_hw, saved_c_format
 
 WEIGHT_NORMS = ("none", "norm", "norm_q")
 
@@ -65,14 +65,15 @@ def forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, w
 
 
 def backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, weight_norm,
-             weight_norm_eps, backend, need_grad_x=True, need_grad_params=True):
+             weight_norm_eps, backend, need_grad_x=True, need_grad_params=True, c_is_free=False):
     """Gradients ``(x, weight, p, q)`` from what the forward saved; ``grad_x`` is None (and its
     GEMM skipped) unless ``need_grad_x``, as conv2d skips it for an input that needs no grad,
-    and so are the other three (the weight GEMM skipped) unless ``need_grad_params``."""
+    and so are the other three (the weight GEMM skipped) unless ``need_grad_params``.
+    ``c_is_free``: nothing reads ``c`` after this call, so the backward may use its memory."""
     with _guard(x):
         return _backend(backend).scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding,
                                            dilation, groups, eps, weight_norm, weight_norm_eps,
-                                           need_grad_x, need_grad_params)
+                                           need_grad_x, need_grad_params, c_is_free)
 
 
 @torch.library.custom_op("scd_triton::scd2d_core", mutates_args=())
@@ -94,7 +95,7 @@ def _(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_
     if not save_for_backward:
         return y, x.new_empty((0,)), x.new_empty((0,), dtype=compute_dtype(x.dtype))
     norm = x.new_empty((N, groups, OH, OW), dtype=compute_dtype(x.dtype))
-    return y, torch.empty_like(y), norm
+    return y, torch.empty_like(y, memory_format=saved_c_format(x, backend)), norm
 
 
 @torch.library.custom_op("scd_triton::scd2d_core_backward", mutates_args=())
@@ -145,6 +146,14 @@ def _backward(ctx, grad_y, _grad_c, _grad_norm):
 scd2d_core.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _graph_is_kept():
+    """Whether the running backward keeps the graph (``retain_graph``), so that a saved tensor
+    may be read again; True where torch cannot say (as AOTAutograd reuses saved buffers only
+    when this is False)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is None or torch.compiler.is_compiling() or keep_graph()
+
+
 class _EagerSCD2d(torch.autograd.Function):
     """The custom op's forward and backward without the dispatcher (eager mode, grad needed).
     The non-tensor arguments come as one tuple: ``apply`` costs host time per argument."""
@@ -163,8 +172,8 @@ class _EagerSCD2d(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, p, q, c, norm = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4])),
-                None)
+        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4]),
+                          not _graph_is_kept()), None)
 
 
 def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,

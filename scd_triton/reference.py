@@ -118,10 +118,12 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
-              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True, need_grad_params=True):
+              weight_norm="none", weight_norm_eps=0.0, need_grad_x=True, need_grad_params=True,
+              c_is_free=False):
     """Gradients (x, weight, p, q) of the core op from the saved tensors (SPEC section 2),
     through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`); grad_x is
-    None unless ``need_grad_x``, the other three None unless ``need_grad_params``."""
+    None unless ``need_grad_x``, the other three None unless ``need_grad_params``.
+    ``c_is_free``: nothing reads ``c`` after this call, so a product is formed in its memory."""
     w_hat, scale = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     N, C, H, W = x.shape
@@ -144,7 +146,8 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         grad_p = base.log_().mul_(y).mul_(gy5).masked_fill_(zero, 0).sum((0, 3, 4)).reshape(O)
         del y
     del base, pow_pm1, zero
-    g_c_over_a = grad_d * c5
+    # G·c/a in c's memory when nothing reads c later (a converted copy of c is ours anyway)
+    g_c_over_a = c5.mul_(grad_d) if c_is_free or c5.data_ptr() != c.data_ptr() else grad_d * c5
     grad_norm = g_c_over_a.sum(2).neg_()                             # [N, G, OH, OW]
     if need_grad_params:
         grad_q = g_c_over_a.sum((0, 3, 4)).neg_().reshape(O)

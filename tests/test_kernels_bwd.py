@@ -263,6 +263,51 @@ def test_what_needs_no_grad_skips_its_gemm(case, backend, frozen, monkeypatch):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_uses_c_memory_only_when_the_graph_is_freed(backend, layout):
+    """The backward may overwrite the saved ``c`` (the triton backend writes grad_d there)
+    only in the backward that frees the graph: one with ``retain_graph=True`` leaves ``c``
+    intact, and the final one gives the same gradients bit for bit."""
+    case = Case(2, 8, 7, 9, 16, (3, 3), padding=1)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, w, p, q = _leaves((case.N, case.C, case.H, case.W), (case.O, case.C, 3, 3), (case.O,),
+                         (case.O,))
+    y = scd_triton.scd2d(x.detach().contiguous(memory_format=fmt).requires_grad_(), w,
+                         p.detach().abs() + 1, q, padding=1, backend=backend)
+    c = y.grad_fn.saved_tensors[4]     # held here only to watch it
+    c_saved = c.clone()
+    grad_y = torch.randn_like(y)
+    kept = torch.autograd.grad(y, (w, q), grad_y, retain_graph=True)
+    assert torch.equal(c, c_saved), "a retained graph's c was overwritten"
+    freed = torch.autograd.grad(y, (w, q), grad_y)
+    assert not torch.equal(c, c_saved), "the final backward did not reuse c"
+    for got, want in zip(freed, kept):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_a_freed_graph_saves_one_output_sized_tensor_at_the_peak(layout):
+    """The training step's peak memory: with the graph freed by the backward, grad_d lives in
+    c's memory, so the step holds exactly one output-sized tensor less than one that keeps
+    the graph (torch allocations: the CUDA allocator, or the profiler's events on CPU)."""
+    from bench.run import peak_bytes
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, w, p, q = _leaves((2, 16, 16, 16), (16, 16, 3, 3), (16,), (16,))
+    x = x.detach().contiguous(memory_format=fmt).requires_grad_()
+    grad_y = torch.randn(2, 16, 16, 16, device=DEVICE).contiguous(memory_format=fmt)
+
+    def step(retain_graph):
+        y = scd_triton.scd2d(x, w, p.detach().abs() + 1, q, padding=1, backend="triton")
+        torch.autograd.grad(y, (x, w, q), grad_y, retain_graph=retain_graph)
+
+    step(False)
+    kept, freed = (peak_bytes(lambda: step(r), torch.device(DEVICE)) for r in (True, False))
+    if kept is None:
+        pytest.skip("this torch's profiler reports no allocation events")
+    assert kept - freed == grad_y.numel() * grad_y.element_size(), (kept, freed)
+
+
 @pytest.mark.parametrize("need_grad_x", [True, False])
 @pytest.mark.parametrize("layer", [(32, 128, 28, 128, 1), (32, 64, 56, 128, 2), (64, 3, 32, 80, 1)],
                          ids=["3x3_128_28", "3x3s2_64-128_56", "stem_5x5"])
