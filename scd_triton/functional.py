@@ -111,16 +111,40 @@ def _check_scalar(value, name, positive=False, expected="a float or a tensor"):
                          f"got {value!r}")
 
 
+_FILLED = {}          # (value, O, dtype, device) -> the [O] tensor of a Python-float p or q
+_FILLED_MAX = 64
+
+
+def _filled(value, n, dtype, device):
+    """``torch.full((n,), value)``, made once per (value, n, dtype, device): a Python-float p or
+    q then costs no allocation and no fill launch per call. The op only reads it. Not kept when
+    made during CUDA-graph capture (the fill has not run yet outside the graph) or as a tensor
+    subclass (fake tensors); made outside inference mode, so that a later training call can
+    save it for backward."""
+    key = (value, n, dtype, device)
+    t = _FILLED.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.full((n,), value, dtype=dtype, device=device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if type(t) is Tensor and not capturing and len(_FILLED) < _FILLED_MAX:
+            _FILLED[key] = t
+    return t
+
+
 def _effective(value, name, x, out_channels):
     """p or q as a float tensor of shape [O] on x's device (a shared value is expanded).
 
     A Python float is validated here and filled on the device (no host-to-device copy, so no
-    synchronisation); the values of a tensor are the caller's job (reading them would sync).
+    synchronisation; once per value, see ``_filled``); the values of a tensor are the caller's
+    job (reading them would sync).
     """
     dtype = compute_dtype(x.dtype)
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
-        return torch.full((out_channels,), float(value), dtype=dtype, device=x.device)
+        if torch.compiler.is_compiling():     # the graph makes its own
+            return torch.full((out_channels,), float(value), dtype=dtype, device=x.device)
+        return _filled(float(value), out_channels, dtype, x.device)
     if value.device != x.device:
         raise RuntimeError(f"{name} is on {value.device} but x is on {x.device}")
     if value.dtype not in (torch.float32, x.dtype):

@@ -145,3 +145,49 @@ def test_eps_zero_with_all_zero_patches_gives_finite_p_gradient(backend):
                                              (ref.detach().abs() / 1).log() / leaves[2].detach()
                                              .view(1, -1, 1, 1))).sum((0, 2, 3))
     assert_close("grad_p", p.grad.cpu(), ref_grad_p, torch.float32, grad=True, reduce_dim=25)
+
+
+def test_python_float_p_q_are_filled_once_and_stay_usable_for_training(monkeypatch):
+    """A Python-float p or q becomes a device tensor once per value (no fill per call); the
+    tensor made under inference mode still serves a later call that saves it for backward,
+    and a new value gets its own tensor."""
+    from scd_triton import functional
+    monkeypatch.setattr(functional, "_FILLED", {})
+    fills = []
+    full = torch.full
+    monkeypatch.setattr(torch, "full", lambda *a, **k: fills.append(a) or full(*a, **k))
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE, requires_grad=True)
+    with torch.inference_mode():
+        scd_triton.scd2d(x, w, 2.0, 0.1, padding=1)
+    assert len(fills) == 2
+    y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1)
+    assert len(fills) == 2, "the second call filled p or q again"
+    (grad_w,) = torch.autograd.grad(y.sum(), w)
+    ref = scd_triton.scd2d(x, w, torch.full((4,), 2.0, device=DEVICE),
+                           torch.full((4,), 0.1, device=DEVICE), padding=1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad_w, torch.autograd.grad(ref.sum(), w)[0], rtol=0, atol=0)
+    scd_triton.scd2d(x, w, 3.0, 0.1, padding=1)
+    assert len(fills) == 5     # the two reference tensors and the new p
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_python_float_first_seen_in_cuda_graph_capture_is_not_kept():
+    """A p or q value first used while a CUDA graph is captured is filled inside the graph only;
+    it is not kept for later eager calls, which would read memory the fill never wrote."""
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    w = torch.randn(4, 3, 3, 3, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):   # warm-up (compiles the kernels) with other values
+        scd_triton.scd2d(x, w, 2.0, 0.1, padding=1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = scd_triton.scd2d(x, w, 2.625, 0.375, padding=1)
+    eager = scd_triton.scd2d(x, w, 2.625, 0.375, padding=1)
+    ref = scd_triton.scd2d(x.cpu(), w.cpu(), 2.625, 0.375, padding=1)
+    torch.testing.assert_close(eager.cpu(), ref, rtol=1e-3, atol=1e-3)
+    graph.replay()
+    torch.testing.assert_close(captured.cpu(), ref, rtol=1e-3, atol=1e-3)
