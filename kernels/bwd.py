@@ -1,13 +1,14 @@
 """Backward of the SCD core op (SPEC section 2): four launches (with the kernel normalisation's
 backward, ``weight.normalize_weight_backward_kernel``, which also writes the dgrad's ŵ), plus
-the split-K sum when split and the channels-contiguous copy of NCHW x.
+the split-K sum when split. NCHW x is copied channels-contiguous in the prologue's launch
+(``scd2d_bwd_prologue_copy_kernel``).
 
 - ``scd2d_bwd_prologue_kernel``: one pass over ``grad_y`` and the saved ``c`` and norms. Per
   element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =
   |y|/(|c|+eps)``); stores ``grad_d = G/a`` as ``[N, OH, OW, O]`` in the input dtype (the GEMM
   operand of both GEMMs, channels contiguous), ``grad_‖s‖/‖s‖`` per (n, group, position) in
   float32 and per-block partial sums of ``grad_p``, ``grad_q`` (summed by the weight kernel, no
-  atomics).
+  atomics). ``grad_d`` may take the memory of ``c``, which the forward saves channels-last.
 - ``scd2d_dgrad_kernel``: implicit GEMM of ``grad_d`` with ``ŵ`` onto the input positions of one
   stride phase ``(ih mod sh, iw mod sw)`` (grid axis 2), so that the kernel taps that reach them
   are the same for the whole tile and the K loop runs over those taps only (no zero insertion,
@@ -31,7 +32,7 @@ from ._common import dgrad_phase_taps, input_offsets, tap_offsets, tile_position
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
 from .launch import Launch, cdiv, next_power_of_2
-from .layout import to_channels_last
+from .layout import CONFIG as COPY_CONFIG, to_channels_last, transpose_tile
 from .weight import normalize_weight, normalize_weight_backward
 
 
@@ -43,8 +44,46 @@ def scd2d_bwd_prologue_kernel(
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
 ):
-    """Program (i_m, i_g): BP output positions × BG groups × all O/G channels of each group,
-    in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
+    """Program (i_m, i_g): the :func:`prologue_tile` (i_m, i_g)."""
+    prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, tl.program_id(0), tl.program_id(1), M,
+                  TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG, BO,
+                  PER_IMAGE)
+
+
+@triton.jit(do_not_specialize=["M", "TILES"])
+def scd2d_bwd_prologue_copy_kernel(
+    GY, Cin, Norm, P, Q, GD, GNS, PART, X, X_CL,
+    M, TILES, G, Og, O, P_IMG, G_TILES, PROLOGUE_PROGRAMS, C, XP, XP_TILES, XC_TILES,
+    sgn, sgc, sgp, scn, scc, scp, sp, sq,
+    eps,
+    BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
+    BC: tl.constexpr, BPX: tl.constexpr,
+):
+    """The prologue and the channels-contiguous copy of NCHW x in one launch (independent jobs;
+    a launch costs ~10 µs of host time): programs below ``PROLOGUE_PROGRAMS`` are prologue
+    tiles (i_m, i_g), the others ``layout.transpose_tile``s of x (``XP = H·W`` positions)."""
+    pid = tl.program_id(0)
+    if pid < PROLOGUE_PROGRAMS:
+        prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, pid // G_TILES, pid % G_TILES, M,
+                      TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG,
+                      BO, PER_IMAGE)
+    else:
+        i_x = pid - PROLOGUE_PROGRAMS
+        i_np = i_x // XC_TILES
+        transpose_tile(X, X_CL, C, XP, i_np // XP_TILES, i_np % XP_TILES, i_x % XC_TILES, BC,
+                       BPX)
+
+
+@triton.jit
+def prologue_tile(
+    GY, Cin, Norm, P, Q, GD, GNS, PART, i_m, i_g,
+    M, TILES, G, Og, O, P_IMG,
+    sgn, sgc, sgp, scn, scc, scp, sp, sq,
+    eps,
+    BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
+):
+    """BP output positions (tile ``i_m``) × BG groups (tile ``i_g``) × all O/G channels of each
+    group, in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
 
     ``grad_y`` and ``c`` are read as [N, O, OH·OW] through (sample, channel, position) strides
     (the forward saves ``c`` channels-last). ``PER_IMAGE`` (NCHW grad_y): tiles run over the
@@ -53,7 +92,6 @@ def scd2d_bwd_prologue_kernel(
     each element of ``c`` is read before the same element of grad_d is written, by the same
     program.
     """
-    i_m, i_g = tl.program_id(0), tl.program_id(1)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BP, PER_IMAGE)  # [BP]
     o_n64 = o_n.to(tl.int64)
     o_gy = o_n64 * sgn + o_p * sgp
@@ -300,6 +338,7 @@ class _Plan(NamedTuple):
     """What a backward needs that follows from shapes, layouts and arguments."""
     n_blk: int                # prologue blocks: rows of the grad_p / grad_q partials
     prologue: Launch
+    prologue_copy: Launch     # the prologue and the copy of NCHW x in one; None: not NCHW x
     w_layout: tuple           # (shape, out_strides) of ŵ for dgrad
     dgrad: Launch
     planes: bool              # dgrad reads x as NCHW planes (else the channels-contiguous copy)
@@ -333,9 +372,20 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     BG = min(64 // BO, next_power_of_2(G))  # narrow groups: several per tile
     tiles = cdiv(OH * OW, BP)
     n_blk = N * tiles if per_image else cdiv(M, BP)
-    prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)),
-                       (M, tiles, G, Og, O, OH * OW), (eps,),
-                       dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image), warps, stages)
+    prologue_ints = (M, tiles, G, Og, O, OH * OW)
+    prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image)
+    prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
+                      prologue_constexprs, warps, stages)
+    prologue_copy = None
+    if x_contiguous and C > 1 and H * W > 1:   # NCHW x, copied by the kernel (copies_by_kernel)
+        BC, BPX, _ = COPY_CONFIG
+        xp_tiles, xc_tiles = cdiv(H * W, BPX), cdiv(C, BC)
+        programs = n_blk * cdiv(G, BG)
+        prologue_copy = Launch(
+            scd2d_bwd_prologue_copy_kernel, (programs + N * xp_tiles * xc_tiles,),
+            (*prologue_ints, cdiv(G, BG), programs, C, H * W, xp_tiles, xc_tiles), (eps,),
+            dict(prologue_constexprs, BC=BC, BPX=BPX), warps, stages)
+    prologues = (n_blk, prologue, prologue_copy)
 
     if uses_direct_kernel(G, Cg, Og):
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
@@ -353,7 +403,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                         (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
                         dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
         w_layout = (w_shape, (Og * Cg * R * S, Cg * R * S, R * S, 1))   # [O, C/G, R, S]
-        return _Plan(n_blk, prologue, w_layout, dgrad, planes, *_workspace(
+        return _Plan(*prologues, w_layout, dgrad, planes, *_workspace(
             (splits, O, Cg, R, S), torch.float32, x_bytes), wgrad)
 
     BM, BN, BK, warps, stages = _dgrad_config(dtype, Cg, Og, cuda)
@@ -389,7 +439,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                     warps, stages)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     ws_dtype = torch.float32 if splits > 1 or weight_norm != "none" else dtype
-    return _Plan(n_blk, prologue, w_layout, dgrad, planes,
+    return _Plan(*prologues, w_layout, dgrad, planes,
                  *_workspace((splits, O, Cg, R, S), ws_dtype, x_bytes), wgrad)
 
 
@@ -440,13 +490,18 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
     gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
     partials = torch.empty((plan.n_blk, 2, O), dtype=torch.float32, device=dev)
-    plan.prologue((grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials),
-                  (*sg, *sc, p.stride(0), q.stride(0)))
-
+    tensors = (grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials)
+    strides = (*sg, *sc, p.stride(0), q.stride(0))
     # NCHW x is copied channels-contiguous once (2·|x| of traffic) for the wgrad GEMM's x
-    # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1
-    needs_x_cl = need_grad_params or not plan.planes
-    x_cl = x if x.stride(1) == 1 or x.shape[1] == 1 or not needs_x_cl else to_channels_last(x)
+    # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1; in the
+    # prologue's launch when the Triton copy does it
+    needs_x_cl = (need_grad_params or not plan.planes) and x.stride(1) != 1 and x.shape[1] != 1
+    if needs_x_cl and plan.prologue_copy is not None:
+        x_cl = torch.empty_like(x, memory_format=torch.channels_last)
+        plan.prologue_copy((*tensors, x, x_cl), strides)
+    else:
+        plan.prologue(tensors, strides)
+        x_cl = to_channels_last(x) if needs_x_cl else x
     shape, out_strides = plan.w_layout
     w_hat = torch.empty(shape, dtype=x.dtype, device=dev) if need_grad_x else None
     grads_w = (None,) * 3
@@ -540,6 +595,17 @@ def report_jobs():
                             dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw),
                             dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
                                  GNS="*fp32", PART="*fp32"), warps, stages))
+            if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
+                BC, BPX, _ = COPY_CONFIG
+                programs = 32 * cdiv(56 * 56, BP)
+                copy_ints = dict(G_TILES=1, PROLOGUE_PROGRAMS=programs, C=64, XP=56 * 56,
+                                 XP_TILES=cdiv(56 * 56, BPX), XC_TILES=1)
+                jobs.append(job(scd2d_bwd_prologue_copy_kernel,
+                                f"BP{BP}-BG1-BO{BO}-BC{BC}-BPX{BPX}-w{warps}", dtype, layout,
+                                ints(scd2d_bwd_prologue_copy_kernel, lay, **copy_ints),
+                                dict(BP=BP, BG=1, BO=BO, PER_IMAGE=True, BC=BC, BPX=BPX),
+                                dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
+                                     GNS="*fp32", PART="*fp32", X=dt, X_CL=dt), warps, stages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             dw, dw_cl = layer(layout, 128, 128, 128, BM)
             jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,

@@ -3,7 +3,8 @@
 compile for sm_80 and sm_90 without register spills, with tensor-core MMA instructions (HMMA
 on sm_80, wgmma ``HGMMA`` on sm_90); the forward's hot loop stays short and the NCHW backward
 GEMMs' loops as short as channels_last's; the direct, prologue, weight, layout and NCHW
-preparation kernels compile without spills.
+preparation kernels (the forward's, and the backward's prologue with the copy of x) compile
+without spills.
 
 Compiling needs real ``@triton.jit`` functions, so it runs in a subprocess without
 ``TRITON_INTERPRET`` (the test session itself may run the interpreter); two worker processes
@@ -36,7 +37,8 @@ def picked():
         if j["kernel"].__name__ in ("scd2d_dgrad_kernel", "scd2d_wgrad_kernel") and \\
                 j["dtype"] == "bf16":
             jobs += [(j, a) for a in (80, 90)]
-        if j["kernel"].__name__ == "scd2d_bwd_prologue_kernel" and j["dtype"] == "bf16":
+        if j["kernel"].__name__ in ("scd2d_bwd_prologue_kernel",
+                                    "scd2d_bwd_prologue_copy_kernel") and j["dtype"] == "bf16":
             jobs.append((j, 80))
     jobs += [(j, 90) for j in weight.report_jobs() + layout.report_jobs()
              if j["dtype"] == "bf16" or j["kernel"].__name__ == "sum_splits_kernel"]
@@ -104,8 +106,8 @@ def test_direct_prologue_and_weight_kernels_have_no_spills(rows):
     others = [r for r in rows if r["kernel"] in (
         "scd2d_fwd_direct_kernel", "scd2d_bwd_prologue_kernel", "normalize_weight_kernel",
         "normalize_weight_backward_kernel", "sum_splits_kernel", "nchw_to_channels_last_kernel",
-        "prepare_nchw_kernel")]
-    assert len({r["kernel"] for r in others}) == 7
+        "prepare_nchw_kernel", "scd2d_bwd_prologue_copy_kernel")]
+    assert len({r["kernel"] for r in others}) == 8
     assert {r["layout"] for r in others if r["kernel"] == "scd2d_bwd_prologue_kernel"} == {
         "channels_last", "nchw"}
     assert all(r["spill_bytes"] == 0 and r["mma_instructions"] == 0 for r in others), others

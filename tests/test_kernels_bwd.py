@@ -84,6 +84,30 @@ def test_nchw_gradients_match_oracle_and_channels_last(case):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"grad_{name}: NCHW != CL")
 
 
+@pytest.mark.parametrize("frozen", [None, "params"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nchw_backward_copies_x_in_the_prologue_launch(stride, frozen, monkeypatch):
+    """NCHW x is copied channels-contiguous by the prologue's launch, not a launch of its own,
+    whenever a GEMM reads the copy (the wgrad; the dgrad at stride 2); a frozen layer at
+    stride 1 reads x in place and copies nothing."""
+    from scd_triton.kernels import launch, layout
+    launched = []
+    real_launch = launch.launch
+    record = lambda kernel, *a: launched.append(kernel.__name__) or real_launch(kernel, *a)
+    monkeypatch.setattr(launch, "launch", record)
+    monkeypatch.setattr(layout, "launch", record)
+    x, w, p, q = _leaves((2, 8, 7, 9), (16, 8, 3, 3), (16,), (16,))
+    for t in (w, p, q):
+        t.requires_grad_(frozen is None)
+    y = scd_triton.scd2d(x, w, p.detach().abs() + 1, q, stride=stride, padding=1,
+                         backend="triton")
+    launched.clear()
+    y.backward(torch.randn_like(y))
+    copies = frozen is None or stride == 2
+    prologue = "scd2d_bwd_prologue_copy_kernel" if copies else "scd2d_bwd_prologue_kernel"
+    assert launched[0] == prologue and "nchw_to_channels_last_kernel" not in launched, launched
+
+
 @pytest.mark.parametrize("layout", ["transposed", "broadcast"])
 def test_gradients_for_strided_grad_y(layout):
     """grad_y whose (OH, OW) do not flatten (copied to NCHW) or that is a broadcast scalar."""
