@@ -23,9 +23,9 @@ install: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# On a CUDA machine: the same tests on the real kernels (no interpreter).
+# On a CUDA machine: the same tests on the real kernels (no interpreter), in up to 8 processes.
 test-gpu: $(STAMP)
-	TRITON_INTERPRET=0 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=0 $(PY) -m bench.gpu_check --tests-only --tests tests --test-timeout 1200
 
 # On a CUDA machine whose torch is already installed (no network, no venv): GPU tests, a quick
 # benchmark of every provider in bf16 and fp32, and a host/kernel time profile per shape.

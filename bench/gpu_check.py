@@ -1,8 +1,10 @@
 """`make gpu-check`: everything a lent CUDA machine should run, in one command of < 8 minutes.
 
     python -m bench.gpu_check [--out-dir bench/results] [--skip-tests] [--skip-compile]
+    python -m bench.gpu_check --tests-only --tests tests     # `make test-gpu`: the whole suite
 
-1. the GPU-specific tests on the real kernels (no interpreter), with a time limit;
+1. the GPU-specific tests on the real kernels (no interpreter), with a time limit, split over
+   up to 8 pytest processes (``--jobs``): most of a GPU test's time is compiling kernels;
 2. a quick benchmark of every provider on the whole suite in bfloat16 and float32 (the
    ``torch.compile`` providers on a few shapes only: each compile takes tens of seconds);
 3. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
@@ -15,9 +17,11 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -43,22 +47,54 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "freed_graph'")
 
 
-def run_tests(timeout_s, selection=("tests",)):
-    """The test suite on the GPU kernels; returns (exit code, last summary line, seconds)."""
+def run_tests(timeout_s, selection=("tests",), jobs=1):
+    """The tests on the GPU kernels (no interpreter), split over ``jobs`` pytest processes that
+    share the GPU (most of a GPU test's time is compiling kernels on the host's cores); returns
+    (exit code or "timeout", the combined summary line, seconds)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_INTERPRET"] = "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # bench.pytest_shard
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
     start = time.time()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider",
-           *selection]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        out, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        code = "timeout"
-    print(out[-6000:])
-    lines = [l for l in out.splitlines() if l.strip()]
-    return code, (lines[-1] if lines else ""), time.time() - start
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p",
+               "no:cacheprovider", "-p", "bench.pytest_shard", *selection]
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [open(os.path.join(tmp, f"shard{i}.log"), "w+") for i in range(jobs)]
+        procs = [subprocess.Popen(command, env=dict(env, SCD_TEST_SHARD=f"{i}/{jobs}"),
+                                  stdout=log, stderr=subprocess.STDOUT)
+                 for i, log in enumerate(logs)]
+        codes = []
+        for proc in procs:
+            try:
+                code = proc.wait(timeout=max(1.0, timeout_s - (time.time() - start)))
+                codes.append(0 if code == 5 and jobs > 1 else code)  # 5: a shard got no test
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append("timeout")
+        outs = []
+        for log in logs:
+            log.seek(0)
+            outs.append(log.read())
+            log.close()
+    for out, code in zip(outs, codes):
+        if code != 0 or len(outs) == 1:
+            print(out[-6000:])
+    code = next((c for c in codes if c != 0), 0)
+    summary = _combined_summary(outs, time.time() - start, jobs)
+    return code, summary, time.time() - start
+
+
+def _combined_summary(outs, seconds, processes):
+    """One pytest-style summary line of several runs' outputs ("3 passed, 1 skipped in ...")."""
+    counts = {}
+    for out in outs:
+        lines = [line for line in out.splitlines() if line.strip()]
+        for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)",
+                                  lines[-1] if lines else ""):
+            kind = "error" if kind.startswith("error") else kind
+            counts[kind] = counts.get(kind, 0) + int(n)
+    parts = ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "no summary"
+    return f"{parts} in {seconds:.0f} s ({processes} process{'es' if processes > 1 else ''})"
 
 
 def _device_us(event):
@@ -124,10 +160,14 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile providers")
+    parser.add_argument("--tests-only", action="store_true",
+                        help="run the tests, print their summary and exit with their status")
     parser.add_argument("--test-timeout", type=float, default=300.0)
     parser.add_argument("--tests", default=GPU_TESTS, help="pytest arguments (one string); "
                         "default: the GPU-specific tests (the whole suite compiles too many "
                         "kernel variants for a short run: use `make test-gpu` for it)")
+    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                        help="pytest processes sharing the GPU (default: up to 8, one per core)")
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
     parser.add_argument("--dtype", nargs="*", choices=DTYPES, default=DTYPES)
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
@@ -140,9 +180,11 @@ def main(argv=None):
     tests = None
     if not args.skip_tests:
         print("== tests (real kernels)")
-        code, summary, seconds = run_tests(args.test_timeout, shlex.split(args.tests))
+        code, summary, seconds = run_tests(args.test_timeout, shlex.split(args.tests), args.jobs)
         tests = dict(exit_code=code, summary=summary, seconds=round(seconds, 1))
-        print(f"-- tests: {summary} ({seconds:.0f} s, exit {code})")
+        print(f"-- tests: {summary} (exit {code})")
+        if args.tests_only:
+            sys.exit(0 if code == 0 else 1)
     torch.backends.cudnn.benchmark = True
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
     shapes = [s for s in suite(True, "cuda")

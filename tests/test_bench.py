@@ -92,3 +92,20 @@ def test_gpu_check_ranks_kernels_by_device_time():
               SimpleNamespace(key="dgrad", self_device_time_total=360.0),
               SimpleNamespace(key="prologue", self_device_time_total=240.0)]
     assert gpu_check.per_kernel_us(events, calls=10, top=2) == {"wgrad": 70.0, "dgrad": 36.0}
+
+
+def test_gpu_tests_are_split_over_processes_and_summed(tmp_path):
+    """`make test-gpu` / `make gpu-check` run the selected tests in several pytest processes
+    (the parametrisations of a test side by side) and report one summary and status."""
+    from bench import gpu_check
+    (tmp_path / "test_split.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('i', range(4))\n"
+        "def test_passes(i):\n    assert i < 4\n"
+        "def test_fails():\n    assert False\n"
+        "def test_skips():\n    pytest.skip('no')\n")
+    code, summary, _ = gpu_check.run_tests(120, [str(tmp_path), "-k", "passes or skips"], jobs=2)
+    assert code == 0 and summary.startswith("4 passed, 1 skipped in "), summary
+    assert summary.endswith("(2 processes)"), summary
+    code, summary, _ = gpu_check.run_tests(120, [str(tmp_path)], jobs=3)
+    assert code != 0 and "4 passed" in summary and "1 failed" in summary, summary
