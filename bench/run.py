@@ -117,6 +117,7 @@ def peak_bytes(step, device):
     """Bytes a step holds at its peak beyond what existed before it. Earlier steps' garbage is
     collected first and none during the step: the cyclic collector freeing it mid-step made
     the CPU figure vary by an output-sized tensor from run to run."""
+    enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
@@ -129,7 +130,8 @@ def peak_bytes(step, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 def _peak_cpu_bytes(step):

@@ -111,23 +111,31 @@ def _check_scalar(value, name, positive=False, expected="a float or a tensor"):
                          f"got {value!r}")
 
 
-_FILLED = {}          # (value, O, dtype, device) -> the [O] tensor of a Python-float p or q
+_FILLED = {}   # (value, O, dtype, device, CUDA stream) -> the [O] tensor of a Python-float p or q
 _FILLED_MAX = 64
 
 
 def _filled(value, n, dtype, device):
-    """``torch.full((n,), value)``, made once per (value, n, dtype, device): a Python-float p or
-    q then costs no allocation and no fill launch per call. The op only reads it. Not kept when
-    made during CUDA-graph capture (the fill has not run yet outside the graph) or as a tensor
-    subclass (fake tensors); made outside inference mode, so that a later training call can
-    save it for backward."""
-    key = (value, n, dtype, device)
+    """``torch.full((n,), value)``, made once per (value, n, dtype, device, current CUDA stream):
+    a Python-float p or q then costs no allocation and no fill launch per call. The op only
+    reads it. Kept only for plain eager calls: not while tracing (symbolic sizes, fake tensors,
+    dispatch modes, functorch transforms), and not when made during CUDA-graph capture (the
+    fill has not run outside the graph); made outside inference mode, so that a later training
+    call can save it for backward. The stream is in the key: a call on another stream must not
+    read it before the fill on the first one has run."""
+    plain = (isinstance(n, int) and not torch._C._len_torch_dispatch_stack()
+             and torch._C._functorch.peek_interpreter_stack() is None)
+    if not plain:
+        return torch.full((n,), value, dtype=dtype, device=device)
+    cuda = device.type == "cuda"
+    key = (value, n, dtype, device, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
     t = _FILLED.get(key)
     if t is None:
         with torch.inference_mode(False):
             t = torch.full((n,), value, dtype=dtype, device=device)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if type(t) is Tensor and not capturing and len(_FILLED) < _FILLED_MAX:
+        if not (cuda and torch.cuda.is_current_stream_capturing()):
+            if len(_FILLED) >= _FILLED_MAX:   # ever new values (a schedule): start over
+                _FILLED.clear()
             _FILLED[key] = t
     return t
 
@@ -142,7 +150,7 @@ def _effective(value, name, x, out_channels):
     dtype = compute_dtype(x.dtype)
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
-        if torch.compiler.is_compiling():     # the graph makes its own
+        if torch.compiler.is_compiling() or type(x) is not Tensor:   # traced: make our own
             return torch.full((out_channels,), float(value), dtype=dtype, device=x.device)
         return _filled(float(value), out_channels, dtype, x.device)
     if value.device != x.device:

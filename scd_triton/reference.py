@@ -147,7 +147,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         del y
     del base, pow_pm1, zero
     # G·c/a in c's memory when nothing reads c later (a converted copy of c is ours anyway)
-    g_c_over_a = c5.mul_(grad_d) if c_is_free or c5.data_ptr() != c.data_ptr() else grad_d * c5
+    g_c_over_a = c5.mul_(grad_d) if c_is_free or c.dtype != cdt else grad_d * c5
     grad_norm = g_c_over_a.sum(2).neg_()                             # [N, G, OH, OW]
     if need_grad_params:
         grad_q = g_c_over_a.sum((0, 3, 4)).neg_().reshape(O)

@@ -191,3 +191,32 @@ def test_python_float_first_seen_in_cuda_graph_capture_is_not_kept():
     torch.testing.assert_close(eager.cpu(), ref, rtol=1e-3, atol=1e-3)
     graph.replay()
     torch.testing.assert_close(captured.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_float_p_q_cache_stays_out_of_tracing(monkeypatch):
+    """Fake-tensor, symbolic and functorch calls neither read nor fill the cache of
+    Python-float p / q tensors (a real tensor in a fake trace fails, a symbolic size cannot
+    key it, a functorch wrapper has no storage for later calls), and the reference backward
+    traces with fake tensors whether or not the graph is kept."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from scd_triton import functional
+    monkeypatch.setattr(functional, "_FILLED", {})
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    call = lambda a, b: scd_triton.scd2d(a, b, 2.0, 0.1, backend="reference")
+    call(x, w)
+    cached = dict(functional._FILLED)
+    assert len(cached) == 2
+    with FakeTensorMode() as mode:
+        y = call(mode.from_tensor(x), mode.from_tensor(w))
+        assert type(y).__name__ == "FakeTensor" and y.shape == (2, 4, 6, 6)
+    make_fx(call, tracing_mode="symbolic")(x, w)
+    with pytest.raises(RuntimeError, match="functorch"):   # autograd.Function without vmap rule
+        torch.func.grad(lambda b: scd_triton.scd2d(x, b, 7.0, 0.25).sum())(w)
+    assert functional._FILLED == cached
+    for retain in (False, True):
+        def step(a, b, p, q):
+            y = scd_triton.scd2d(a, b, p, q, backend="reference")
+            return torch.autograd.grad(y.sum(), b, retain_graph=retain)
+        make_fx(step, tracing_mode="fake")(x.requires_grad_(), w.requires_grad_(),
+                                           torch.full((4,), 2.0), torch.full((4,), 0.1))
