@@ -243,7 +243,7 @@ def _geometry(key):
 def _autocast(x, weight):
     """Casts to the autocast dtype, as conv2d does under ``torch.autocast`` (float64 stays)."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if ops.autocast_on(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: t if t.dtype == torch.float64 else t.to(dtype)
         return cast(x), cast(weight)

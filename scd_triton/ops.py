@@ -39,12 +39,18 @@ def _backend(backend):
 _UNGUARDED = contextlib.nullcontext()
 
 
+def autocast_on(device_type):
+    """Whether autocast is on for ``device_type``; False where autocast does not exist (the
+    meta device, on which a forward only works out shapes)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _guard(x):
     """The op runs on x's device, in its inputs' dtypes: kernels launch on x's GPU (not the
     current one) and autocast, if on, does not recast the op's internals."""
     device = x.device
     switch = device.type == "cuda" and device.index != torch.cuda.current_device()
-    autocast = torch.is_autocast_enabled(device.type)
+    autocast = autocast_on(device.type)
     if not (switch or autocast):
         return _UNGUARDED
     stack = contextlib.ExitStack()

@@ -358,3 +358,21 @@ def test_rohrer_all_zero_kernel_matches_nothing():
     y.square().sum().backward()
     assert (layer.weight.grad[2] == 0).all() and torch.isfinite(layer.weight.grad).all()
     assert torch.isfinite(layer.p.grad).all() and torch.isfinite(layer.log_q.grad).all()
+
+
+@pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
+def test_meta_tensors_give_conv2d_shapes_forward_and_backward(parameterization):
+    """On the meta device (deferred init, shape inference) a layer works out shapes as conv2d
+    does, forward and backward; autocast, which has no meta device, is not asked about."""
+    layer = scd_triton.SCD2d(3, 4, 3, stride=2, padding=1, parameterization=parameterization,
+                             device="meta")
+    x = torch.randn(2, 3, 9, 7, device="meta", requires_grad=True)
+    y = layer(x)
+    conv = torch.nn.functional.conv2d(x, torch.empty(4, 3, 3, 3, device="meta"), stride=2,
+                                      padding=1)
+    assert y.device.type == "meta" and y.shape == conv.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad.shape == layer.weight.shape
+    y1 = scd_triton.scd1d(torch.randn(2, 3, 16, device="meta"),
+                          torch.randn(4, 3, 3, device="meta"), 2.0, 0.1)
+    assert y1.shape == (2, 4, 14)
