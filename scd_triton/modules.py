@@ -66,9 +66,15 @@ class _RohrerParameterization:
         o = layer.options
         # The published layer clamps the stored parameters in place. Through ``.data`` (same
         # storage, own version counter) so tensors saved by an earlier forward stay valid.
-        layer.weight.data.clamp_(-o["w_max"], o["w_max"])
-        layer.p.data.clamp_(min=o["p_min"])
-        weight, p = layer.weight, layer.p.reshape(-1)
+        # torch.export cannot trace that hidden mutation: an exported (inference) program
+        # clamps the values it uses instead, which gives the same output.
+        weight, p = layer.weight, layer.p
+        if torch.compiler.is_exporting():
+            weight, p = weight.clamp(-o["w_max"], o["w_max"]), p.clamp(min=o["p_min"])
+        else:
+            weight.data.clamp_(-o["w_max"], o["w_max"])
+            p.data.clamp_(min=o["p_min"])
+        p = p.reshape(-1)
         if o["shared_weights"]:
             weight = weight.repeat(layer.groups, *(1,) * (weight.dim() - 1))
             p = p.repeat(layer.groups)

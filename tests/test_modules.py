@@ -376,3 +376,18 @@ def test_meta_tensors_give_conv2d_shapes_forward_and_backward(parameterization):
     y1 = scd_triton.scd1d(torch.randn(2, 3, 16, device="meta"),
                           torch.randn(4, 3, 3, device="meta"), 2.0, 0.1)
     assert y1.shape == (2, 4, 14)
+
+
+@pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
+def test_torch_export_of_a_layer_matches_eager(parameterization):
+    """``torch.export`` traces a layer (the Rohrer clamps become out-of-place, since export
+    cannot trace the in-place ``.data`` clamp); with parameters outside the Rohrer clamps the
+    exported program's output still equals the eager layer's."""
+    layer = scd_triton.SCD2d(3, 4, 3, padding=1, parameterization=parameterization)
+    if parameterization == "rohrer":
+        with torch.no_grad():
+            layer.weight.mul_(3.0)
+            layer.p.sub_(1.0)
+    x = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(layer, (x,))
+    torch.testing.assert_close(exported.module()(x), layer(x), rtol=1e-6, atol=1e-6)
