@@ -5,14 +5,16 @@ channel-in-group, input channel and tap), so normalising and re-laying out the w
 launch per call instead of a chain of small torch ops. Per output channel ``o``:
 
     n = sqrt(Σ w_o² + eps);  scale = 1 / (n + q_o) (MODE 2, "norm_q"), 1 / n (MODE 1, "norm"),
-    1 (MODE 0, "none");  a zero denominator gives scale 0 (an all-zero kernel matches nothing)
+    1 (MODE 0, "none");  a zero denominator gives scale 0 (an all-zero kernel matches nothing),
+    an infinite one scale NaN
     grad_w = scale · grad_ŵ − w · k · scale² / n,  grad_q = − k · scale²,  k = Σ grad_ŵ · w
     (MODE 0: grad_w = grad_ŵ)
 
 A split-K workspace of grad_ŵ is first summed by ``sum_splits_kernel``, spread over the whole
 tensor: the Jacobian kernel has one program per few channels, too few to stream a workspace.
 
-NaN in a kernel stays NaN (the zero test is ``== 0``, false for NaN).
+NaN in a kernel stays NaN (the zero test is ``== 0``, false for NaN); an infinite norm (an Inf
+in the kernel) gives scale NaN, so the whole kernel is NaN, not only its Inf tap.
 """
 import functools
 
@@ -35,6 +37,7 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
         denom = n
     zero = denom == 0
     scale = tl.where(zero, 0.0, 1.0 / tl.where(zero, 1.0, denom))
+    scale = tl.where(denom == float("inf"), float("nan"), scale)   # an Inf in the kernel
     if MODE == 0:
         scale = tl.full(sumsq.shape, 1.0, tl.float32)
     return scale, n

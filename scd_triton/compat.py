@@ -50,9 +50,9 @@ def to_pisoni_keras(layer: SCD2d):
         raise ValueError(f"the Keras layer has padding 'same' (or its equal, 1), got "
                          f"{layer.padding!r}")
 
-    def array(t):
+    def array(t):   # a copy: editing it must not change the layer
         t = t.detach().cpu()
-        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
     kernel = array(layer.weight).transpose(2, 3, 1, 0).reshape(1, -1, layer.out_channels)
     return kernel, array(layer.p_raw), array(layer.q_raw)

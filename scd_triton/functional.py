@@ -269,11 +269,16 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
     O = weight.shape[0]
     p_eff, q_eff = _effective(p, "p", x, O), _effective(q, "q", x, O)
     backend = resolve_backend(backend, x.device, x.dtype)
+    if x.shape[1] == 0:   # no input channels: every sum is 0; the kernels have no K to tile
+        backend = "reference"
     if ndim == 1:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
     y = ops.scd2d(x, weight, p_eff, q_eff, *args, float(eps), float(norm_eps), weight_norm,
                   float(weight_norm_eps), backend)
-    return y.squeeze(2) if ndim == 1 else y
+    if ndim == 1:   # contiguous as conv1d's, also when x's channels were contiguous
+        y = y.squeeze(2)
+        return y if y.is_contiguous() else y.contiguous()
+    return y
 
 
 def scd2d_normalized(x, w_hat, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12,

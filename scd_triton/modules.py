@@ -125,7 +125,7 @@ class _SCDNd(nn.Module):
                              f"{parameterization!r}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must "
@@ -135,7 +135,8 @@ class _SCDNd(nn.Module):
         if unknown:
             raise TypeError(f"unknown options for parameterization {parameterization!r}: "
                             f"{sorted(unknown)}; it takes {sorted(self.param.defaults)}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.in_channels, self.out_channels, self.groups = map(int, (in_channels, out_channels,
+                                                                     groups))
         self.kernel_size = _positive(kernel_size, self.ndim, "kernel_size")
         self.stride = _positive(stride, self.ndim, "stride")
         self.dilation = _positive(dilation, self.ndim, "dilation")

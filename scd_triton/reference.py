@@ -44,7 +44,7 @@ def normalize_weight(weight, q, mode, eps):
     mode "norm_q": ``scale = 1 / (sqrt(Σw² + eps) + q)``; "norm": ``1 / sqrt(Σw² + eps)``;
     "none": ŵ is ``weight`` itself (scale None). A zero denominator (an all-zero kernel with
     ``eps = q = 0``) gives scale 0: that kernel matches nothing (y = 0) and gets no gradient.
-    NaN in a kernel stays NaN.
+    NaN in a kernel stays NaN, and an infinite norm (an Inf in the kernel) gives scale NaN.
     """
     if mode == "none":
         return weight, None
@@ -54,8 +54,10 @@ def normalize_weight(weight, q, mode, eps):
         denom = denom.square_().add_(eps).sqrt_()                        # sqrt(Σw² + eps)
     if mode == "norm_q":
         denom = denom + q
-    # 1/0 = inf -> 0 (an all-zero kernel); NaN stays NaN
+    # 1/0 = inf -> 0 (an all-zero kernel); NaN stays NaN; an infinite norm (an Inf in the
+    # kernel) gives NaN, not 0: the whole kernel is undefined, not only its Inf tap
     scale = denom.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0)
+    scale.masked_fill_(denom.isinf(), math.nan)
     w_hat = weight * scale.view(O, *(1,) * (weight.dim() - 1))
     return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), scale
 
@@ -108,13 +110,15 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     norm = ssq.add_(norm_eps).sqrt_()                                # [N, G, OH, OW]
     # In-place where possible: fresh output-sized buffers cost page faults on CPU.
     shape5 = (1, G, Og, 1, 1)
-    c = d.view(N, G, Og, OH, OW).div_(norm.view(N, G, 1, OH, OW) + q.view(shape5))
-    y = _signed(c.abs().add_(eps).pow_(p.view(shape5)), c).view(N, O, OH, OW)
+    c5 = d.view(N, G, Og, OH, OW).div_(norm.view(N, G, 1, OH, OW) + q.view(shape5))  # c in d
+    # y in a tensor of its own, not a view: the caller may modify the output in place
+    y = d.abs()
+    _signed(y.view(N, G, Og, OH, OW).add_(eps).pow_(p.view(shape5)), c5)
     fmt = memory_format(x)
     as_output = lambda t: (t if t.dtype == x.dtype else t.to(x.dtype)).contiguous(memory_format=fmt)
     if not save_for_backward:
         return as_output(y), x.new_empty((0,)), x.new_empty((0,), dtype=cdt)
-    return as_output(y), as_output(c.view(N, O, OH, OW)), norm.contiguous()
+    return as_output(y), as_output(d), norm.contiguous()
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,

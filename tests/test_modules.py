@@ -66,6 +66,9 @@ def test_pisoni_matches_keras_formula_via_converter():
     back = scd_triton.compat.to_pisoni_keras(layer)
     for got, want in zip(back, (kernel, p_raw, q_raw)):
         np.testing.assert_array_equal(got, want)
+        got += 1.0         # copies: editing the arrays leaves the layer alone
+    for got, want in zip(scd_triton.compat.to_pisoni_keras(layer), (kernel, p_raw, q_raw)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_pisoni_init_is_keras_glorot_and_zeros():
@@ -240,6 +243,9 @@ def test_layer_constructor_accepts_boundary_arguments():
         assert torch.isfinite(layer(torch.randn(1, 2, 7, 7))).all(), kwargs
     with pytest.raises(ValueError, match="padding must be >= 0"):
         scd_triton.SCD1d(2, 2, 3, padding=-1)
+    layer = scd_triton.SCD2d(np.int64(4), np.int32(6), 3, groups=np.int64(2))   # as nn.Conv2d
+    assert (layer.in_channels, layer.out_channels, layer.groups) == (4, 6, 2)
+    assert all(type(v) is int for v in (layer.in_channels, layer.out_channels, layer.groups))
 
 
 @pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
@@ -391,3 +397,32 @@ def test_torch_export_of_a_layer_matches_eager(parameterization):
     x = torch.randn(2, 3, 8, 8)
     exported = torch.export.export(layer, (x,))
     torch.testing.assert_close(exported.module()(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "1d", "1d_transposed"])
+def test_output_can_be_modified_in_place_like_conv2d(backend, layout, monkeypatch):
+    """``nn.ReLU(inplace=True)`` after a layer, as after nn.Conv2d: the output is a tensor of
+    its own (no view of an op-internal temporary), with the same gradients as out of place;
+    a 1-D layer's output is contiguous as conv1d's, also for channels-contiguous input."""
+    monkeypatch.setenv("SCD_BACKEND", backend)
+    one_d = layout.startswith("1d")
+    layer = (scd_triton.SCD1d(4, 6, 3, padding=1) if one_d
+             else scd_triton.SCD2d(4, 6, 3, padding=1))
+    if layout == "1d_transposed":      # embeddings [N, L, C] fed as [N, C, L]
+        x = torch.randn(2, 9, 4).transpose(1, 2)
+    else:
+        x = torch.randn(2, 4, 9) if one_d else torch.randn(2, 4, 6, 6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for inplace in (False, True):
+        x_leaf = x.detach().requires_grad_()
+        layer.zero_grad()
+        y = torch.nn.ReLU(inplace=inplace)(layer(x_leaf))
+        if one_d:
+            assert y.is_contiguous(), y.stride()
+        y.backward(torch.ones_like(y))
+        grads.append((x_leaf.grad, layer.weight.grad.clone()))
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
