@@ -1,5 +1,5 @@
 """The GPU-less performance gate (``kernels/report.py``): the main configs of the forward
-(bf16 / fp16) and of the backward's dgrad and wgrad GEMMs (bf16), for both input layouts,
+and of the backward's dgrad and wgrad GEMMs (bf16 / fp16), for both input layouts,
 compile for sm_80 and sm_90 without register spills, with tensor-core MMA instructions (HMMA
 on sm_80, wgmma ``HGMMA`` on sm_90); the forward's hot loop stays short and the NCHW backward
 GEMMs' loops as short as channels_last's; the direct, prologue, weight, layout and NCHW
@@ -35,7 +35,7 @@ def picked():
             jobs.append((j, 90))
     for j in bwd.report_jobs():
         if j["kernel"].__name__ in ("scd2d_dgrad_kernel", "scd2d_wgrad_kernel") and \\
-                j["dtype"] == "bf16":
+                j["dtype"] in ("bf16", "fp16"):
             jobs += [(j, a) for a in (80, 90)]
         if j["kernel"].__name__ in ("scd2d_bwd_prologue_kernel",
                                     "scd2d_bwd_prologue_copy_kernel") and j["dtype"] == "bf16":
@@ -88,14 +88,15 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
     mine = [r for r in every if not r["config"].startswith("flat")]
     for r in every:   # the flat (channel, tap) wgrad of narrow layers included
         _tensor_cores(r)
-    assert {(r["layout"], r["arch"]) for r in mine} == {
-        (lay, a) for lay in ("channels_last", "nchw") for a in ("sm_80", "sm_90")}
+    assert {(r["layout"], r["dtype"], r["arch"]) for r in mine} == {
+        (lay, d, a) for lay in ("channels_last", "nchw") for d in ("bf16", "fp16")
+        for a in ("sm_80", "sm_90")}
     assert len({r["config"] for r in mine}) == 2, "a small and a large config"
-    assert len(every) - len(mine) == (2 if kernel == "scd2d_wgrad_kernel" else 0)
+    assert len(every) - len(mine) == (4 if kernel == "scd2d_wgrad_kernel" else 0)
     # NCHW grad_x stored along positions: the K loop no longer than channels_last's (before
     # per-image tiles, the NCHW dgrad spilled 744-1232 B; NCHW x tiles in the wgrad loop
     # took 2038 instructions per K step on sm_80 against 441 on a channels_last copy)
-    key = lambda r: (r["config"], r["arch"])
+    key = lambda r: (r["config"], r["dtype"], r["arch"])
     cl = {key(r): r["loop_instructions"] for r in mine if r["layout"] == "channels_last"}
     for r in mine:
         if r["layout"] == "nchw":
