@@ -350,7 +350,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     ŵ is normalised from ``weight`` (``weight.normalize_weight``, mode ``weight_norm``) into
     the layout the kernel reads. ``padding`` is (top, bottom, left, right); only top/left enter
     the index arithmetic. With ``save_for_backward=False`` only ``y`` is written and ``c``,
-    ``norm`` are empty (shape (0,)). Everything that follows from the call's shapes, layouts
+    ``norm`` are None (no allocation: a call's host time). Everything that follows from the call's shapes, layouts
     and arguments comes from ``_plan``, cached per layer.
     """
     fmt = memory_format(x)
@@ -364,7 +364,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         c = torch.empty_like(y, memory_format=saved_c_format(x, "triton"))
         norm = torch.empty(plan.norm_shape, dtype=torch.float32, device=dev)
     else:
-        c, norm = y.new_empty((0,)), y.new_empty((0,), dtype=torch.float32)
+        c = norm = None
     if y.numel() == 0:
         return y, c, norm
     # NCHW x: copied channels-contiguous for K, in the GEMM's weight launch where it can be
@@ -382,7 +382,9 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         else:
             normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
                              out_strides=out_strides, slots=slots)
-    plan.main((x, w_hat, p, q, y, c, norm), x.stride())
+    # without SAVE the kernel stores y only: y stands in for the c and norm pointers
+    plan.main((x, w_hat, p, q, y, y if c is None else c, y if norm is None else norm),
+              x.stride())
     return y, c, norm
 
 

@@ -63,7 +63,7 @@ def _guard(x):
 
 def forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
             weight_norm_eps, backend, save_for_backward):
-    """``(y, c, norm)``; ``c`` and ``norm`` are empty unless ``save_for_backward``."""
+    """``(y, c, norm)``; ``c`` and ``norm`` are None unless ``save_for_backward``."""
     with _guard(x):
         return _backend(backend).scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups,
                                            eps, norm_eps, weight_norm, weight_norm_eps,
@@ -87,9 +87,13 @@ def scd2d_core(x: Tensor, weight: Tensor, p: Tensor, q: Tensor, stride: list[int
                padding: list[int], dilation: list[int], groups: int, eps: float, norm_eps: float,
                weight_norm: str, weight_norm_eps: float, backend: str,
                save_for_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, c, norm)`` of the core op, see :func:`forward`."""
-    return forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
-                   weight_norm_eps, backend, save_for_backward)
+    """``(y, c, norm)`` of the core op, see :func:`forward`; c and norm empty (0,) tensors
+    unless ``save_for_backward`` (an op returns tensors)."""
+    y, c, norm = forward(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
+                         weight_norm, weight_norm_eps, backend, save_for_backward)
+    if c is None:
+        c, norm = x.new_empty((0,)), x.new_empty((0,), dtype=compute_dtype(x.dtype))
+    return y, c, norm
 
 
 @scd2d_core.register_fake

@@ -87,7 +87,7 @@ def normalize_weight_backward(grad_w_hat, weight, q, mode, eps, scale=None):
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
               weight_norm="none", weight_norm_eps=0.0, save_for_backward=True):
     """``(y, c, norm)`` with ŵ normalised from ``weight`` (:func:`normalize_weight`); without
-    ``save_for_backward`` c and norm are empty (0,) tensors."""
+    ``save_for_backward`` c and norm are None."""
     w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     xc = x if x.dtype == cdt else x.to(cdt)
@@ -117,7 +117,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     fmt = memory_format(x)
     as_output = lambda t: (t if t.dtype == x.dtype else t.to(x.dtype)).contiguous(memory_format=fmt)
     if not save_for_backward:
-        return as_output(y), x.new_empty((0,)), x.new_empty((0,), dtype=cdt)
+        return as_output(y), None, None
     return as_output(y), as_output(d), norm.contiguous()
 
 
