@@ -5,6 +5,8 @@
 
 1. the GPU-specific tests on the real kernels (no interpreter), with a time limit, split over
    up to 8 pytest processes (``--jobs``): most of a GPU test's time is compiling kernels;
+   then the benchmark's Triton kernels are compiled in as many processes (Triton's cache is on
+   disk), so that the benchmark does not compile them one after another;
 2. a quick benchmark of every provider on the whole suite in bfloat16 and float32 (the
    ``torch.compile`` providers on a few shapes only: each compile takes tens of seconds);
 3. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
@@ -47,27 +49,18 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "freed_graph'")
 
 
-def run_tests(timeout_s, selection=("tests",), jobs=1):
-    """The tests on the GPU kernels (no interpreter), split over ``jobs`` pytest processes that
-    share the GPU (most of a GPU test's time is compiling kernels on the host's cores); returns
-    (exit code or "timeout", the combined summary line, seconds)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_INTERPRET"] = "0"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # bench.pytest_shard
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+def _run_processes(commands, env, timeout_s):
+    """Runs ``commands`` (argv lists, with an ``env`` each) side by side; returns their exit
+    codes ("timeout" for one killed at ``timeout_s``) and outputs."""
     start = time.time()
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p",
-               "no:cacheprovider", "-p", "bench.pytest_shard", *selection]
     with tempfile.TemporaryDirectory() as tmp:
-        logs = [open(os.path.join(tmp, f"shard{i}.log"), "w+") for i in range(jobs)]
-        procs = [subprocess.Popen(command, env=dict(env, SCD_TEST_SHARD=f"{i}/{jobs}"),
-                                  stdout=log, stderr=subprocess.STDOUT)
-                 for i, log in enumerate(logs)]
+        logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(len(commands))]
+        procs = [subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT)
+                 for (cmd, e), log in zip(zip(commands, env), logs)]
         codes = []
         for proc in procs:
             try:
-                code = proc.wait(timeout=max(1.0, timeout_s - (time.time() - start)))
-                codes.append(0 if code == 5 and jobs > 1 else code)  # 5: a shard got no test
+                codes.append(proc.wait(timeout=max(1.0, timeout_s - (time.time() - start))))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes.append("timeout")
@@ -76,12 +69,77 @@ def run_tests(timeout_s, selection=("tests",), jobs=1):
             log.seek(0)
             outs.append(log.read())
             log.close()
+    return codes, outs
+
+
+def _env():
+    """The environment of a child process: the real kernels, and this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # bench.pytest_shard
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
+    return env
+
+
+def run_tests(timeout_s, selection=("tests",), jobs=1):
+    """The tests on the GPU kernels (no interpreter), split over ``jobs`` pytest processes that
+    share the GPU (most of a GPU test's time is compiling kernels on the host's cores); returns
+    (exit code or "timeout", the combined summary line, seconds)."""
+    start = time.time()
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p",
+               "no:cacheprovider", "-p", "bench.pytest_shard", *selection]
+    env = _env()
+    codes, outs = _run_processes([command] * jobs,
+                                 [dict(env, SCD_TEST_SHARD=f"{i}/{jobs}") for i in range(jobs)],
+                                 timeout_s)
+    codes = [0 if c == 5 and jobs > 1 else c for c in codes]   # 5: a shard got no test
     for out, code in zip(outs, codes):
         if code != 0 or len(outs) == 1:
             print(out[-6000:])
     code = next((c for c in codes if c != 0), 0)
     summary = _combined_summary(outs, time.time() - start, jobs)
     return code, summary, time.time() - start
+
+
+TRITON_PROVIDERS = ("triton", "triton-cl")
+
+
+def warm_shard(shapes, dtypes, index, count, device):
+    """Makes once every call the benchmark makes of the Triton providers (the oracle check's
+    one sample, the forward, the training step, at each provider's layout) for the (shape,
+    dtype) pairs ``index``, ``index + count``, …, which compiles their kernels into Triton's
+    on-disk cache; returns those pairs."""
+    pairs = [(s, d) for s in shapes for d in dtypes][index::count]
+    for shape, dtype_name in pairs:
+        for name in TRITON_PROVIDERS:
+            fn = bench.make_provider(name, shape, device)
+            if fn is None:       # not on this device
+                continue
+            for layout in bench.LAYOUTS.get(name, ("nchw",)):
+                x, w, p, q = bench.make_inputs(shape, bench.DTYPES[dtype_name], device, layout)
+                with torch.no_grad():
+                    fn(x[:1], w, p, q)
+                    fn(x, w, p, q)
+                x.requires_grad_()
+                w.requires_grad_()
+                y = fn(x, w, p, q)
+                torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    return pairs
+
+
+def warm_kernel_cache(shapes, dtypes, jobs, timeout_s):
+    """:func:`warm_shard` in ``jobs`` processes side by side (``--warm-shard i/N``), so that the
+    benchmark's first Triton calls load compiled kernels instead of compiling them one after
+    another (2-3 s each); returns (exit code or "timeout", seconds)."""
+    start = time.time()
+    labels = [s.label for s in shapes]
+    commands = [[sys.executable, "-m", "bench.gpu_check", "--warm-shard", f"{i}/{jobs}",
+                 "--dtype", *dtypes, "--shapes", *labels] for i in range(jobs)]
+    codes, outs = _run_processes(commands, [_env()] * jobs, timeout_s)
+    for out, code in zip(outs, codes):
+        if code != 0:
+            print(out[-3000:])
+    return next((c for c in codes if c != 0), 0), time.time() - start
 
 
 def _combined_summary(outs, seconds, processes):
@@ -167,13 +225,21 @@ def main(argv=None):
                         "default: the GPU-specific tests (the whole suite compiles too many "
                         "kernel variants for a short run: use `make test-gpu` for it)")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                        help="pytest processes sharing the GPU (default: up to 8, one per core)")
+                        help="pytest (and kernel-compiling) processes sharing the GPU (default: "
+                        "up to 8, one per core)")
+    parser.add_argument("--warm-shard", metavar="I/N", help=argparse.SUPPRESS)
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
     parser.add_argument("--dtype", nargs="*", choices=DTYPES, default=DTYPES)
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")
+    shapes = [s for s in suite(True, "cuda")
+              if not args.shapes or any(f in s.label for f in args.shapes)]
+    if args.warm_shard:      # a worker of warm_kernel_cache
+        index, count = map(int, args.warm_shard.split("/"))
+        warm_shard(shapes, args.dtype, index, count, torch.device("cuda"))
+        return None
     start = time.time()
     name = bench.device_name(torch.device("cuda"))
     print(f"== {name}, torch {torch.__version__}, triton {bench._triton_version()}")
@@ -185,10 +251,11 @@ def main(argv=None):
         print(f"-- tests: {summary} (exit {code})")
         if args.tests_only:
             sys.exit(0 if code == 0 else 1)
+    print(f"== compiling the Triton providers' kernels in {args.jobs} processes")
+    code, seconds = warm_kernel_cache(shapes, args.dtype, args.jobs, 300)
+    print(f"-- compiled in {seconds:.0f} s (exit {code})")
     torch.backends.cudnn.benchmark = True
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
-    shapes = [s for s in suite(True, "cuda")
-              if not args.shapes or any(f in s.label for f in args.shapes)]
     device = torch.device("cuda")
     print("== benchmark")
     providers = ["conv2d"] + [p for p in args.providers if p != "conv2d"]

@@ -109,3 +109,15 @@ def test_gpu_tests_are_split_over_processes_and_summed(tmp_path):
     assert summary.endswith("(2 processes)"), summary
     code, summary, _ = gpu_check.run_tests(120, [str(tmp_path)], jobs=3)
     assert code != 0 and "4 passed" in summary and "1 failed" in summary, summary
+
+
+def test_kernel_warm_up_shards_cover_every_shape_and_dtype_once():
+    """`make gpu-check` compiles the Triton providers' kernels in N processes first: their
+    shards of (shape, dtype) pairs cover each pair exactly once (on CPU no Triton provider
+    runs, so this checks the split only)."""
+    from bench import gpu_check
+    shapes = bench_run.suite(True, "cuda")[:3]
+    dtypes = ["bfloat16", "float32"]
+    parts = [gpu_check.warm_shard(shapes, dtypes, i, 4, torch.device("cpu")) for i in range(4)]
+    got = sorted((s.label, d) for part in parts for s, d in part)
+    assert got == sorted((s.label, d) for s in shapes for d in dtypes)
