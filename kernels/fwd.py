@@ -122,10 +122,11 @@ def scd2d_fwd_kernel(
     m_y = m_m[:, None] & m_o[None, :]
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
     if SAVE:
-        if PER_IMAGE:   # c is channels-last either way (y's order unless y is NCHW)
-            o_y = (((o_n.to(tl.int64) * P_IMG + o_p) * (G * Og))[:, None]
-                   + (i_g * Og + o_o)[None, :])
-        tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
+        o_cout = o_y    # c is channels-last either way: y's offsets unless y is NCHW
+        if PER_IMAGE:
+            o_cout = (((o_n.to(tl.int64) * P_IMG + o_p) * (G * Og))[:, None]
+                      + (i_g * Og + o_o)[None, :])
+        tl.store(Cout + o_cout, b_c.to(Cout.dtype.element_ty), mask=m_y)
         if i_n == 0:
             tl.store(Norm + (o_n.to(tl.int64) * G + i_g) * P_IMG + o_p, b_norm, mask=m_m)
 
@@ -192,9 +193,11 @@ def scd2d_fwd_direct_kernel(
     m_y = m_m[:, None, None] & m_o[None, :, :]
     tl.store(Y + o_y, b_y.to(Y.dtype.element_ty), mask=m_y)
     if SAVE:
-        if PER_IMAGE:   # c is channels-last either way (y's order unless y is NCHW)
-            o_y = ((o_n.to(tl.int64) * P_IMG + o_p) * (G * OG))[:, None, None] + o_o[None, :, :]
-        tl.store(Cout + o_y, b_c.to(Cout.dtype.element_ty), mask=m_y)
+        o_cout = o_y    # c is channels-last either way: y's offsets unless y is NCHW
+        if PER_IMAGE:
+            o_cout = (((o_n.to(tl.int64) * P_IMG + o_p) * (G * OG))[:, None, None]
+                      + o_o[None, :, :])
+        tl.store(Cout + o_cout, b_c.to(Cout.dtype.element_ty), mask=m_y)
         o_norm = (o_n.to(tl.int64) * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
         tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
 
@@ -350,8 +353,8 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     ŵ is normalised from ``weight`` (``weight.normalize_weight``, mode ``weight_norm``) into
     the layout the kernel reads. ``padding`` is (top, bottom, left, right); only top/left enter
     the index arithmetic. With ``save_for_backward=False`` only ``y`` is written and ``c``,
-    ``norm`` are None (no allocation: a call's host time). Everything that follows from the call's shapes, layouts
-    and arguments comes from ``_plan``, cached per layer.
+    ``norm`` are None (no allocation: a call's host time). Everything that follows from the
+    call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
     """
     fmt = memory_format(x)
     plan = _plan(x.shape, x.stride(), weight.shape, fmt, p.stride(0), q.stride(0),
