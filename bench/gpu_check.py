@@ -251,9 +251,10 @@ def main(argv=None):
         print(f"-- tests: {summary} (exit {code})")
         if args.tests_only:
             sys.exit(0 if code == 0 else 1)
-    print(f"== compiling the Triton providers' kernels in {args.jobs} processes")
-    code, seconds = warm_kernel_cache(shapes, args.dtype, args.jobs, 300)
-    print(f"-- compiled in {seconds:.0f} s (exit {code})")
+    if any(p in TRITON_PROVIDERS for p in args.providers):
+        print(f"== compiling the Triton providers' kernels in {args.jobs} processes")
+        code, seconds = warm_kernel_cache(shapes, args.dtype, args.jobs, 300)
+        print(f"-- compiled in {seconds:.0f} s (exit {code})")
     torch.backends.cudnn.benchmark = True
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
     device = torch.device("cuda")
