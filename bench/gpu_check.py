@@ -49,14 +49,14 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "freed_graph'")
 
 
-def _run_processes(commands, env, timeout_s):
-    """Runs ``commands`` (argv lists, with an ``env`` each) side by side; returns their exit
-    codes ("timeout" for one killed at ``timeout_s``) and outputs."""
+def _run_processes(commands, envs, timeout_s):
+    """Runs ``commands`` (argv lists, each with its environment in ``envs``) side by side;
+    returns their exit codes ("timeout" for one killed at ``timeout_s``) and outputs."""
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(len(commands))]
-        procs = [subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT)
-                 for (cmd, e), log in zip(zip(commands, env), logs)]
+        procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                 for cmd, env, log in zip(commands, envs, logs)]
         codes = []
         for proc in procs:
             try:

@@ -32,7 +32,8 @@ from ._common import dgrad_phase_taps, input_offsets, tap_offsets, tile_position
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
 from .launch import Launch, cdiv, next_power_of_2
-from .layout import CONFIG as COPY_CONFIG, to_channels_last, transpose_tile
+from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
+from .layout import transpose_tile
 from .weight import normalize_weight, normalize_weight_backward
 
 
@@ -338,7 +339,7 @@ class _Plan(NamedTuple):
     """What a backward needs that follows from shapes, layouts and arguments."""
     n_blk: int                # prologue blocks: rows of the grad_p / grad_q partials
     prologue: Launch
-    prologue_copy: Launch     # the prologue and the copy of NCHW x in one; None: not NCHW x
+    prologue_copy: Launch     # the prologue and the copy of NCHW x in one (copies_by_kernel)
     w_layout: tuple           # (shape, out_strides) of ŵ for dgrad
     dgrad: Launch
     planes: bool              # dgrad reads x as NCHW planes (else the channels-contiguous copy)
@@ -376,15 +377,13 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
                       prologue_constexprs, warps, stages)
-    prologue_copy = None
-    if x_contiguous and C > 1 and H * W > 1:   # NCHW x, copied by the kernel (copies_by_kernel)
-        BC, BPX, _ = COPY_CONFIG
-        xp_tiles, xc_tiles = cdiv(H * W, BPX), cdiv(C, BC)
-        programs = n_blk * cdiv(G, BG)
-        prologue_copy = Launch(
-            scd2d_bwd_prologue_copy_kernel, (programs + N * xp_tiles * xc_tiles,),
-            (*prologue_ints, cdiv(G, BG), programs, C, H * W, xp_tiles, xc_tiles), (eps,),
-            dict(prologue_constexprs, BC=BC, BPX=BPX), warps, stages)
+    BC, BPX, _ = COPY_CONFIG
+    xp_tiles, xc_tiles = copy_tiles(x_shape)
+    programs = n_blk * cdiv(G, BG)
+    prologue_copy = Launch(
+        scd2d_bwd_prologue_copy_kernel, (programs + N * xp_tiles * xc_tiles,),
+        (*prologue_ints, cdiv(G, BG), programs, C, H * W, xp_tiles, xc_tiles), (eps,),
+        dict(prologue_constexprs, BC=BC, BPX=BPX), warps, stages)
     prologues = (n_blk, prologue, prologue_copy)
 
     if uses_direct_kernel(G, Cg, Og):
@@ -496,7 +495,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1; in the
     # prologue's launch when the Triton copy does it
     needs_x_cl = (need_grad_params or not plan.planes) and x.stride(1) != 1 and x.shape[1] != 1
-    if needs_x_cl and plan.prologue_copy is not None:
+    if needs_x_cl and copies_by_kernel(x):
         x_cl = torch.empty_like(x, memory_format=torch.channels_last)
         plan.prologue_copy((*tensors, x, x_cl), strides)
     else:
@@ -597,9 +596,9 @@ def report_jobs():
                                  GNS="*fp32", PART="*fp32"), warps, stages))
             if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
                 BC, BPX, _ = COPY_CONFIG
-                programs = 32 * cdiv(56 * 56, BP)
-                copy_ints = dict(G_TILES=1, PROLOGUE_PROGRAMS=programs, C=64, XP=56 * 56,
-                                 XP_TILES=cdiv(56 * 56, BPX), XC_TILES=1)
+                xp_tiles, xc_tiles = copy_tiles((32, 64, 56, 56))
+                copy_ints = dict(G_TILES=1, PROLOGUE_PROGRAMS=32 * cdiv(56 * 56, BP), C=64,
+                                 XP=56 * 56, XP_TILES=xp_tiles, XC_TILES=xc_tiles)
                 jobs.append(job(scd2d_bwd_prologue_copy_kernel,
                                 f"BP{BP}-BG1-BO{BO}-BC{BC}-BPX{BPX}-w{warps}", dtype, layout,
                                 ints(scd2d_bwd_prologue_copy_kernel, lay, **copy_ints),

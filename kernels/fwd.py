@@ -398,7 +398,7 @@ def _prepare_nchw(x, weight, q, w_hat, mode, eps, groups, out_strides, slots):
     (w_programs,), w_scalars, w_constexprs = normalize_args(
         weight.shape, weight.stride(), q.stride(0), mode, eps, groups, tuple(out_strides), slots)
     BC, BP, warps = COPY_CONFIG
-    p_tiles, c_tiles = copy_tiles(x)
+    p_tiles, c_tiles = copy_tiles(x.shape)
     copy_programs = x.shape[0] * p_tiles * c_tiles
     launch(prepare_nchw_kernel, (copy_programs + w_programs,), (x, x_cl, weight, q, w_hat),
            (x.shape[1], x.shape[2] * x.shape[3], p_tiles, c_tiles, copy_programs, *w_scalars),
@@ -466,7 +466,7 @@ def report_jobs():
         (128, 9, 1152))
     first = prepare_nchw_kernel.arg_names.index("O")       # the normalisation's ints, eps last
     w_ints = dict(zip(prepare_nchw_kernel.arg_names[first:], w_scalars[:-1]))
-    p_tiles, c_tiles = cdiv(56 * 56, BP), cdiv(128, BC)
+    p_tiles, c_tiles = copy_tiles((64, 128, 56, 56))
     for dtype in ("bf16", "fp32"):
         jobs.append(dict(kernel=prepare_nchw_kernel, name=f"BC{BC}-BP{BP}-w{warps}",
                          layout="nchw", dtype=dtype,

@@ -40,10 +40,10 @@ def copies_by_kernel(x):
     return x.is_contiguous() and C > 1 and H * W > 1 and x.numel() > 0
 
 
-def copy_tiles(x):
-    """(position tiles per sample, channel tiles) of the copy of ``x``."""
+def copy_tiles(shape):
+    """(position tiles per sample, channel tiles) of the copy of an [N, C, H, W] tensor."""
     BC, BP, _ = CONFIG
-    return cdiv(x.shape[2] * x.shape[3], BP), cdiv(x.shape[1], BC)
+    return cdiv(shape[2] * shape[3], BP), cdiv(shape[1], BC)
 
 
 def to_channels_last(x):
@@ -54,7 +54,7 @@ def to_channels_last(x):
     N, C, H, W = x.shape
     y = torch.empty_like(x, memory_format=torch.channels_last)
     BC, BP, warps = CONFIG
-    p_tiles, c_tiles = copy_tiles(x)
+    p_tiles, c_tiles = copy_tiles(x.shape)
     launch(nchw_to_channels_last_kernel, (N * p_tiles, c_tiles), (x, y), (C, H * W, p_tiles),
            dict(BC=BC, BP=BP), warps, 1)
     return y
