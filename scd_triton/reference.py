@@ -53,11 +53,10 @@ def normalize_weight(weight, q, mode, eps):
     if eps:
         denom = denom.square_().add_(eps).sqrt_()                        # sqrt(Σw² + eps)
     if mode == "norm_q":
-        denom = denom + q
-    # 1/0 = inf -> 0 (an all-zero kernel); NaN stays NaN; an infinite norm (an Inf in the
-    # kernel) gives NaN, not 0: the whole kernel is undefined, not only its Inf tap
-    scale = denom.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0)
-    scale.masked_fill_(denom.isinf(), math.nan)
+        denom = denom.add_(q)
+    # 1/0 = inf -> 0 (an all-zero kernel); NaN stays NaN; adding 0·denom makes an infinite
+    # norm (an Inf in the kernel) NaN, not 0: the whole kernel is undefined, not only its Inf tap
+    scale = denom.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0).add_(denom, alpha=0)
     w_hat = weight * scale.view(O, *(1,) * (weight.dim() - 1))
     return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), scale
 
@@ -84,41 +83,51 @@ def normalize_weight_backward(grad_w_hat, weight, q, mode, eps, scale=None):
     return grad_w, grad_q
 
 
+def _patch_sum_squares(xp, groups, kernel_size, stride, padding, dilation):
+    """Σ s² over each patch of each group's channels, ``[N, G, OH, OW]`` (conv2d's arguments)."""
+    N, C, H, W = xp.shape
+    sq = xp.square()
+    if C // groups > 3:   # per-group channel sums first, then an R×S box sum: faster on CPU
+        sq = sq.view(N, groups, C // groups, H, W).sum(2)   # than a ones-kernel conv over them
+    return F.conv2d(sq, sq.new_ones(groups, sq.shape[1] // groups, *kernel_size), None, stride,
+                    padding, dilation, groups)
+
+
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
               weight_norm="none", weight_norm_eps=0.0, save_for_backward=True):
     """``(y, c, norm)`` with ŵ normalised from ``weight`` (:func:`normalize_weight`); without
-    ``save_for_backward`` c and norm are None."""
+    ``save_for_backward`` c and norm are None. Few torch ops: on a small CPU layer each op costs
+    more host time than its arithmetic."""
     w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
     cdt = compute_dtype(x.dtype)
     xc = x if x.dtype == cdt else x.to(cdt)
-    N, C, _, _ = x.shape
+    N, C = x.shape[:2]
     O, _, R, S = w_hat.shape
-    G, Og = groups, O // groups
+    G = groups
     xp, conv_pad = _pad_input(xc, padding)
-    OH, OW = output_hw(x.shape[-2:], (R, S), stride, padding, dilation)
     if C:
         d = F.conv2d(xp, w_hat if w_hat.dtype == cdt else w_hat.to(cdt), None, stride, conv_pad,
                      dilation, groups)
-        # Σ s² per (n, g, position): per-group channel sums of squares, then an R×S box sum
-        # (5× faster on CPU than one ones-kernel conv over all C/G channels for wide layers)
-        sq = xp.square()
-        if C != G:
-            sq = sq.view(N, G, C // G, *xp.shape[-2:]).sum(2)
-        ssq = F.conv2d(sq, _box_sum_weight(G, (R, S), sq), None, stride, conv_pad, dilation, G)
+        ssq = _patch_sum_squares(xp, G, (R, S), stride, conv_pad, dilation)
     else:  # conv2d returns no output channels for an input without channels: all sums are 0
+        OH, OW = output_hw(x.shape[-2:], (R, S), stride, padding, dilation)
         d, ssq = xc.new_zeros(N, O, OH, OW), xc.new_zeros(N, G, OH, OW)
+    OH, OW = d.shape[-2:]
     norm = ssq.add_(norm_eps).sqrt_()                                # [N, G, OH, OW]
-    # In-place where possible: fresh output-sized buffers cost page faults on CPU.
-    shape5 = (1, G, Og, 1, 1)
-    c5 = d.view(N, G, Og, OH, OW).div_(norm.view(N, G, 1, OH, OW) + q.view(shape5))  # c in d
+    # ‖s‖ + q per output channel (output-sized), then c in d's memory: fresh output-sized
+    # buffers cost page faults on CPU
+    if G == 1:
+        a = norm + q.view(O, 1, 1)
+    else:
+        a = (norm.view(N, G, 1, OH, OW) + q.view(1, G, O // G, 1, 1)).view(N, O, OH, OW)
+    c = d.div_(a)
     # y in a tensor of its own, not a view: the caller may modify the output in place
-    y = d.abs()
-    _signed(y.view(N, G, Og, OH, OW).add_(eps).pow_(p.view(shape5)), c5)
+    y = _signed(c.abs().add_(eps).pow_(p.view(O, 1, 1)), c)
     fmt = memory_format(x)
     as_output = lambda t: (t if t.dtype == x.dtype else t.to(x.dtype)).contiguous(memory_format=fmt)
     if not save_for_backward:
         return as_output(y), None, None
-    return as_output(y), as_output(d), norm.contiguous()
+    return as_output(y), as_output(c), norm.contiguous()
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
