@@ -104,7 +104,8 @@ def resolve_backend(backend, device: torch.device, dtype: torch.dtype = torch.fl
 
 def _check_scalar(value, name, positive=False, expected="a float or a tensor"):
     """A finite Python float >= 0 (> 0 if ``positive``); values inside tensors are not read."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool)   # a float skips the ABC check
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0, "
@@ -140,17 +141,17 @@ def _filled(value, n, dtype, device):
     return t
 
 
-def _effective(value, name, x, out_channels):
+def _effective(value, name, x, out_channels, traced):
     """p or q as a float tensor of shape [O] on x's device (a shared value is expanded).
 
     A Python float is validated here and filled on the device (no host-to-device copy, so no
-    synchronisation; once per value, see ``_filled``); the values of a tensor are the caller's
-    job (reading them would sync).
+    synchronisation; once per value, see ``_filled``, unless ``traced`` by torch.compile); the
+    values of a tensor are the caller's job (reading them would sync).
     """
     dtype = compute_dtype(x.dtype)
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
-        if torch.compiler.is_compiling() or type(x) is not Tensor:   # traced: make our own
+        if traced or type(x) is not Tensor:   # traced, or a tensor subclass: make our own
             return torch.full((out_channels,), float(value), dtype=dtype, device=x.device)
         return _filled(float(value), out_channels, dtype, x.device)
     if value.device != x.device:
@@ -181,13 +182,13 @@ def _check_tensors(x, weight, ndim):
         raise RuntimeError(f"weight is on {weight.device} but x is on {x.device}")
 
 
-def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim):
+def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim, traced):
     """Validates shapes and conv arguments; returns the 2-D ``(stride, padding, dilation,
     groups)`` of the core op. Cached per distinct call signature: a layer validates its
     arguments once, later calls cost one dictionary lookup."""
     key = (tuple(x.shape), tuple(weight.shape), x.dtype, weight.dtype, _typed(stride),
            _typed(padding), _typed(dilation), _typed(groups), _typed(eps), _typed(norm_eps), ndim)
-    if torch.compiler.is_compiling():   # traced once per graph: no cache needed
+    if traced:   # by torch.compile, once per graph: no cache needed
         return _geometry.__wrapped__(key)
     try:
         return _geometry(key)
@@ -261,13 +262,14 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
     """
     _check_tensors(x, weight, ndim)
     x, weight = _autocast(x, weight)
-    args = _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim)
+    traced = torch.compiler.is_compiling()
+    args = _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim, traced)
     if weight_norm_eps is None:
         weight_norm_eps = norm_eps
     else:
         _check_scalar(weight_norm_eps, "weight_norm_eps", expected="a Python float")
     O = weight.shape[0]
-    p_eff, q_eff = _effective(p, "p", x, O), _effective(q, "q", x, O)
+    p_eff, q_eff = _effective(p, "p", x, O, traced), _effective(q, "q", x, O, traced)
     backend = resolve_backend(backend, x.device, x.dtype)
     if x.shape[1] == 0:   # no input channels: every sum is 0; the kernels have no K to tile
         backend = "reference"
