@@ -121,3 +121,15 @@ def test_kernel_warm_up_shards_cover_every_shape_and_dtype_once():
     parts = [gpu_check.warm_shard(shapes, dtypes, i, 4, torch.device("cpu")) for i in range(4)]
     got = sorted((s.label, d) for part in parts for s, d in part)
     assert got == sorted((s.label, d) for s in shapes for d in dtypes)
+
+
+def test_per_call_times_the_tiny_layer_against_conv2d(capsys):
+    from bench import per_call
+    calls = per_call.tiny_layer_calls()
+    ys = {name: fn() for name, fn in calls.items()}
+    assert ys["scd2d"].shape == ys["rohrer"].shape == ys["conv2d"].shape == (1, 4, 8, 8)
+    torch.testing.assert_close(ys["scd2d"], ys["rohrer"])   # the same layer and arguments
+    per_call.main(["--rounds", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["conv2d", "rohrer", "scd2d"]
+    assert lines[1].endswith("1.0× conv2d")
