@@ -1,7 +1,7 @@
-"""Backward of the SCD core op (SPEC section 2): four launches (with the kernel normalisation's
-backward, ``weight.normalize_weight_backward_kernel``, which also writes the dgrad's ŵ), plus
-the split-K sum when split. NCHW x is copied channels-contiguous in the prologue's launch
-(``scd2d_bwd_prologue_copy_kernel``).
+"""Backward of the SCD core op (docs/DESIGN.md section 2): four launches (with the kernel
+normalisation's backward, ``weight.normalize_weight_backward_kernel``, which also writes the
+dgrad's ŵ), plus the split-K sum when split. NCHW x is copied channels-contiguous in the
+prologue's launch (``scd2d_bwd_prologue_copy_kernel``).
 
 - ``scd2d_bwd_prologue_kernel``: one pass over ``grad_y`` and the saved ``c`` and norms. Per
   element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =

@@ -285,7 +285,7 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
 
 def scd2d_normalized(x, w_hat, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12,
                      norm_eps=1e-12, backend=None):
-    """The core op on pre-normalised kernels ``w_hat`` (SPEC section 1).
+    """The core op on pre-normalised kernels ``w_hat`` (docs/DESIGN.md section 1).
 
     ``y = sign(d) · (|d / (‖s‖ + q)| + eps) ** p`` with ``d = s · ŵ`` the conv2d output and
     ``‖s‖ = sqrt(Σ s² + norm_eps)`` the norm of each patch over its group's channels.

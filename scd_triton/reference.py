@@ -1,10 +1,11 @@
 """Pure-PyTorch core op: the CPU path (and float64), the same functions as ``kernels``.
 
 The forward normalises the kernels (``normalize_weight``), then runs one ``conv2d`` for the dot
-products, one depthwise box-sum of the per-group channel sums of ``x²`` for the patch norms and
-one elementwise epilogue; no unfold. The backward is the analytic formula of SPEC section 2 on
-the saved ``x``, weight, ``c`` and norms, then the normalisation's Jacobian, so autograd never
-keeps the output-sized intermediates of the formula.
+products, one ones-kernel ``conv2d`` of ``x²`` (of its per-group channel sums, for groups of
+more than three channels) for the patch norms and one elementwise epilogue; no unfold. The
+backward is the analytic formula of docs/DESIGN.md section 2 on the saved ``x``, weight, ``c``
+and norms, then the normalisation's Jacobian, so autograd never keeps the output-sized
+intermediates of the formula.
 
 Shapes: ``x [N, C, H, W]``, ``weight [O, C/G, R, S]``, ``p, q [O]``; ``padding`` is
 ``(top, bottom, left, right)`` so that ``padding="same"`` with even kernels is exact.
@@ -87,8 +88,10 @@ def _patch_sum_squares(xp, groups, kernel_size, stride, padding, dilation):
     """Σ s² over each patch of each group's channels, ``[N, G, OH, OW]`` (conv2d's arguments)."""
     N, C, H, W = xp.shape
     sq = xp.square()
-    if C // groups > 3:   # per-group channel sums first, then an R×S box sum: faster on CPU
-        sq = sq.view(N, groups, C // groups, H, W).sum(2)   # than a ones-kernel conv over them
+    # more than 3 channels per group: channel sums first, then an R×S box sum (faster on CPU
+    # than a ones-kernel conv over all of them)
+    if C // groups > 3:
+        sq = sq.view(N, groups, C // groups, H, W).sum(2)
     return F.conv2d(sq, sq.new_ones(groups, sq.shape[1] // groups, *kernel_size), None, stride,
                     padding, dilation, groups)
 
@@ -135,7 +138,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,
               weight_norm="none", weight_norm_eps=0.0, need_grad_x=True, need_grad_params=True,
               c_is_free=False):
-    """Gradients (x, weight, p, q) of the core op from the saved tensors (SPEC section 2),
+    """Gradients (x, weight, p, q) of the core op from the saved tensors (docs/DESIGN.md section 2),
     through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`); grad_x is
     None unless ``need_grad_x``, the other three None unless ``need_grad_params``.
     ``c_is_free``: nothing reads ``c`` after this call, so a product is formed in its memory."""

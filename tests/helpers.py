@@ -1,4 +1,5 @@
-"""Tolerances (SPEC section 5) and a comparison that names the tensor and prints the error."""
+"""Tolerances against the float64 oracle, per dtype, and a comparison that names the tensor
+and prints the error."""
 import torch
 
 # relative ‖got − ref‖ / ‖ref‖ bounds: (output, gradients)

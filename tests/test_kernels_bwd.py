@@ -160,7 +160,7 @@ def test_all_zero_patches_give_finite_gradients():
 
 @pytest.mark.parametrize("groups", [1, 16], ids=["gemm", "direct"])
 def test_nan_in_x_gives_nan_gradients(groups):
-    """NaN in, NaN out (SPEC section 6): the same NaN pattern as the reference backward."""
+    """NaN in, NaN out (docs/DESIGN.md section 1): the NaN pattern of the reference backward."""
     x, w = _leaves((1, 16, 7, 7), (16, 16 // groups, 3, 3))
     with torch.no_grad():
         x[0, 3, 2, 2] = float("nan")
