@@ -29,9 +29,9 @@ def _pad_input(x, padding):
     return F.pad(x, (left, right, top, bottom)), (0, 0)
 
 
-def _box_sum_weight(groups, kernel_size, like):
-    """A ones kernel that sums each group's single channel over an R×S window."""
-    return like.new_ones(groups, 1, *kernel_size)
+def _box_sum_weight(groups, channels, kernel_size, like):
+    """A ones kernel that sums each group's ``channels`` channels over an R×S window."""
+    return like.new_ones(groups, channels, *kernel_size)
 
 
 def _signed(magnitude, c):
@@ -92,8 +92,8 @@ def _patch_sum_squares(xp, groups, kernel_size, stride, padding, dilation):
     # than a ones-kernel conv over all of them)
     if C // groups > 3:
         sq = sq.view(N, groups, C // groups, H, W).sum(2)
-    return F.conv2d(sq, sq.new_ones(groups, sq.shape[1] // groups, *kernel_size), None, stride,
-                    padding, dilation, groups)
+    return F.conv2d(sq, _box_sum_weight(groups, sq.shape[1] // groups, kernel_size, sq), None,
+                    stride, padding, dilation, groups)
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -182,7 +182,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         (need_grad_x, need_grad_params, False))
     grad_x = None
     if need_grad_x:
-        box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, (R, S), xc),
+        box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, 1, (R, S), xc),
                            grad_norm / norm, stride, conv_pad, dilation, G)
         grad_xp.view(N, G, C // G, *xp.shape[-2:]).addcmul_(
             xp.view(N, G, C // G, *xp.shape[-2:]), box.unsqueeze(2))
