@@ -116,15 +116,18 @@ _FILLED = {}   # (value, O, dtype, device, CUDA stream) -> the [O] tensor of a P
 _FILLED_MAX = 64
 
 
-def _filled(value, n, dtype, device):
-    """``torch.full((n,), value)``, made once per (value, n, dtype, device, current CUDA stream):
-    a Python-float p or q then costs no allocation and no fill launch per call. The op only
-    reads it. Kept only for plain eager calls: not while tracing (symbolic sizes, fake tensors,
-    dispatch modes, functorch transforms), and not when made during CUDA-graph capture (the
-    fill has not run outside the graph); made outside inference mode, so that a later training
-    call can save it for backward. The stream is in the key: a call on another stream must not
-    read it before the fill on the first one has run."""
-    plain = (isinstance(n, int) and not torch._C._len_torch_dispatch_stack()
+def _filled(value, n, dtype, x, traced):
+    """``torch.full((n,), value)`` on x's device, made once per (value, n, dtype, device,
+    current CUDA stream): a Python-float p or q then costs no allocation and no fill launch per
+    call. The op only reads it. Kept only for plain eager calls: not while ``traced`` by
+    torch.compile or tracing otherwise (tensor subclasses such as fake tensors, symbolic
+    sizes, dispatch modes, functorch transforms), and not when made during CUDA-graph capture
+    (the fill has not run outside the graph); made outside inference mode, so that a later
+    training call can save it for backward. The stream is in the key: a call on another stream
+    must not read it before the fill on the first one has run."""
+    device = x.device
+    plain = (not traced and type(x) is Tensor and isinstance(n, int)
+             and not torch._C._len_torch_dispatch_stack()
              and torch._C._functorch.peek_interpreter_stack() is None)
     if not plain:
         return torch.full((n,), value, dtype=dtype, device=device)
@@ -151,9 +154,7 @@ def _effective(value, name, x, out_channels, traced):
     dtype = compute_dtype(x.dtype)
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
-        if traced or type(x) is not Tensor:   # traced, or a tensor subclass: make our own
-            return torch.full((out_channels,), float(value), dtype=dtype, device=x.device)
-        return _filled(float(value), out_channels, dtype, x.device)
+        return _filled(float(value), out_channels, dtype, x, traced)
     if value.device != x.device:
         raise RuntimeError(f"{name} is on {value.device} but x is on {x.device}")
     if value.dtype not in (torch.float32, x.dtype):
