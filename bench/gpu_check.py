@@ -72,6 +72,15 @@ def _run_processes(commands, envs, timeout_s):
     return codes, outs
 
 
+def _first_failure(codes, outs, tail, show_all=False):
+    """Prints the last ``tail`` characters of each failed process's output (of every one with
+    ``show_all``); returns the first failing exit code ("timeout" included), else 0."""
+    for out, code in zip(outs, codes):
+        if code != 0 or show_all:
+            print(out[-tail:])
+    return next((c for c in codes if c != 0), 0)
+
+
 def _env():
     """The environment of a child process: the real kernels, and this checkout importable."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -93,10 +102,7 @@ def run_tests(timeout_s, selection=("tests",), jobs=1):
                                  [dict(env, SCD_TEST_SHARD=f"{i}/{jobs}") for i in range(jobs)],
                                  timeout_s)
     codes = [0 if c == 5 and jobs > 1 else c for c in codes]   # 5: a shard got no test
-    for out, code in zip(outs, codes):
-        if code != 0 or len(outs) == 1:
-            print(out[-6000:])
-    code = next((c for c in codes if c != 0), 0)
+    code = _first_failure(codes, outs, 6000, show_all=jobs == 1)
     summary = _combined_summary(outs, time.time() - start, jobs)
     return code, summary, time.time() - start
 
@@ -136,10 +142,7 @@ def warm_kernel_cache(shapes, dtypes, jobs, timeout_s):
     commands = [[sys.executable, "-m", "bench.gpu_check", "--warm-shard", f"{i}/{jobs}",
                  "--dtype", *dtypes, "--shapes", *labels] for i in range(jobs)]
     codes, outs = _run_processes(commands, [_env()] * jobs, timeout_s)
-    for out, code in zip(outs, codes):
-        if code != 0:
-            print(out[-3000:])
-    return next((c for c in codes if c != 0), 0), time.time() - start
+    return _first_failure(codes, outs, 3000), time.time() - start
 
 
 def _combined_summary(outs, seconds, processes):
