@@ -589,11 +589,12 @@ def report_jobs():
                                 dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
             BP, BO, warps, stages = PROLOGUE_CONFIG
             lay, _ = layer(layout, 64, 64, 1, BP)
+            prologue_ptrs = dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
+                                 GNS="*fp32", PART="*fp32")
             jobs.append(job(scd2d_bwd_prologue_kernel, f"BP{BP}-BG1-BO{BO}-w{warps}", dtype, layout,
                             ints(scd2d_bwd_prologue_kernel, lay),
-                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw),
-                            dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
-                                 GNS="*fp32", PART="*fp32"), warps, stages))
+                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw), prologue_ptrs, warps,
+                            stages))
             if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
                 BC, BPX, _ = COPY_CONFIG
                 xp_tiles, xc_tiles = copy_tiles((32, 64, 56, 56))
@@ -603,8 +604,7 @@ def report_jobs():
                                 f"BP{BP}-BG1-BO{BO}-BC{BC}-BPX{BPX}-w{warps}", dtype, layout,
                                 ints(scd2d_bwd_prologue_copy_kernel, lay, **copy_ints),
                                 dict(BP=BP, BG=1, BO=BO, PER_IMAGE=True, BC=BC, BPX=BPX),
-                                dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
-                                     GNS="*fp32", PART="*fp32", X=dt, X_CL=dt), warps, stages))
+                                dict(prologue_ptrs, X=dt, X_CL=dt), warps, stages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             dw, dw_cl = layer(layout, 128, 128, 128, BM)
             jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,
