@@ -4,18 +4,23 @@
     python -m bench.gpu_check --tests-only --tests tests     # `make test-gpu`: the whole suite
 
 1. the GPU-specific tests on the real kernels (no interpreter), with a time limit, split over
-   up to 8 pytest processes (``--jobs``): most of a GPU test's time is compiling kernels;
-   then the benchmark's Triton kernels are compiled in as many processes (Triton's cache is on
-   disk), so that the benchmark does not compile them one after another;
-2. a quick benchmark of every provider on the whole suite in bfloat16 and float32 (the
-   ``torch.compile`` providers on a few shapes only: each compile takes tens of seconds);
-3. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
-   kernels (forward, and forward+backward), and the costliest kernels of each.
-It writes ``<out-dir>/<gpu>.json`` (rows, profile, test summary) and ``<gpu>.png``, and prints the
-tables. It needs torch with CUDA and the project installed (``pip install --no-deps
---no-build-isolation -e .``); it uses no network.
+   up to 8 pytest processes (``--jobs``), and, side by side with them, as many processes that
+   compile the benchmark's kernels (the Triton providers', and the ``torch.compile``
+   providers' on their shapes) into the on-disk caches: most of a GPU test's or a first
+   call's time is compiling on the host's cores, and the benchmark would compile one kernel
+   after another;
+2. a benchmark of conv2d and the Triton providers on the whole suite in bfloat16 and float32;
+3. the ``torch.compile`` providers on a few shapes (bfloat16);
+4. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
+   kernels (forward, and forward+backward), and the costliest kernels of each;
+5. the eager baselines (the published formulations, the reference backend) on the suite.
+It writes ``<out-dir>/<gpu>.json`` (rows, profile, test summary, seconds per phase) after
+every shape and phase, so that a run cut short keeps what it measured, and ``<gpu>.png`` after
+every phase; it prints the tables. It needs torch with CUDA and the project installed (``pip
+install --no-deps --no-build-isolation -e .``); it uses no network.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -25,13 +30,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
 from bench import run as bench
 from bench.shapes import suite
 
-FAST_PROVIDERS = ["conv2d", "unfold", "rohrer", "reference", "triton", "triton-cl"]
+TRITON_PROVIDERS = ("triton", "triton-cl")
+CORE_PROVIDERS = ["conv2d", *TRITON_PROVIDERS]
+BASELINE_PROVIDERS = ["unfold", "rohrer", "reference"]   # eager: timed last
+FAST_PROVIDERS = CORE_PROVIDERS + BASELINE_PROVIDERS
 COMPILE_PROVIDERS = ["conv2d", "rohrer+compile"]
 COMPILE_SHAPES = ("resnet18/3x3_128_28", "cifar_wide/scs3x3_256-256_8",
                   "cifar10_80_25214/scs5x5_3-80_32")
@@ -40,8 +49,7 @@ DTYPES = ["bfloat16", "float32"]
 # (54 tests, 160 s on an H200, 2026-11-26, most of it kernel compilation), and the buffers,
 # layouts and launches changed since (fresh buffers filled with NaN, padded weight rows, the
 # workspace in grad_x, skipped gradients, weights of any layout, grad_d in c's memory, Python-
-# float p / q filled once and not kept from a CUDA-graph capture; not yet timed on a GPU, hence
-# the test time limit of 300 s)
+# float p / q filled once and not kept from a CUDA-graph capture)
 GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels_weight.py "
              "tests/test_ops.py tests/test_functional.py -k 'bfloat16 or tf32 or synchronises or "
              "capturable or autocast or nan or int64 or nchw or wide or fresh or padded or "
@@ -49,20 +57,22 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "freed_graph'")
 
 
-def _run_processes(commands, envs, timeout_s):
-    """Runs ``commands`` (argv lists, each with its environment in ``envs``) side by side;
-    returns their exit codes ("timeout" for one killed at ``timeout_s``) and outputs."""
+def _run_processes(commands, envs, timeouts_s):
+    """Runs ``commands`` (argv lists, each with its environment in ``envs`` and its time limit
+    in ``timeouts_s``) side by side; returns their exit codes ("timeout" for one killed at its
+    limit) and outputs."""
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(len(commands))]
         procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
                  for cmd, env, log in zip(commands, envs, logs)]
         codes = []
-        for proc in procs:
+        for proc, timeout_s in zip(procs, timeouts_s):
             try:
                 codes.append(proc.wait(timeout=max(1.0, timeout_s - (time.time() - start))))
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
                 codes.append("timeout")
         outs = []
         for log in logs:
@@ -90,59 +100,69 @@ def _env():
     return env
 
 
+def _test_processes(selection, jobs):
+    """The argv lists and environments of ``jobs`` pytest processes, one shard each."""
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p",
+               "no:cacheprovider", "-p", "bench.pytest_shard", *selection]
+    env = _env()
+    return [command] * jobs, [dict(env, SCD_TEST_SHARD=f"{i}/{jobs}") for i in range(jobs)]
+
+
+def _test_result(codes, outs, seconds):
+    """(exit code or "timeout", the combined summary line) of the test processes."""
+    jobs = len(codes)
+    codes = [0 if c == 5 and jobs > 1 else c for c in codes]   # 5: a shard got no test
+    code = _first_failure(codes, outs, 6000, show_all=jobs == 1)
+    return code, _combined_summary(outs, seconds, jobs)
+
+
 def run_tests(timeout_s, selection=("tests",), jobs=1):
     """The tests on the GPU kernels (no interpreter), split over ``jobs`` pytest processes that
     share the GPU (most of a GPU test's time is compiling kernels on the host's cores); returns
     (exit code or "timeout", the combined summary line, seconds)."""
     start = time.time()
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "-p",
-               "no:cacheprovider", "-p", "bench.pytest_shard", *selection]
-    env = _env()
-    codes, outs = _run_processes([command] * jobs,
-                                 [dict(env, SCD_TEST_SHARD=f"{i}/{jobs}") for i in range(jobs)],
-                                 timeout_s)
-    codes = [0 if c == 5 and jobs > 1 else c for c in codes]   # 5: a shard got no test
-    code = _first_failure(codes, outs, 6000, show_all=jobs == 1)
-    summary = _combined_summary(outs, time.time() - start, jobs)
+    commands, envs = _test_processes(selection, jobs)
+    codes, outs = _run_processes(commands, envs, [timeout_s] * jobs)
+    code, summary = _test_result(codes, outs, time.time() - start)
     return code, summary, time.time() - start
 
 
-TRITON_PROVIDERS = ("triton", "triton-cl")
-
-
-def warm_shard(shapes, dtypes, index, count, device):
-    """Makes once every call the benchmark makes of the Triton providers (the oracle check's
-    one sample, the forward, the training step, at each provider's layout) for the (shape,
-    dtype) pairs ``index``, ``index + count``, …, which compiles their kernels into Triton's
-    on-disk cache; returns those pairs."""
+def warm_shard(shapes, dtypes, index, count, device, providers=TRITON_PROVIDERS):
+    """Makes once every call the benchmark makes of ``providers`` (the oracle check's sample,
+    the forward, the training step, at each provider's layouts) for the (shape, dtype) pairs
+    ``index``, ``index + count``, …, which compiles their kernels into the on-disk caches
+    (Triton's, and Inductor's for the ``torch.compile`` providers); returns those pairs."""
     pairs = [(s, d) for s in shapes for d in dtypes][index::count]
     for shape, dtype_name in pairs:
-        for name in TRITON_PROVIDERS:
+        dtype = bench.DTYPES[dtype_name]
+        for name in providers:
             fn = bench.make_provider(name, shape, device)
             if fn is None:       # not on this device
                 continue
+            bench.check_against_oracle(name, fn, shape, dtype, device)
             for layout in bench.LAYOUTS.get(name, ("nchw",)):
-                x, w, p, q = bench.make_inputs(shape, bench.DTYPES[dtype_name], device, layout)
-                with torch.no_grad():
-                    fn(x[:1], w, p, q)
-                    fn(x, w, p, q)
-                x.requires_grad_()
-                w.requires_grad_()
-                y = fn(x, w, p, q)
-                torch.autograd.grad(y, (x, w), torch.ones_like(y))
+                for pass_ in bench.PASSES:
+                    bench.make_step(fn, shape, dtype, device, pass_, layout)[0]()
     return pairs
 
 
-def warm_kernel_cache(shapes, dtypes, jobs, timeout_s):
-    """:func:`warm_shard` in ``jobs`` processes side by side (``--warm-shard i/N``), so that the
-    benchmark's first Triton calls load compiled kernels instead of compiling them one after
-    another (2-3 s each); returns (exit code or "timeout", seconds)."""
-    start = time.time()
+def _warm_processes(shapes, dtypes, providers, jobs, compiled):
+    """The argv lists of the processes that run :func:`warm_shard` (``--warm-shard i/N``):
+    ``jobs`` for the Triton ones of ``providers`` on every shape, one per shape of
+    ``COMPILE_SHAPES`` for the torch.compile providers if ``compiled`` (each compile takes tens
+    of seconds)."""
+    commands = []
+    triton = [p for p in providers if p in TRITON_PROVIDERS]
     labels = [s.label for s in shapes]
-    commands = [[sys.executable, "-m", "bench.gpu_check", "--warm-shard", f"{i}/{jobs}",
-                 "--dtype", *dtypes, "--shapes", *labels] for i in range(jobs)]
-    codes, outs = _run_processes(commands, [_env()] * jobs, timeout_s)
-    return _first_failure(codes, outs, 3000), time.time() - start
+    if triton:
+        commands += [[sys.executable, "-m", "bench.gpu_check", "--warm-shard", f"{i}/{jobs}",
+                      "--dtype", *dtypes, "--shapes", *labels, "--warm-providers", *triton]
+                     for i in range(jobs)]
+    if compiled:
+        commands += [[sys.executable, "-m", "bench.gpu_check", "--warm-shard", "0/1", "--dtype",
+                      "bfloat16", "--shapes", label, "--warm-providers", *COMPILE_PROVIDERS[1:]]
+                     for label in COMPILE_SHAPES if label in labels]
+    return commands
 
 
 def _combined_summary(outs, seconds, processes):
@@ -216,6 +236,50 @@ def profile_summary(shapes, dtype=torch.bfloat16):
     return rows
 
 
+class _Results:
+    """The run's results, written to ``<out-dir>/<gpu>.json`` whenever they grow, so that a run
+    cut short (a lease's time limit) keeps what it measured."""
+
+    def __init__(self, out_dir, name):
+        os.makedirs(out_dir, exist_ok=True)
+        self.base = os.path.join(out_dir, bench.slug(name))
+        self.start = time.time()
+        self.data = dict(device=name, torch=torch.__version__, triton=bench._triton_version(),
+                         date=datetime.date.today().isoformat(), complete=False, seconds={},
+                         tests=None, warm_up=None, errors=[], profile=[], rows=[])
+
+    @contextlib.contextmanager
+    def recording_errors(self, what):
+        """Records an exception raised inside (and prints its traceback) instead of raising."""
+        try:
+            yield
+        except Exception as exc:   # noqa: BLE001 (a failed part must not lose the others)
+            traceback.print_exc()
+            self.data["errors"].append(f"{what}: {exc!r}"[:1000])
+
+    def phase_done(self, phase, phase_start):
+        self.data["seconds"][phase] = round(time.time() - phase_start, 1)
+        self.save(plot=True)
+
+    def save(self, plot=False):
+        self.data["seconds"]["total"] = round(time.time() - self.start, 1)
+        with open(self.base + ".json", "w") as f:
+            json.dump(self.data, f, indent=1)
+        if plot and self.data["rows"]:
+            bench.plot(self.data["rows"], self.base + ".png", f"SCD vs conv2d on "
+                       f"{self.data['device']}")
+
+
+def _bench_phase(results, shapes, providers, dtypes, device, keep):
+    """Times ``providers`` shape by shape (saving after each); keeps the rows of ``keep``. A
+    shape that raises is recorded in the results' errors and the next one runs."""
+    for shape in shapes:
+        with results.recording_errors(shape.label):
+            rows = bench.run([shape], providers, dtypes, device)
+            results.data["rows"] += [r for r in rows if r["provider"] in keep]
+        results.save()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -228,9 +292,10 @@ def main(argv=None):
                         "default: the GPU-specific tests (the whole suite compiles too many "
                         "kernel variants for a short run: use `make test-gpu` for it)")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                        help="pytest (and kernel-compiling) processes sharing the GPU (default: "
-                        "up to 8, one per core)")
+                        help="pytest processes sharing the GPU, and as many kernel-compiling "
+                        "ones beside them (default: up to 8)")
     parser.add_argument("--warm-shard", metavar="I/N", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-providers", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
     parser.add_argument("--dtype", nargs="*", choices=DTYPES, default=DTYPES)
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
@@ -239,48 +304,67 @@ def main(argv=None):
         sys.exit("gpu-check needs a CUDA device")
     shapes = [s for s in suite(True, "cuda")
               if not args.shapes or any(f in s.label for f in args.shapes)]
-    if args.warm_shard:      # a worker of warm_kernel_cache
+    device = torch.device("cuda")
+    if args.warm_shard:      # a worker of the compile phase
         index, count = map(int, args.warm_shard.split("/"))
-        warm_shard(shapes, args.dtype, index, count, torch.device("cuda"))
+        warm_shard(shapes, args.dtype, index, count, device, args.warm_providers)
         return None
-    start = time.time()
-    name = bench.device_name(torch.device("cuda"))
+    name = bench.device_name(device)
     print(f"== {name}, torch {torch.__version__}, triton {bench._triton_version()}")
-    tests = None
-    if not args.skip_tests:
-        print("== tests (real kernels)")
-        code, summary, seconds = run_tests(args.test_timeout, shlex.split(args.tests), args.jobs)
-        tests = dict(exit_code=code, summary=summary, seconds=round(seconds, 1))
+    if args.tests_only:
+        code, summary, _ = run_tests(args.test_timeout, shlex.split(args.tests), args.jobs)
         print(f"-- tests: {summary} (exit {code})")
-        if args.tests_only:
-            sys.exit(0 if code == 0 else 1)
-    if any(p in TRITON_PROVIDERS for p in args.providers):
-        print(f"== compiling the Triton providers' kernels in {args.jobs} processes")
-        code, seconds = warm_kernel_cache(shapes, args.dtype, args.jobs, 300)
-        print(f"-- compiled in {seconds:.0f} s (exit {code})")
+        sys.exit(0 if code == 0 else 1)
+    results = _Results(args.out_dir, name)
+    phase_start = time.time()
+    tests = ([], []) if args.skip_tests else _test_processes(shlex.split(args.tests), args.jobs)
+    warm = _warm_processes(shapes, args.dtype, args.providers, args.jobs,
+                           compiled=not args.skip_compile)
+    print(f"== {len(tests[0])} test processes and {len(warm)} compiling processes side by side")
+    codes, outs = _run_processes(tests[0] + warm, tests[1] + [_env()] * len(warm),
+                                 [args.test_timeout] * len(tests[0]) + [300.0] * len(warm))
+    seconds = time.time() - phase_start
+    if tests[0]:
+        code, summary = _test_result(codes[:len(tests[0])], outs[:len(tests[0])], seconds)
+        results.data["tests"] = dict(exit_code=code, summary=summary)
+        print(f"-- tests: {summary} (exit {code})")
+    code = _first_failure(codes[len(tests[0]):], outs[len(tests[0]):], 3000)
+    results.data["warm_up"] = dict(exit_code=code, processes=len(warm))
+    print(f"-- compiled in {seconds:.0f} s (exit {code})")
+    results.phase_done("tests_and_compile", phase_start)
+
     torch.backends.cudnn.benchmark = True
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 1024
-    device = torch.device("cuda")
-    print("== benchmark")
-    providers = ["conv2d"] + [p for p in args.providers if p != "conv2d"]
-    rows = bench.run(shapes, providers, args.dtype, device)
+    core = [p for p in CORE_PROVIDERS if p in args.providers or p == "conv2d"]
+    baselines = [p for p in BASELINE_PROVIDERS if p in args.providers]
+    phases = [("benchmark", lambda: _bench_phase(results, shapes, core, args.dtype, device,
+                                                 core))]
     if not args.skip_compile:
         few = [s for s in shapes if s.label in COMPILE_SHAPES]
-        print("== torch.compile providers")
-        compiled = bench.run(few, COMPILE_PROVIDERS, ["bfloat16"], device)
-        rows += [r for r in compiled if r["provider"] != "conv2d"]
-    print("== profile (triton, bfloat16)")
-    profile = profile_summary(shapes)
-    result = dict(device=name, torch=torch.__version__, triton=bench._triton_version(),
-                  date=datetime.date.today().isoformat(), tests=tests, profile=profile, rows=rows)
-    os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, bench.slug(name))
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    bench.plot(rows, base + ".png", f"SCD vs conv2d on {name}")
-    print(f"\n{bench.format_table(rows)}\n")
-    print(f"written: {base}.json, {base}.png ({time.time() - start:.0f} s in all)")
-    return result
+        phases.append(("torch.compile providers", lambda: _bench_phase(
+            results, few, COMPILE_PROVIDERS, ["bfloat16"], device, COMPILE_PROVIDERS[1:])))
+    phases.append(("profile (triton, bfloat16)",
+                   lambda: results.data["profile"].extend(profile_summary(shapes))))
+    if baselines:
+        phases.append(("eager baselines", lambda: _bench_phase(
+            results, shapes, ["conv2d", *baselines], args.dtype, device, baselines)))
+    for phase, run_phase in phases:
+        print(f"== {phase}")
+        phase_start = time.time()
+        with results.recording_errors(phase):
+            run_phase()
+        results.phase_done(phase, phase_start)
+    results.data["complete"] = True
+    results.save(plot=True)
+    print(f"\n{bench.format_table(results.data['rows'])}\n")
+    for error in results.data["errors"]:
+        print(f"ERROR {error}")
+    print(f"written: {results.base}.json, {results.base}.png "
+          f"({results.data['seconds']['total']:.0f} s in all)")
+    failed = results.data["errors"] or (results.data["tests"] or {}).get("exit_code", 0) != 0
+    if failed:
+        sys.exit(1)
+    return results.data
 
 
 if __name__ == "__main__":

@@ -164,7 +164,9 @@ def saved_bytes(fn, x, w, p, q):
     return sum(storages.values())
 
 
-def measure(fn, shape, dtype, device, pass_, min_run_time, layout="nchw"):
+def make_step(fn, shape, dtype, device, pass_, layout="nchw"):
+    """The timed step of ``pass_`` ("fwd": no grad; "fwd+bwd": the gradients of x and w, with
+    p and q requiring grad too) on fresh inputs; returns it and its inputs."""
     x, w, p, q = make_inputs(shape, dtype, device, layout)
     if pass_ == "fwd":
         def step():
@@ -176,6 +178,11 @@ def measure(fn, shape, dtype, device, pass_, min_run_time, layout="nchw"):
         grad = torch.randn_like(fn(x, w, p, q))
         def step():
             torch.autograd.grad(fn(x, w, p, q), (x, w), grad)
+    return step, (x, w, p, q)
+
+
+def measure(fn, shape, dtype, device, pass_, min_run_time, layout="nchw"):
+    step, (x, w, p, q) = make_step(fn, shape, dtype, device, pass_, layout)
     step()  # warm-up (and compile)
     peak = peak_bytes(step, device)
     ms = _time_cuda(step) if device.type == "cuda" else _time_cpu(step, min_run_time)

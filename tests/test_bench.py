@@ -123,6 +123,38 @@ def test_kernel_warm_up_shards_cover_every_shape_and_dtype_once():
     assert got == sorted((s.label, d) for s in shapes for d in dtypes)
 
 
+def test_compile_phase_covers_the_triton_shards_and_each_compile_shape():
+    """`make gpu-check` compiles beside its tests: N processes for the Triton providers' shards,
+    one per torch.compile shape (none with --skip-compile)."""
+    from bench import gpu_check
+    shapes = bench_run.suite(True, "cuda")
+    commands = gpu_check._warm_processes(shapes, ["bfloat16"], gpu_check.FAST_PROVIDERS, 3,
+                                         compiled=True)
+    shards = [c[c.index("--warm-shard") + 1] for c in commands if "triton" in c]
+    assert shards == ["0/3", "1/3", "2/3"]
+    compiled = [c[c.index("--shapes") + 1] for c in commands if "rohrer+compile" in c]
+    assert sorted(compiled) == sorted(gpu_check.COMPILE_SHAPES)
+    assert len(commands) == 3 + len(gpu_check.COMPILE_SHAPES)
+    assert len(gpu_check._warm_processes(shapes, ["bfloat16"], ["conv2d", "triton"], 3,
+                                         compiled=False)) == 3
+
+
+def test_gpu_check_results_are_saved_as_they_grow(tmp_path):
+    """A run cut short by a time limit keeps the rows measured so far (CPU rows here)."""
+    from dataclasses import replace
+    import json
+    from bench import gpu_check
+    results = gpu_check._Results(str(tmp_path), "CPU test")
+    shape = replace(bench_run.suite(True, "cuda")[3], N=1)
+    gpu_check._bench_phase(results, [shape], ["conv2d", "reference"], ["float32"],
+                           torch.device("cpu"), keep=["reference"])
+    saved = json.load(open(results.base + ".json"))
+    assert not saved["complete"]
+    assert [(r["provider"], r["pass"]) for r in saved["rows"]] == [("reference", "fwd"),
+                                                                  ("reference", "fwd+bwd")]
+    assert all(r["ratio_to_conv2d"] > 0 for r in saved["rows"])
+
+
 def test_per_call_times_the_tiny_layer_against_conv2d(capsys):
     from bench import per_call
     calls = per_call.tiny_layer_calls()
