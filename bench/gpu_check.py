@@ -308,7 +308,10 @@ def main(argv=None):
     if args.warm_shard:      # a worker of the compile phase
         index, count = map(int, args.warm_shard.split("/"))
         warm_shard(shapes, args.dtype, index, count, device, args.warm_providers)
-        return None
+        # no interpreter teardown: after torch.compile it aborted there on torch 2.11 ("terminate
+        # called without an active exception", exit -6) with all the work done
+        sys.stdout.flush()
+        os._exit(0)
     name = bench.device_name(device)
     print(f"== {name}, torch {torch.__version__}, triton {bench._triton_version()}")
     if args.tests_only:

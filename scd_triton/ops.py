@@ -41,7 +41,10 @@ _UNGUARDED = contextlib.nullcontext()
 
 def autocast_on(device_type):
     """Whether autocast is on for ``device_type``; False where autocast does not exist (the
-    meta device, on which a forward only works out shapes)."""
+    meta device, on which a forward only works out shapes). CUDA and CPU always have it, and
+    skip the availability check: torch.compile on torch 2.11 cannot trace it (fullgraph fails)."""
+    if device_type in ("cuda", "cpu"):
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 

@@ -255,7 +255,9 @@ def test_training_steps_match_reference_backend(monkeypatch):
 def test_what_needs_no_grad_skips_its_gemm(case, backend, frozen, monkeypatch):
     """A first layer's input, or a frozen layer's weight, p and q, need no gradient: their GEMM
     (dgrad, or wgrad and the Jacobian) does not run, as conv2d skips it, and the remaining
-    gradients are the same bits as when everything needs one."""
+    gradients are the same as when everything needs one: the same bits in the interpreter; on a
+    GPU grad_x within float32 rounding, as its ŵ then comes from the weight normalisation
+    instead of the Jacobian kernel, whose norm sums in another order."""
     from scd_triton.kernels import launch
     launched = []
     real_launch = launch.launch
@@ -283,8 +285,10 @@ def test_what_needs_no_grad_skips_its_gemm(case, backend, frozen, monkeypatch):
     for i, (got, want) in enumerate(zip(grads[False], grads[True])):
         if (i == 0) == (frozen == "x"):
             assert got is None
-        else:
+        elif DEVICE == "cpu":
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -388,7 +392,10 @@ def test_fresh_buffers_are_written_before_read(case, ws_in_grad_x, monkeypatch):
     bwd._plan.cache_clear()
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
     bwd._plan.cache_clear()
-    assert fits == [ws_in_grad_x]
+    if DEVICE == "cpu":      # the interpreter's plans; a GPU's split-K count follows its SMs
+        assert fits == [ws_in_grad_x]
+    else:
+        assert len(fits) == 1
 
 
 @gpu
