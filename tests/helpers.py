@@ -1,6 +1,11 @@
-"""Tolerances against the float64 oracle, per dtype, and a comparison that names the tensor
-and prints the error."""
+"""Tolerances against the float64 oracle, per dtype, a comparison that names the tensor and
+prints the error, and the device the Triton tests run on (CUDA where there is one, else the
+interpreter on CPU)."""
+import pytest
 import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 
 # relative ‖got − ref‖ / ‖ref‖ bounds: (output, gradients)
 REL_TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (1e-5, 5e-5),

@@ -11,12 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import oracle
 import scd_triton
 from cases import CASES_2D, Case, params, run_against_oracle
-from helpers import assert_close
+from helpers import DEVICE, assert_close, gpu
 from scd_triton.kernels import fwd, scd2d_fwd, uses_direct_kernel
 from scd_triton.kernels.fwd import gemm_config
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 
 KERNEL_CASES = CASES_2D + [
     Case(1, 70, 3, 4, 80, (1, 1), per_channel=False),      # several channel blocks and N tiles

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from helpers import DEVICE
 from scd_triton.kernels.layout import to_channels_last
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 

@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 from scd_triton.kernels.weight import normalize_weight, normalize_weight_backward
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _formula(w, q, mode, eps):

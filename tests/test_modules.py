@@ -7,7 +7,7 @@ import torch
 
 import oracle
 import scd_triton
-from helpers import assert_close
+from helpers import DEVICE, assert_close
 
 
 def _rohrer_state(n_kernels, cpk, k, w_scale=1.5):
@@ -407,12 +407,13 @@ def test_output_can_be_modified_in_place_like_conv2d(backend, layout, monkeypatc
     a 1-D layer's output is contiguous as conv1d's, also for channels-contiguous input."""
     monkeypatch.setenv("SCD_BACKEND", backend)
     one_d = layout.startswith("1d")
+    device = DEVICE if backend == "triton" else "cpu"
     layer = (scd_triton.SCD1d(4, 6, 3, padding=1) if one_d
-             else scd_triton.SCD2d(4, 6, 3, padding=1))
+             else scd_triton.SCD2d(4, 6, 3, padding=1)).to(device)
     if layout == "1d_transposed":      # embeddings [N, L, C] fed as [N, C, L]
-        x = torch.randn(2, 9, 4).transpose(1, 2)
+        x = torch.randn(2, 9, 4, device=device).transpose(1, 2)
     else:
-        x = torch.randn(2, 4, 9) if one_d else torch.randn(2, 4, 6, 6)
+        x = torch.randn(2, 4, 9, device=device) if one_d else torch.randn(2, 4, 6, 6, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     grads = []

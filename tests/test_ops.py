@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import scd_triton
+from helpers import gpu
 from scd_triton.functional import resolve_backend
 
 
@@ -183,7 +184,6 @@ def test_scd1d_validates_rank():
         scd_triton.scd1d(torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3), 1.0, 0.0)
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @gpu
