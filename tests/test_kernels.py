@@ -101,7 +101,7 @@ def test_heuristic_configs():
     big = 64 * 56 * 56
     # BK 32 for 16-bit: BK 64 at 2-3 pipeline stages gave wrong dots on an H200 (Triton 3.6)
     assert gemm_config(128, 128, 3, 3, 1, big, False) == (128, 128, 32, False, 8, 3)
-    assert gemm_config(128, 128, 3, 3, 1, big, True) == (64, 128, 32, False, 4, 3)
+    assert gemm_config(128, 128, 3, 3, 1, big, True) == (128, 64, 32, False, 8, 3)
     assert gemm_config(32, 32, 3, 3, 1, big, False)[1:4] == (32, 32, False)
     assert gemm_config(3, 80, 5, 5, 1, 256 * 32 * 32, False)[1:4] == (128, 32, True)
     assert gemm_config(512, 512, 3, 3, 1, 8 * 7 * 7, False)[0] == 64      # < 2 waves of 128
