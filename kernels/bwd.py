@@ -275,13 +275,13 @@ def scd2d_wgrad_kernel(
 
 # CUDA configs, one or two per kernel (no autotune: a GPU compiles little). GEMM tuples are
 # (BM, BN, BK, num_warps, num_stages); the "large" ones serve groups of more than 64 channels.
-# The 16-bit "large" ones and the float32 wgrad were picked from a sweep on an H100
-# (docs/GPU_NOTES.md section 8): 2-14% off a training step against 128×128 tiles.
+# The 16-bit "large" ones were picked from a sweep on an H100 (docs/GPU_NOTES.md section 8):
+# 2-14% off a training step against 128×128 tiles.
 PROLOGUE_CONFIG = (64, 32, 8, 1)                  # (BP, largest BO, warps, stages): 4 warps spilled 8 B (fp32, sm_90)
 DGRAD_CONFIGS = {"large": (64, 128, 64, 4, 3), "small": (128, 64, 32, 4, 3)}
 WGRAD_CONFIGS = {"large": (128, 64, 64, 4, 3), "small": (64, 64, 64, 4, 3)}
 DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
-WGRAD_CONFIG_FP32 = (128, 64, 32, 8, 3)
+WGRAD_CONFIG_FP32 = (64, 64, 32, 8, 3)   # 4 warps spill 8 B on sm_80 (kernel report)
 WGRAD_FLAT_CONFIG = (64, 128, 32, 8, 3)           # fewer than 16 channels per group; BN at most
 DGRAD_DIRECT_CONFIG = (64, 64, 4, 2)              # (BM, BC, warps, stages)
 WGRAD_DIRECT_CONFIG = (128, 64, 4, 2)             # (BP, BO, warps, stages)

@@ -251,16 +251,13 @@ def _block_k(n, choices):
 def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
 
-    Wide tiles (128×128×32 for 16-bit, 128×64×32 for float32) for wide layers, 3 stages; BN the
-    smallest power of two covering O/G (≥ 16, ≤ 64 for float32); BK the wider of 32/16 that pads
-    C/G by ≤ 1/8. Fewer than 16 channels per group (stem, grouped narrow layers) flatten K over
-    (tap, channel), so a 3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of
-    16 mostly-zero ones.
+    Wide tiles (128×128×32 for 16-bit, 64×128×32 for float32) for wide layers, 3 stages; BN the
+    smallest power of two covering O/G (≥ 16); BK the wider of 32/16 that pads C/G by ≤ 1/8. Fewer
+    than 16 channels per group (stem, grouped narrow layers) flatten K over (tap, channel), so a
+    3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero ones.
     BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a 132-SM GPU.
     """
-    # float32: BN ≤ 64 (128×64 tiles took 0.59-0.82× the time of 64×128 ones on an H100, and
-    # 128×128 tiles with the [BM, BK] Σs² tile spill on sm_90)
-    BN = pow2_between(Og, 16, 64 if fp32 else 128)
+    BN = pow2_between(Og, 16, 128)
     flat_k = Cg < 16
     if flat_k:
         BK = 16 if Cg * R * S <= 16 else 32
@@ -269,8 +266,12 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
         # pipeline stages on an H200 (Triton 3.6); BK 32 at 3 stages was exact there
         BK = _block_k(Cg, (32, 16))
     BM = 128 if cdiv(M, 128) * cdiv(Og, BN) * G >= 264 else 64
-    # float32 128×64 tiles spill 24-40 B on sm_80 with 4 warps
-    warps = 8 if BM * BN >= (128 * 64 if fp32 else 128 * 128) else 4
+    if fp32 and BN == 128:
+        # 128×128 float32 tiles with the [BM, BK] Σs² tile spill on sm_90. 128×64 tiles (8
+        # warps) ran 0.59-0.82× the time on an H100 but their results varied between identical
+        # calls by ~2e-2 (docs/GPU_NOTES.md section 8)
+        BM = 64
+    warps = 8 if BM * BN >= 128 * 128 else 4
     return BM, BN, BK, flat_k, warps, 3
 
 

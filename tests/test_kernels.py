@@ -101,7 +101,7 @@ def test_heuristic_configs():
     big = 64 * 56 * 56
     # BK 32 for 16-bit: BK 64 at 2-3 pipeline stages gave wrong dots on an H200 (Triton 3.6)
     assert gemm_config(128, 128, 3, 3, 1, big, False) == (128, 128, 32, False, 8, 3)
-    assert gemm_config(128, 128, 3, 3, 1, big, True) == (128, 64, 32, False, 8, 3)
+    assert gemm_config(128, 128, 3, 3, 1, big, True) == (64, 128, 32, False, 4, 3)
     assert gemm_config(32, 32, 3, 3, 1, big, False)[1:4] == (32, 32, False)
     assert gemm_config(3, 80, 5, 5, 1, 256 * 32 * 32, False)[1:4] == (128, 32, True)
     assert gemm_config(512, 512, 3, 3, 1, 8 * 7 * 7, False)[0] == 64      # < 2 waves of 128
@@ -199,6 +199,21 @@ def test_half_forward_on_wide_layers(shape, dtype, channels_last):
     y = scd_triton.scd2d(x_in, w.to(DEVICE), p.to(DEVICE), q.to(DEVICE), padding=1)
     ref = oracle.scd2d(x.double(), w.double(), p.double(), q.double(), padding=(1, 1, 1, 1))
     assert_close("y", y.cpu(), ref, dtype, reduce_dim=C * 9)
+
+
+@gpu
+@pytest.mark.xfail(strict=False, reason="known issue: float32 forwards with TF32 dots varied "
+                   "between identical calls on an H100 (Triton 3.6), see docs/GPU_NOTES.md 8")
+def test_float32_tf32_forward_is_deterministic_on_a_wide_layer():
+    """Three identical no-grad calls on a ResNet-sized layer give the same bits (16-bit inputs
+    did on an H100; float32 with TF32 dots did not: 2e-2 apart in channels_last)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 128, 28, 28, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 128, 3, 3, device=DEVICE)
+    p, q = torch.empty(128, device=DEVICE).uniform_(1.0, 3.0), torch.full((128,), 0.1, device=DEVICE)
+    with torch.no_grad():
+        ys = [scd_triton.scd2d(x, w, p, q, padding=1) for _ in range(3)]
+    assert all(torch.equal(y, ys[0]) for y in ys[1:])
 
 
 @gpu
