@@ -10,10 +10,12 @@
    call's time is compiling on the host's cores, and the benchmark would compile one kernel
    after another;
 2. a benchmark of conv2d and the Triton providers on the whole suite in bfloat16 and float32;
-3. the ``torch.compile`` providers on a few shapes (bfloat16);
-4. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
+3. the same steps of conv2d and the triton provider captured in CUDA graphs (bfloat16): the
+   kernels alone, which the wall time of a host-bound step hides;
+4. the ``torch.compile`` providers on a few shapes (bfloat16);
+5. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
    kernels (forward, and forward+backward), and the costliest kernels of each;
-5. the eager baselines (the published formulations, the reference backend) on the suite.
+6. the eager baselines (the published formulations, the reference backend) on the suite.
 It writes ``<out-dir>/<gpu>.json`` (rows, profile, test summary, seconds per phase) after
 every shape and phase, so that a run cut short keeps what it measured, and ``<gpu>.png`` after
 every phase; it prints the tables. It needs torch with CUDA and the project installed (``pip
@@ -52,10 +54,11 @@ DTYPES = ["bfloat16", "float32"]
 # tests that ran CPU tensors until the whole suite ran on an H100: 122 tests in 73 s in 8
 # processes there, beside the benchmark's kernel compilation (2026-11-26)
 GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels_weight.py "
-             "tests/test_ops.py tests/test_functional.py tests/test_modules.py -k 'bfloat16 or tf32 or synchronises or "
-             "capturable or autocast or nan or int64 or nchw or wide or fresh or padded or "
-             "needs_no_grad or any_weight_layout or any_layout or python_float or c_memory or "
-             "freed_graph or deterministic or eps_zero or in_place or zero_input_channels'")
+             "tests/test_ops.py tests/test_functional.py tests/test_modules.py -k 'bfloat16 or "
+             "tf32 or synchronises or capturable or autocast or nan or int64 or nchw or wide or "
+             "fresh or padded or needs_no_grad or any_weight_layout or any_layout or python_float "
+             "or c_memory or freed_graph or deterministic or eps_zero or in_place or "
+             "zero_input_channels'")
 
 
 def _run_processes(commands, envs, timeouts_s):
@@ -237,6 +240,32 @@ def profile_summary(shapes, dtype=torch.bfloat16):
     return rows
 
 
+def graphed_summary(shapes, dtype=torch.bfloat16):
+    """Per shape: conv2d's and the triton provider's step with the host taken out, each captured
+    in a CUDA graph and replayed (``do_bench_cudagraph``), channels_last, forward and
+    forward+backward: the kernels alone, which wall times of host-bound steps hide."""
+    import triton.testing
+    device = torch.device("cuda")
+    rows = []
+    for shape in shapes:
+        row = dict(shape=shape.label)
+        for name in ("conv2d", "triton"):
+            fn = bench.make_provider(name, shape, device)
+            for pass_ in bench.PASSES:
+                step = bench.make_step(fn, shape, dtype, device, pass_, "channels_last")[0]
+                step()
+                ms = triton.testing.do_bench_cudagraph(step, return_mode="median")
+                row[f"{name}_{pass_}_us"] = round(ms * 1e3, 2)
+        for pass_ in bench.PASSES:
+            row[f"ratio_{pass_}"] = row[f"triton_{pass_}_us"] / row[f"conv2d_{pass_}_us"]
+        rows.append(row)
+        print(f"{shape.label:40s} kernels only: fwd x{row['ratio_fwd']:.2f}, "
+              f"fwd+bwd x{row['ratio_fwd+bwd']:.2f}")
+    for pass_ in bench.PASSES:
+        print(f"- kernels only, {pass_}: x{bench.geomean([r[f'ratio_{pass_}'] for r in rows]):.2f}")
+    return rows
+
+
 class _Results:
     """The run's results, written to ``<out-dir>/<gpu>.json`` whenever they grow, so that a run
     cut short (a lease's time limit) keeps what it measured."""
@@ -247,7 +276,7 @@ class _Results:
         self.start = time.time()
         self.data = dict(device=name, torch=torch.__version__, triton=bench._triton_version(),
                          date=datetime.date.today().isoformat(), complete=False, seconds={},
-                         tests=None, warm_up=None, errors=[], profile=[], rows=[])
+                         tests=None, warm_up=None, errors=[], graphs=[], profile=[], rows=[])
 
     @contextlib.contextmanager
     def recording_errors(self, what):
@@ -343,6 +372,8 @@ def main(argv=None):
     baselines = [p for p in BASELINE_PROVIDERS if p in args.providers]
     phases = [("benchmark", lambda: _bench_phase(results, shapes, core, args.dtype, device,
                                                  core))]
+    phases.append(("kernels only (CUDA graphs, bfloat16)",
+                   lambda: results.data["graphs"].extend(graphed_summary(shapes))))
     if not args.skip_compile:
         few = [s for s in shapes if s.label in COMPILE_SHAPES]
         phases.append(("torch.compile providers", lambda: _bench_phase(

@@ -210,7 +210,8 @@ def test_float32_tf32_forward_is_deterministic_on_a_wide_layer():
     torch.manual_seed(0)
     x = torch.randn(32, 128, 28, 28, device=DEVICE).contiguous(memory_format=torch.channels_last)
     w = torch.randn(128, 128, 3, 3, device=DEVICE)
-    p, q = torch.empty(128, device=DEVICE).uniform_(1.0, 3.0), torch.full((128,), 0.1, device=DEVICE)
+    p = torch.empty(128, device=DEVICE).uniform_(1.0, 3.0)
+    q = torch.full((128,), 0.1, device=DEVICE)
     with torch.no_grad():
         ys = [scd_triton.scd2d(x, w, p, q, padding=1) for _ in range(3)]
     assert all(torch.equal(y, ys[0]) for y in ys[1:])
