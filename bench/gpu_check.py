@@ -240,12 +240,11 @@ def profile_summary(shapes, dtype=torch.bfloat16):
     return rows
 
 
-def graphed_summary(shapes, dtype=torch.bfloat16):
+def graphed_summary(shapes, dtype=torch.bfloat16, device=torch.device("cuda")):
     """Per shape: conv2d's and the triton provider's step with the host taken out, each captured
     in a CUDA graph and replayed (``do_bench_cudagraph``), channels_last, forward and
     forward+backward: the kernels alone, which wall times of host-bound steps hide."""
     import triton.testing
-    device = torch.device("cuda")
     rows = []
     for shape in shapes:
         row = dict(shape=shape.label)

@@ -155,6 +155,25 @@ def test_gpu_check_results_are_saved_as_they_grow(tmp_path):
     assert all(r["ratio_to_conv2d"] > 0 for r in saved["rows"])
 
 
+def test_kernel_only_phase_times_both_passes_of_conv2d_and_triton(monkeypatch):
+    """gpu-check's CUDA-graph phase: per shape, conv2d's and triton's forward and training
+    step, and their ratios (here on CPU: conv2d stands in for triton, a fake replay timer)."""
+    import triton.testing
+    from dataclasses import replace
+    from bench import gpu_check
+    calls = []
+    monkeypatch.setattr(bench_run, "make_provider", lambda name, shape, device: (
+        lambda x, w, p, q: torch.nn.functional.conv2d(x, w, None, 1, shape.k // 2)))
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph",
+                        lambda step, return_mode: calls.append(step()) or 0.5)
+    shape = replace(bench_run.suite(True, "cuda")[3], N=1)
+    rows = gpu_check.graphed_summary([shape], torch.float32, torch.device("cpu"))
+    assert len(calls) == 4                   # conv2d and triton, fwd and fwd+bwd
+    assert rows == [dict(shape=shape.label, **{f"{n}_{p}_us": 500.0 for n in ("conv2d", "triton")
+                                               for p in ("fwd", "fwd+bwd")},
+                         **{"ratio_fwd": 1.0, "ratio_fwd+bwd": 1.0})]
+
+
 def test_per_call_times_the_tiny_layer_against_conv2d(capsys):
     from bench import per_call
     calls = per_call.tiny_layer_calls()
