@@ -4,7 +4,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _log2(x, FAST: tl.constexpr):
+def fast_log2(x, FAST: tl.constexpr):
     """log2 of float32 ``x``: one ``lg2.approx`` on CUDA (FAST), ``tl.log2`` elsewhere."""
     if FAST:
         return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x],
@@ -14,7 +14,7 @@ def _log2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _exp2(x, FAST: tl.constexpr):
+def fast_exp2(x, FAST: tl.constexpr):
     """2**x of float32 ``x``: one ``ex2.approx`` on CUDA (FAST), ``tl.exp2`` elsewhere."""
     if FAST:
         return tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [x],
@@ -24,17 +24,29 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def fast_div(x, y, FAST: tl.constexpr):
+    """float32 ``x / y``: one ``div.full.f32`` on CUDA (FAST; within 2 ulp, no IEEE slow
+    path), IEEE division elsewhere."""
+    if FAST:
+        return tl.inline_asm_elementwise("div.full.f32 $0, $1, $2;", "=r,r,r", [x, y],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return x / y
+
+
+@triton.jit
 def sharpen(acc, norm, p, q, eps, FAST: tl.constexpr = False):
     """The SCD epilogue on a [BM, BN] tile of dot products ``acc``.
 
     ``norm`` (the patch norm ``sqrt(Σs² + norm_eps)``), ``p`` and ``q`` are broadcastable to
     ``acc``'s shape (e.g. [BM, 1] and [1, BN]). Returns float32 ``(c, y)``:
     ``c = d / (‖s‖ + q)`` and ``y = sign(c)·(|c| + eps)^p``
-    with the power as one lg2 and one ex2 (hardware approximations when ``FAST``). NaN in, NaN
-    out: a NaN ``c`` fails both ``c == 0`` and ``c < 0`` and keeps its NaN magnitude.
+    with the power as one lg2 and one ex2 (hardware approximations when ``FAST``, and the
+    division too). NaN in, NaN out: a NaN ``c`` fails both ``c == 0`` and ``c < 0`` and keeps its
+    NaN magnitude.
     """
-    b_c = acc / (norm + q)                                               # [BM, BN]
-    b_mag = _exp2(p * _log2(tl.abs(b_c) + eps, FAST), FAST)
+    b_c = fast_div(acc, norm + q, FAST)                                  # [BM, BN]
+    b_mag = fast_exp2(p * fast_log2(tl.abs(b_c) + eps, FAST), FAST)
     b_y = tl.where(b_c == 0, 0.0, tl.where(b_c < 0, -b_mag, b_mag))
     return b_c, b_y
 
@@ -72,16 +84,26 @@ def tile_positions(i_m, M, P, TILES, BM: tl.constexpr, PER_IMAGE: tl.constexpr):
 
 
 @triton.jit
-def tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w, sxn, sxh, sxw):
+def fast_divmod(n, d, mul, shift):
+    """``(n // d, n % d)`` for ``0 ≤ n < 2**31`` as one 64-bit multiply and shift, with
+    ``(mul, shift) = launch.divisor_magic(d)``: a division by a runtime int is ~20 instructions
+    per element, which the wgrad GEMMs would pay per K step for each position they decode."""
+    q = ((n.to(tl.uint64) * mul.to(tl.uint64)) >> shift.to(tl.uint64)).to(tl.int32)
+    return q, n - q * d
+
+
+@triton.jit
+def tap_offsets(o_k, k_hi, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H, Wd, dh, dw, stride_h,
+                stride_w, sxn, sxh, sxw):
     """The input offsets (int64) that one tap, shifted by (dh, dw), reads for the flat output
     positions ``o_k`` (below ``k_hi``), their mask (in range, not padding) and ``o_k < k_hi``."""
     m_k = o_k < k_hi
-    o_ow = o_k % OW
-    o_t = o_k // OW
-    o_ih = (o_t % OH) * stride_h + dh
+    o_t, o_ow = fast_divmod(o_k, OW, ow_mul, ow_shift)
+    o_n, o_oh = fast_divmod(o_t, OH, oh_mul, oh_shift)
+    o_ih = o_oh * stride_h + dh
     o_iw = o_ow * stride_w + dw
     m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
-    return (o_t // OH).to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw, m_x, m_k
+    return o_n.to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw, m_x, m_k
 
 
 @triton.jit

@@ -28,10 +28,12 @@ import triton
 import triton.language as tl
 
 from .shapes import memory_format
-from ._common import dgrad_phase_taps, input_offsets, tap_offsets, tile_positions
+from ._common import (dgrad_phase_taps, fast_div, fast_exp2, fast_log2, input_offsets,
+                      tap_offsets, tile_positions)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
+from . import fwd
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
-from .launch import Launch, cdiv, next_power_of_2
+from .launch import Launch, cdiv, divisor_magic, exact_log2, next_power_of_2
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
 from .weight import normalize_weight, normalize_weight_backward
@@ -44,11 +46,12 @@ def scd2d_bwd_prologue_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """Program (i_m, i_g): the :func:`prologue_tile` (i_m, i_g)."""
     prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, tl.program_id(0), tl.program_id(1), M,
                   TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG, BO,
-                  PER_IMAGE)
+                  PER_IMAGE, FAST)
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -58,7 +61,7 @@ def scd2d_bwd_prologue_copy_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    BC: tl.constexpr, BPX: tl.constexpr,
+    FAST: tl.constexpr, BC: tl.constexpr, BPX: tl.constexpr,
 ):
     """The prologue and the channels-contiguous copy of NCHW x in one launch (independent jobs;
     a launch costs ~10 µs of host time): programs below ``PROLOGUE_PROGRAMS`` are prologue
@@ -67,7 +70,7 @@ def scd2d_bwd_prologue_copy_kernel(
     if pid < PROLOGUE_PROGRAMS:
         prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, pid // G_TILES, pid % G_TILES, M,
                       TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG,
-                      BO, PER_IMAGE)
+                      BO, PER_IMAGE, FAST)
     else:
         i_x = pid - PROLOGUE_PROGRAMS
         i_np = i_x // XC_TILES
@@ -82,6 +85,7 @@ def prologue_tile(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """BP output positions (tile ``i_m``) × BG groups (tile ``i_g``) × all O/G channels of each
     group, in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
@@ -91,7 +95,8 @@ def prologue_tile(
     positions of one image, a contiguous run of every (n, o) plane, so grad_y loads along
     positions in wide copies; otherwise over the flat positions. ``GD`` may be ``c``'s memory:
     each element of ``c`` is read before the same element of grad_d is written, by the same
-    program.
+    program. ``FAST``: lg2 / ex2 / division as hardware approximations (CUDA), as the forward's
+    epilogue.
     """
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BP, PER_IMAGE)  # [BP]
     o_n64 = o_n.to(tl.int64)
@@ -115,11 +120,12 @@ def prologue_tile(
         b_p = tl.load(P + o_glob * sp, mask=m_go, other=1.0)[None, :, :]
         b_q = tl.load(Q + o_glob * sq, mask=m_go, other=0.0)[None, :, :]
         b_base = tl.abs(b_c) + eps
-        b_l = tl.log2(b_base)
-        b_mag = tl.exp2(b_p * b_l)                                       # |y|
+        b_l = fast_log2(b_base, FAST)
+        b_mag = fast_exp2(b_p * b_l, FAST)                               # |y|
         zero = b_c == 0  # a comparison, so NaN in c stays NaN below
         # G/a = grad_y·p·|y| / ((|c|+eps)·a): one division (two cost a spill on sm_80)
-        b_gd = tl.where(zero, 0.0, b_gy * b_p * b_mag / (b_base * (b_norm[:, :, None] + b_q)))
+        b_gd = tl.where(zero, 0.0, fast_div(b_gy * b_p * b_mag,
+                                            b_base * (b_norm[:, :, None] + b_q), FAST))
         b_gc = b_gd * b_c                                                # G·c/a
         b_ns += tl.sum(b_gc, axis=2)
         # grad_y·y·ln(|c|+eps), 0 where c = 0 (also when eps = 0, where ln gives -inf)
@@ -140,16 +146,19 @@ def scd2d_dgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    PER_IMAGE: tl.constexpr, PLANES: tl.constexpr,
+    PER_IMAGE: tl.constexpr, PLANES: tl.constexpr, EVEN_O: tl.constexpr, EVEN_C: tl.constexpr,
+    OB_SHIFT: tl.constexpr,
 ):
     """Program (i_m, i_n, i_z): BM input positions of one stride phase × BN input channels.
 
-    W is ŵ as [G, R·S, O/G, C/G]. ``i_z = (g·sh + phase_h)·sw + phase_w``; the positions are
+    W is ŵ as [G, R·S, C/G, O/G]. ``i_z = (g·sh + phase_h)·sw + phase_w``; the positions are
     ``(n, ihq·sh + phase_h, iwq·sw + phase_w)`` over ``ihq < HQ = ⌈H/sh⌉``, ``iwq < WQ``
     (``P_Q = HQ·WQ`` per image, ``M = N·P_Q``). ``PER_IMAGE`` (NCHW grad_x): tiles run over
     one image (``TILES`` per image) so the epilogue reads x and stores grad_x along positions;
     with ``PLANES`` (stride 1, x and grad_x NCHW-contiguous) a tile is one contiguous run of
-    each (n, c) plane: 16-byte loads and stores.
+    each (n, c) plane: 16-byte loads and stores. ``EVEN_O`` (BK divides O/G) and ``EVEN_C`` (BN
+    divides C/G) drop the loop's channel masks. ``OB_SHIFT``: log2 of the channel blocks per
+    tap when that is a power of two, else -1.
     """
     i_m, i_n, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ph_w = i_z % stride_w
@@ -176,8 +185,11 @@ def scd2d_dgrad_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     b_box = tl.zeros((BM,), dtype=tl.float32)
     for i_k in range(nr * ns * n_ob):
-        i_ob = i_k % n_ob
-        i_t = i_k // n_ob
+        if OB_SHIFT >= 0:   # a shift, not ~20 instructions of division
+            i_t = i_k >> OB_SHIFT
+        else:
+            i_t = i_k // n_ob
+        i_ob = i_k - i_t * n_ob
         r = r0 + (i_t // ns) * step_h
         s = s0 + (i_t % ns) * step_w
         # oh·sh = ih + pad_h − r·dil_h, an exact division (uniform over the phase)
@@ -186,11 +198,17 @@ def scd2d_dgrad_kernel(
         m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
         o_pos = o_oh * OW + o_ow                                         # [BM] in-image
         o_o = i_ob * BK + o_k                                            # [BK] channel in group
-        m_o = o_o < Og
-        b_gd = tl.load(p_gd + (o_n * OH * OW + o_pos)[:, None] * O + o_o[None, :],
-                       mask=m_t[:, None] & m_o[None, :], other=0.0)      # [BM, BK]
-        b_w = tl.load(W + ((i_g * R * S + r * S + s) * Og + o_o[:, None]) * Cg + o_c[None, :],
-                      mask=m_o[:, None] & m_c[None, :], other=0.0)       # [BK, BN]
+        p_w = W + ((i_g * R * S + r * S + s) * Cg + o_c[None, :]) * Og + o_o[:, None]
+        m_gd = m_t[:, None]
+        if EVEN_O and EVEN_C:
+            b_w = tl.load(p_w)                                           # [BK, BN]
+        else:
+            m_o = o_o < Og
+            if not EVEN_O:
+                m_gd = m_gd & m_o[None, :]
+            b_w = tl.load(p_w, mask=m_o[:, None] & m_c[None, :], other=0.0)
+        b_gd = tl.load(p_gd + (o_n * OH * OW + o_pos)[:, None] * O + o_o[None, :], mask=m_gd,
+                       other=0.0)                                        # [BM, BK]
         acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
         m_box = m_t & (o_ihq * 0 + i_ob == 0)  # once per tap (a [BM] mask: the interpreter's
         b_box += tl.load(p_ns + o_pos, mask=m_box, other=0.0)  # scalar and [BM] mask do not mix)
@@ -207,18 +225,22 @@ def scd2d_dgrad_kernel(
 @triton.jit(do_not_specialize=["N", "M"])
 def scd2d_wgrad_kernel(
     GD, X, WS,
-    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT,
+    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT, oh_mul, oh_shift, ow_mul, ow_shift,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
+    EVEN_O: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """Program (i_mn, tap, split·G + g): a [BM out channels, BN in channels] tile of one tap,
     reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S].
+    ``oh_*``, ``ow_*``: ``fast_divmod``'s magic for OH and OW (positions decoded per K step;
+    the FLAT loop divides).
 
     ``FLAT`` (few channels per group, e.g. a 3-channel stem): the BN columns run over the flat
     (channel, tap) index instead and grid axis 1 is 1, so each ``grad_d`` tile is loaded once
-    for all taps rather than once per tap, and the dot is not mostly padding.
+    for all taps rather than once per tap, and the dot is not mostly padding. ``EVEN_O`` (BM
+    divides O/G) and ``EVEN_C`` (BN divides the columns) drop the loop's channel masks.
     """
     i_mn, i_tap, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_z % G
@@ -247,7 +269,7 @@ def scd2d_wgrad_kernel(
     for k in range(k_lo, k_hi, BK):
         o_k = k + tl.arange(0, BK)                                       # [BK] output positions
         if FLAT:
-            m_k = o_k < k_hi
+            m_k = o_k < k_hi   # (plain divisions: fast_divmod made this loop 1.3-1.4x longer)
             o_ow = o_k % OW
             o_t = o_k // OW
             o_ih = ((o_t % OH) * stride_h)[:, None] + dh[None, :]        # [BK, BN]
@@ -256,12 +278,16 @@ def scd2d_wgrad_kernel(
                    & (o_iw < Wd))
             o_x = (o_t // OH).to(tl.int64)[:, None] * sxn + o_ih * sxh + o_iw * sxw
         else:
-            o_xk, m_xk, m_k = tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w,
-                                          sxn, sxh, sxw)
+            o_xk, m_xk, m_k = tap_offsets(o_k, k_hi, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift,
+                                          H, Wd, dh, dw, stride_h, stride_w, sxn, sxh, sxw)
             o_x = o_xk[:, None]
-            m_x = m_xk[:, None] & m_c[None, :]
-        b_gd = tl.load(p_gd + o_k.to(tl.int64)[None, :] * O,
-                       mask=m_o[:, None] & m_k[None, :], other=0.0)      # [BM, BK]
+            m_x = m_xk[:, None]
+            if not EVEN_C:
+                m_x = m_x & m_c[None, :]
+        m_gd = m_k[None, :]
+        if not EVEN_O:
+            m_gd = m_gd & m_o[:, None]
+        b_gd = tl.load(p_gd + o_k.to(tl.int64)[None, :] * O, mask=m_gd, other=0.0)  # [BM, BK]
         b_x = tl.load(p_x + o_x, mask=m_x, other=0.0)                    # [BK, BN]
         acc = tl.dot(b_gd, b_x, acc, input_precision=PRECISION)
 
@@ -353,13 +379,15 @@ class _Plan(NamedTuple):
 
 @functools.lru_cache(maxsize=1024)
 def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device_index, stride,
-          padding, dilation, groups, eps, weight_norm, precision, need_grad_x):
-    """The backward's launches for one layer signature, worked out once (host time per call)."""
+          padding, dilation, groups, eps, weight_norm, precision, need_grad_x, fast):
+    """The backward's launches for one layer signature, worked out once (host time per call);
+    ``fast``: the prologue's math as hardware approximations (``fwd.FAST_MATH`` on CUDA)."""
     N, C, H, W = x_shape
     O, Cg, R, S = w_shape
     G, Og = groups, O // groups
     OH, OW = out_hw
     M = N * OH * OW
+    magic = (*divisor_magic(OH), *divisor_magic(OW))    # the wgrads decode positions per K step
     if max(M, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
         raise ValueError(f"scd2d_bwd indexes positions and per-sample offsets in int32: needs "
                          f"N·OH·OW = {M}, N·H·W = {N * H * W} and per-sample sizes "
@@ -376,7 +404,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     tiles = cdiv(OH * OW, BP)
     n_blk = N * tiles if per_image else cdiv(M, BP)
     prologue_ints = (M, tiles, G, Og, O, OH * OW)
-    prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image)
+    prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
                       prologue_constexprs, warps, stages)
     BC, BPX, _ = COPY_CONFIG
@@ -401,7 +429,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
         k_split = cdiv(cdiv(M, splits), BP) * BP
         splits = cdiv(M, k_split)
         wgrad = Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
-                        (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
+                        (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *magic), conv,
                         dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
         w_layout = (w_shape, (Og * Cg * R * S, Cg * R * S, R * S, 1))   # [O, C/G, R, S]
         return _Plan(*prologues, w_layout, dgrad, planes, *_workspace(
@@ -410,8 +438,9 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     BM, BN, BK, warps, stages = _dgrad_config(dtype, Cg, Og, cuda)
     HQ, WQ = cdiv(H, sh), cdiv(W, sw)
     step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])
-    # ŵ as [G, R·S, O/G, C/G]: the B tile of each K step is one contiguous row block
-    w_layout = ((G, R * S, Og, Cg), (R * S * Og * Cg, Cg, 1, Og * Cg))
+    # ŵ as [G, R·S, C/G, O/G], output channels contiguous: the B tile of each K step is one
+    # block of a tap's matrix, and the normalisation kernels store 16 channels at a time
+    w_layout = ((G, R * S, Cg, Og), (R * S * Cg * Og, 1, Og, Cg * Og))
     # NCHW grad_x: per-image tiles store along positions; at stride 1 x and grad_x are read and
     # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous
     planes = per_image and (sh, sw) == (1, 1) and x_contiguous
@@ -421,7 +450,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                     (N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ),
                     (*conv, step_h, step_w),
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK,
-                         PER_IMAGE=per_image, PLANES=planes), warps, stages)
+                         PER_IMAGE=per_image, PLANES=planes, EVEN_O=Og % BK == 0,
+                         EVEN_C=Cg % BN == 0, OB_SHIFT=exact_log2(cdiv(Og, BK))), warps, stages)
 
     flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
     taps = 1 if flat else R * S
@@ -435,8 +465,9 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     k_split = cdiv(cdiv(M, splits), BK) * BK
     splits = cdiv(M, k_split)
     wgrad = Launch(scd2d_wgrad_kernel, (tiles, taps, G * splits),
-                    (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
-                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat),
+                    (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *magic), conv,
+                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat,
+                         EVEN_O=Og % BM == 0, EVEN_C=not flat and Cg % BN == 0),
                     warps, stages)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     ws_dtype = torch.float32 if splits > 1 or weight_norm != "none" else dtype
@@ -479,7 +510,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     plan = _plan(x.shape, x.is_contiguous(), weight.shape, c.shape[-2:],
                  fmt == torch.contiguous_format, x.dtype, cuda, dev.index or 0, tuple(stride),
                  tuple(padding), tuple(dilation), groups, eps, weight_norm,
-                 dot_precision(x.dtype), need_grad_x)
+                 dot_precision(x.dtype), need_grad_x, cuda and fwd.FAST_MATH)
     N, O, OH, OW = c.shape
     G = groups
 
@@ -547,9 +578,11 @@ def report_jobs():
         out = dict(sgn=O * P, sgc=P if nchw else 1, sgp=1 if nchw else O,
                    scn=O * P, scc=1, scp=O, sp=1, sq=0)     # c: channels-last either way
         conv = dict(stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
+        magic = dict(zip(("oh_mul", "oh_shift", "ow_mul", "ow_shift"),
+                         (*divisor_magic(H), *divisor_magic(W))))
         ints = dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * P, P_IMG=P,
                     TILES=cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,
-                    **out, **conv)
+                    **out, **conv, **magic)
         return ints, dict(ints, **cl_x)  # the ints of the dgrad / prologue and of the wgrad
 
     def ints(fn, lay, **extra):
@@ -573,9 +606,10 @@ def report_jobs():
                 for fn, (BM, BN, BK, warps, stages), lay, ptrs, extra in (
                         (scd2d_dgrad_kernel, dcfg, d_ints,
                          dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
-                         dict(PER_IMAGE=nchw, PLANES=nchw)),
+                         dict(PER_IMAGE=nchw, PLANES=nchw, EVEN_O=True, EVEN_C=True,
+                              OB_SHIFT=exact_log2(cdiv(C, dcfg[2])))),
                         (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
-                         dict(FLAT=False))):
+                         dict(FLAT=False, EVEN_O=True, EVEN_C=True))):
                     k_split = cdiv(lay["M"], 44 * BK) * BK
                     jobs.append(job(fn, f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
                                     layout, ints(fn, lay, K_SPLIT=k_split),
@@ -587,7 +621,8 @@ def report_jobs():
                 stem.update(pad_h=2, pad_w=2)
                 jobs.append(job(scd2d_wgrad_kernel, f"flat-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
                                 dtype, layout, ints(scd2d_wgrad_kernel, stem, K_SPLIT=512),
-                                dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True),
+                                dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True,
+                                     EVEN_O=False, EVEN_C=False),
                                 dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
             BP, BO, warps, stages = PROLOGUE_CONFIG
             lay, _ = layer(layout, 64, 64, 1, BP)
@@ -595,7 +630,7 @@ def report_jobs():
                                  GNS="*fp32", PART="*fp32")
             jobs.append(job(scd2d_bwd_prologue_kernel, f"BP{BP}-BG1-BO{BO}-w{warps}", dtype, layout,
                             ints(scd2d_bwd_prologue_kernel, lay),
-                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw), prologue_ptrs, warps,
+                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs, warps,
                             stages))
             if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
                 BC, BPX, _ = COPY_CONFIG
@@ -605,7 +640,8 @@ def report_jobs():
                 jobs.append(job(scd2d_bwd_prologue_copy_kernel,
                                 f"BP{BP}-BG1-BO{BO}-BC{BC}-BPX{BPX}-w{warps}", dtype, layout,
                                 ints(scd2d_bwd_prologue_copy_kernel, lay, **copy_ints),
-                                dict(BP=BP, BG=1, BO=BO, PER_IMAGE=True, BC=BC, BPX=BPX),
+                                dict(BP=BP, BG=1, BO=BO, PER_IMAGE=True, FAST=True, BC=BC,
+                                     BPX=BPX),
                                 dict(prologue_ptrs, X=dt, X_CL=dt), warps, stages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             dw, dw_cl = layer(layout, 128, 128, 128, BM)

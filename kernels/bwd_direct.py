@@ -59,13 +59,14 @@ def scd2d_dgrad_direct_kernel(
 @triton.jit(do_not_specialize=["N", "M"])
 def scd2d_wgrad_direct_kernel(
     GD, X, WS,
-    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT,
+    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT, oh_mul, oh_shift, ow_mul, ow_shift,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BO: tl.constexpr,
 ):
     """Program (i_o, ci·R·S + tap, split): grad ŵ[o, ci, tap] for BO global output channels,
-    reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S]."""
+    reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S].
+    ``oh_*``, ``ow_*``: ``fast_divmod``'s magic for OH and OW."""
     i_o, i_ct, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_tap = i_ct % (R * S)
     ci = i_ct // (R * S)
@@ -80,8 +81,8 @@ def scd2d_wgrad_direct_kernel(
     acc = tl.zeros((BP, BO), dtype=tl.float32)
     for k in range(k_lo, k_hi, BP):
         o_k = k + tl.arange(0, BP)                                       # [BP] output positions
-        o_x, m_x, m_k = tap_offsets(o_k, k_hi, OH, OW, H, Wd, dh, dw, stride_h, stride_w, sxn,
-                                    sxh, sxw)
+        o_x, m_x, m_k = tap_offsets(o_k, k_hi, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H,
+                                    Wd, dh, dw, stride_h, stride_w, sxn, sxh, sxw)
         b_gd = tl.load(GD + o_k.to(tl.int64)[:, None] * O + o_o[None, :],
                        mask=m_k[:, None] & m_o[None, :], other=0.0)      # [BP, BO]
         b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_o[None, :], other=0.0)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .shapes import memory_format, output_hw, saved_c_format  # what the fake op promises
 from ._common import sharpen, tile_positions
-from .launch import Launch, cdiv, launch, next_power_of_2
+from .launch import Launch, cdiv, exact_log2, launch, next_power_of_2
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
 from .weight import normalize_args, normalize_rows, normalize_weight
@@ -46,8 +46,8 @@ def scd2d_fwd_kernel(
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, X_PLANES: tl.constexpr, PER_IMAGE: tl.constexpr,
-    SAVE: tl.constexpr, FAST: tl.constexpr,
+    EVEN_K: tl.constexpr, CB_SHIFT: tl.constexpr, X_PLANES: tl.constexpr,
+    PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
@@ -56,6 +56,7 @@ def scd2d_fwd_kernel(
     ``FLAT_K`` (few channels per group), over the flattened (tap, channel) index ``k < K``.
     ``X_PLANES`` (1×1, stride 1, no padding, NCHW x, per-image tiles): x is read as its [C, OH·OW]
     planes, positions contiguous, so the tile loads as wide copies without a layout change.
+    ``CB_SHIFT``: log2 of the channel blocks per tap when that is a power of two, else -1.
     """
     i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
@@ -89,7 +90,10 @@ def scd2d_fwd_kernel(
         else:
             # (tap, channel block) of the step from i_k itself: counters carried across
             # iterations gave wrong masks under 3-stage pipelining on an H200 (bf16/fp16)
-            tap = i_k // n_cb
+            if CB_SHIFT >= 0:   # n_cb = 2**CB_SHIFT: a shift, not ~20 instructions of division
+                tap = i_k >> CB_SHIFT
+            else:
+                tap = i_k // n_cb
             o_c = (i_k - tap * n_cb) * BK + o_k                          # [BK]
             d_h = (tap // S) * dil_h
             d_w = (tap % S) * dil_w
@@ -204,24 +208,29 @@ def scd2d_fwd_direct_kernel(
 
 @triton.jit
 def prepare_nchw_kernel(
-    X, X_CL, W, Q, W_HAT, C, P, P_TILES, C_TILES, COPY_PROGRAMS, O, K, RS, S, Og, Cg, CP, TP,
-    ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps, BC: tl.constexpr,
-    BP: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    X, X_CL, W, Q, W_HAT, C, P, P_TILES, C_TILES, W_PROGRAMS, Og, Cg, CP, ROWS, sq, sw_o, sw_c,
+    sw_r, sw_s, s_g, s_j, s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, RS: tl.constexpr,
+    S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr, MODE: tl.constexpr,
+    BO: tl.constexpr, BK: tl.constexpr,
 ):
     """The forward's two preparations of NCHW input in one launch (they are independent, and a
-    launch costs ~10 µs of host time): programs below ``COPY_PROGRAMS`` copy x channels-
-    contiguous (``layout.nchw_to_channels_last_kernel``'s tiles), the others normalise the
-    kernels into the GEMM's B matrix (``weight.normalize_weight_kernel``'s rows)."""
+    launch costs ~10 µs of host time): programs below ``W_PROGRAMS`` normalise the kernels into
+    the GEMM's B matrix (``weight.normalize_weight_kernel``'s blocks; first, as each streams
+    whole kernel rows), the others copy x channels-contiguous
+    (``layout.nchw_to_channels_last_kernel``'s tiles)."""
     pid = tl.program_id(0)
-    if pid < COPY_PROGRAMS:
-        i_np = pid // C_TILES
-        transpose_tile(X, X_CL, C, P, i_np // P_TILES, i_np % P_TILES, pid % C_TILES, BC, BP)
+    if pid < W_PROGRAMS:
+        normalize_rows(W, Q, W_HAT, pid, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
+                       s_c, s_t, eps, RS, S, TP, W_DENSE, MODE, BO, BK)
     else:
-        normalize_rows(W, Q, W_HAT, pid - COPY_PROGRAMS, O, K, RS, S, Og, Cg, CP, TP, ROWS, sq,
-                       sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps, MODE, BO, BK)
+        i_copy = pid - W_PROGRAMS
+        i_np = i_copy // C_TILES
+        transpose_tile(X, X_CL, C, P, i_np // P_TILES, i_np % P_TILES, i_copy % C_TILES, BC,
+                       BP)
 
 
-FAST_MATH = True   # lg2/ex2.approx in the epilogue on CUDA; False: libdevice log2/exp2
+FAST_MATH = True   # lg2/ex2/div approximations on CUDA in the forward's epilogue and the
+                   # backward's prologue; False: libdevice log2/exp2 and IEEE division
 
 
 def uses_direct_kernel(groups, in_per_group, out_per_group):
@@ -346,7 +355,8 @@ def _plan(x_shape, x_strides, w_shape, fmt, p_stride, q_stride, fp32, fast, stri
         scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
                                  n_k * BK, w_layout[0][-1]), (*y_strides, *conv),
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-             EVEN_K=Cg % BK == 0, X_PLANES=in_place, **flags), warps, stages))
+             EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
+             **flags), warps, stages))
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -404,7 +414,7 @@ def _prepare_nchw(x, weight, q, w_hat, mode, eps, groups, out_strides, slots):
     p_tiles, c_tiles = copy_tiles(x.shape)
     copy_programs = x.shape[0] * p_tiles * c_tiles
     launch(prepare_nchw_kernel, (copy_programs + w_programs,), (x, x_cl, weight, q, w_hat),
-           (x.shape[1], x.shape[2] * x.shape[3], p_tiles, c_tiles, copy_programs, *w_scalars),
+           (x.shape[1], x.shape[2] * x.shape[3], p_tiles, c_tiles, w_programs, *w_scalars),
            dict(BC=BC, BP=BP, **w_constexprs), warps, 1)
     return x_cl
 
@@ -456,7 +466,8 @@ def report_jobs():
                     ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
                                 W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN)
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
-                                  EVEN_K=Cg % BK == 0, X_PLANES=in_place)
+                                  EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),
+                                  X_PLANES=in_place)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
                 jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
@@ -467,14 +478,14 @@ def report_jobs():
     (w_programs,), w_scalars, w_constexprs = normalize_args(
         (128, 128, 3, 3), (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1, (1152 * 128, 1, 128, 128 * 128),
         (128, 9, 1152))
-    first = prepare_nchw_kernel.arg_names.index("O")       # the normalisation's ints, eps last
+    first = prepare_nchw_kernel.arg_names.index("Og")      # the normalisation's ints, eps last
     w_ints = dict(zip(prepare_nchw_kernel.arg_names[first:], w_scalars[:-1]))
     p_tiles, c_tiles = copy_tiles((64, 128, 56, 56))
     for dtype in ("bf16", "fp32"):
         jobs.append(dict(kernel=prepare_nchw_kernel, name=f"BC{BC}-BP{BP}-w{warps}",
                          layout="nchw", dtype=dtype,
                          ints=dict(C=128, P=56 * 56, P_TILES=p_tiles, C_TILES=c_tiles,
-                                   COPY_PROGRAMS=64 * p_tiles * c_tiles, **w_ints),
+                                   W_PROGRAMS=w_programs, **w_ints),
                          constexprs=dict(BC=BC, BP=BP, **w_constexprs),
                          pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", W=f"*{dtype}",
                                              Q="*fp32", W_HAT=f"*{dtype}"),

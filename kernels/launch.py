@@ -30,6 +30,19 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def divisor_magic(d: int) -> tuple:
+    """``(mul, shift)`` with ``(n · mul) >> shift == n // d`` for ``0 ≤ n < 2**31``
+    (``_common.fast_divmod``): Granlund and Montgomery's ``mul = ⌈2**shift / d⌉``, ``shift =
+    32 + ⌈log2 d⌉``; ``mul < 2**33``, so ``n · mul < 2**64``."""
+    shift = 32 + (d - 1).bit_length()
+    return -(-(1 << shift) // d), shift
+
+
+def exact_log2(n: int) -> int:
+    """log2(n) when n is a power of two, else -1: a kernel's shift instead of a division."""
+    return n.bit_length() - 1 if n > 0 and n & (n - 1) == 0 else -1
+
+
 def _active(hook):
     """A launch hook is installed: a function (Triton 3.6) or a non-empty chain (3.9)."""
     return hook is not None and bool(getattr(hook, "calls", True))

@@ -44,71 +44,99 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
 
 
 @triton.jit
-def _weight_offsets(o_kk, RS, S, sw_c, sw_r, sw_s):
-    """Offsets in w of the flat (channel, tap) indices ``o_kk`` with ``RS`` taps per channel
-    (w of any strides), and the channels and taps."""
-    o_c = o_kk // RS
-    o_t = o_kk - o_c * RS
-    o_r = o_t // S
-    return o_c * sw_c + o_r * sw_r + (o_t - o_r * S) * sw_s, o_c, o_t
+def _weight_offsets(o_kk, TAPS: tl.constexpr, S: tl.constexpr, sw_c, sw_r, sw_s,
+                    DENSE: tl.constexpr):
+    """Offsets in w of the flat (channel, tap) indices ``o_kk`` with ``TAPS`` tap slots per
+    channel (w of any strides), and the channels and taps. ``DENSE``: w is a contiguous
+    [O, C/G, R, S] with ``TAPS = R·S``, so the offset is the index itself (vector loads)."""
+    o_c = o_kk // TAPS
+    o_t = o_kk - o_c * TAPS
+    if DENSE:
+        o_w = o_kk
+    else:
+        o_r = o_t // S
+        o_w = o_c * sw_c + o_r * sw_r + (o_t - o_r * S) * sw_s
+    return o_w, o_c, o_t
 
 
 @triton.jit
 def normalize_weight_kernel(
-    W, Q, W_HAT, O, K, RS, S, Og, Cg, CP, TP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c,
-    s_t, eps, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    W, Q, W_HAT, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps,
+    RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr,
+    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
 ):
     """ŵ[o, c, tap] = w[o, c, tap] · scale[o], written at ``g·s_g + j·s_j + c·s_c + tap·s_t``
     (``o = g·Og + j``); W [O, C/G, R, S] has strides ``sw_*`` (channels_last too, no copy), Q
     stride ``sq`` (0 when shared). The destination has ``CP ≥ C/G`` channel slots for each of
     ``TP ≥ R·S`` tap slots; slots outside w with row ``tap·CP + c < ROWS`` get 0 (a GEMM's
-    padded K rows, which its unmasked loads multiply by zeros of x)."""
-    normalize_rows(W, Q, W_HAT, tl.program_id(0), O, K, RS, S, Og, Cg, CP, TP, ROWS, sq, sw_o,
-                   sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps, MODE, BO, BK)
+    padded K rows, which its unmasked loads multiply by zeros of x). ``W_DENSE``: W is
+    contiguous, ``TP = R·S`` and ``CP·TP ≤ ROWS``."""
+    normalize_rows(W, Q, W_HAT, tl.program_id(0), Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s,
+                   s_g, s_j, s_c, s_t, eps, RS, S, TP, W_DENSE, MODE, BO, BK)
 
 
 @triton.jit
-def normalize_rows(W, Q, W_HAT, i_o, O, K, RS, S, Og, Cg, CP, TP, ROWS, sq, sw_o, sw_c, sw_r, sw_s,
-                   s_g, s_j, s_c, s_t, eps, MODE: tl.constexpr, BO: tl.constexpr,
+def _channel_block(i_b, Og, BO: tl.constexpr):
+    """(group, channels in group [BO], their mask) of block ``i_b``: BO consecutive output
+    channels of one group, so that stores along them (a GEMM's B matrix, channels
+    contiguous) are coalesced. A layout whose groups follow each other is passed as one group."""
+    n_ob = tl.cdiv(Og, BO)
+    i_g = i_b // n_ob
+    o_j = (i_b - i_g * n_ob) * BO + tl.arange(0, BO)
+    return i_g, o_j, o_j < Og
+
+
+@triton.jit
+def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c,
+                   s_t, eps, RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
+                   W_DENSE: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr,
                    BK: tl.constexpr):
-    """The work of ``normalize_weight_kernel``'s program ``i_o`` (rows ``i_o·BO …``)."""
-    o_o = i_o * BO + tl.arange(0, BO)                                    # [BO]
-    m_o = o_o < O
+    """The work of ``normalize_weight_kernel``'s program ``i_b`` (``_channel_block``)."""
+    i_g, o_j, m_o = _channel_block(i_b, Og, BO)                         # [BO]
+    o_o = i_g * Og + o_j
+    K = Cg * RS
     o_k = tl.arange(0, BK)
     p_w = W + o_o.to(tl.int64)[:, None] * sw_o                           # [BO, 1]
     sumsq = tl.zeros((BO,), dtype=tl.float32)
     if MODE != 0:
         for k0 in range(0, K, BK):
-            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
+            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
             m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
             b_w = tl.load(p_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
             sumsq += tl.sum(b_w * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, _ = _scale(sumsq, b_q, eps, MODE)
-    o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO]
+    p_dst = W_HAT + i_g.to(tl.int64) * s_g + o_j[:, None] * s_j          # [BO, 1]
     for k0 in range(0, CP * TP, BK):
-        o_w, o_c, o_t = _weight_offsets(k0 + o_k, TP, S, sw_c, sw_r, sw_s)     # [BK] (c, tap)
-        m = m_o[:, None] & ((k0 + o_k < CP * TP) & (o_t * CP + o_c < ROWS))[None, :]
-        in_w = ((o_c < Cg) & (o_t < RS))[None, :]
-        b_w = tl.load(p_w + o_w[None, :], mask=m & in_w, other=0.0).to(tl.float32)
-        p_dst = W_HAT + o_dst[:, None] + (o_c * s_c + o_t * s_t)[None, :]
-        tl.store(p_dst, (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
+        o_kk = k0 + o_k                                                  # [BK] (c, tap) slots
+        o_w, o_c, o_t = _weight_offsets(o_kk, TP, S, sw_c, sw_r, sw_s, W_DENSE)
+        if W_DENSE:   # every slot's row is below ROWS; w's are the first K (masks along K)
+            m = m_o[:, None] & (o_kk < CP * TP)[None, :]
+            m_w = m_o[:, None] & (o_kk < K)[None, :]
+        else:
+            m = m_o[:, None] & ((o_kk < CP * TP) & (o_t * CP + o_c < ROWS))[None, :]
+            m_w = m & ((o_c < Cg) & (o_t < RS))[None, :]
+        b_w = tl.load(p_w + o_w[None, :], mask=m_w, other=0.0).to(tl.float32)
+        tl.store(p_dst + (o_c * s_c + o_t * s_t)[None, :],
+                 (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def normalize_weight_backward_kernel(
-    GW_HAT, W, Q, GW, GQ, PART, GP, W_HAT, O, K, RS, S, ROWS, Og, sq, sw_o, sw_c, sw_r, sw_s,
-    s_g, s_j, s_c, s_t, eps, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
-    PARTIALS: tl.constexpr, BR: tl.constexpr, W_HAT_OUT: tl.constexpr,
+    GW_HAT, W, Q, GW, GQ, PART, GP, W_HAT, O, ROWS, Og, Cg, sq, sw_o, sw_c, sw_r, sw_s,
+    s_g, s_j, s_c, s_t, eps, RS: tl.constexpr, S: tl.constexpr, W_DENSE: tl.constexpr,
+    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, PARTIALS: tl.constexpr,
+    BR: tl.constexpr, W_HAT_OUT: tl.constexpr,
 ):
     """grad_w and grad_q (MODE 2) from grad_ŵ [O, K]; W and GW [O, C/G, R, S] share the
-    strides ``sw_*``. ``PARTIALS``: PART [ROWS, 2, O] holds per-block partial sums of grad_p
-    and grad_q (the backward prologue's), summed here in a fixed order into GP and into GQ
-    (added to the normalisation's term). ``W_HAT_OUT``: also writes ŵ, as
-    ``normalize_weight_kernel`` does (strides ``s_*``), for a GEMM that runs next."""
-    i_o = tl.program_id(0)
-    o_o = i_o * BO + tl.arange(0, BO)
-    m_o = o_o < O
+    strides ``sw_*`` (``W_DENSE``: contiguous). ``PARTIALS``: PART [ROWS, 2, O] holds
+    per-block partial sums of grad_p and grad_q (the backward prologue's), summed here in a
+    fixed order into GP and into GQ (added to the normalisation's term). ``W_HAT_OUT``: also
+    writes ŵ, as ``normalize_weight_kernel`` does (strides ``s_*``), for a GEMM that runs
+    next. Programs as there (``_channel_block``)."""
+    i_g, o_j, m_o = _channel_block(tl.program_id(0), Og, BO)
+    o_o = i_g * Og + o_j
+    K = Cg * RS
     o_k = tl.arange(0, BK)
     row = o_o.to(tl.int64)[:, None] * K                                  # [BO, 1] in GW_HAT
     row_w = o_o.to(tl.int64)[:, None] * sw_o                             # [BO, 1] in W, GW
@@ -116,7 +144,7 @@ def normalize_weight_backward_kernel(
     dot = tl.zeros((BO,), dtype=tl.float32)
     if MODE != 0:
         for k0 in range(0, K, BK):
-            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
+            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
             m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
             b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
             b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
@@ -139,9 +167,9 @@ def normalize_weight_backward_kernel(
         b_gq += -dot * b_scale * b_scale
     if PARTIALS or MODE == 2:
         tl.store(GQ + o_o, b_gq, mask=m_o)
-    o_dst = (o_o // Og).to(tl.int64) * s_g + (o_o % Og).to(tl.int64) * s_j       # [BO] in ŵ
+    p_dst = W_HAT + i_g.to(tl.int64) * s_g + o_j[:, None] * s_j          # [BO, 1] in ŵ
     for k0 in range(0, K, BK):
-        o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s)
+        o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
         m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
         b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
         if MODE != 0 or W_HAT_OUT:
@@ -152,8 +180,8 @@ def normalize_weight_backward_kernel(
             b_gw = b_g * b_scale[:, None] - b_w * b_coef[:, None]
         tl.store(GW + row_w + o_w[None, :], b_gw.to(GW.dtype.element_ty), mask=m)
         if W_HAT_OUT:
-            p_dst = W_HAT + o_dst[:, None] + (o_c * s_c + o_t * s_t)[None, :]
-            tl.store(p_dst, (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
+            tl.store(p_dst + (o_c * s_c + o_t * s_t)[None, :],
+                     (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -174,11 +202,29 @@ def sum_splits_kernel(P, N, SPLITS, SB: tl.constexpr, BLOCK: tl.constexpr):
 SUM_SPLITS_CONFIG = (16, 256, 4)     # (SB, BLOCK, num_warps)
 
 
-def _blocks(O, K):
-    """(BO, BK): a kernel row in one chunk of up to 2048 (one pass over memory per loop), and
-    as many rows per program as fill 2048 elements, at most 16: O programs for wide kernels."""
-    BK = max(16, min(2048, next_power_of_2(K)))
-    return max(1, min(16, 2048 // BK)), BK
+def _blocks(Og, K):
+    """(BO, BK): up to 8 output channels per program and a kernel row in chunks of up to
+    2048 / BO. A GEMM's B matrix of ŵ (channels contiguous) is then stored 8 channels (16 bytes
+    in 16-bit) at a time, not one element a row apart, while a 512-channel layer still has 64
+    programs: each streams its rows twice (Σw², then the scaled copy)."""
+    BO = min(8, next_power_of_2(Og))
+    return BO, max(16, min(2048 // BO, next_power_of_2(K)))
+
+
+def _grouping(O, groups, out_strides):
+    """(programs, channels per block group) of ``_channel_block``: one group per block group,
+    or all O channels as one when the destination's groups follow one another (``s_g =
+    O/G · s_j``, also when nothing is written) and blocks may straddle them."""
+    Og = O // groups
+    if out_strides is None or out_strides[0] == Og * out_strides[1]:
+        Og, groups = O, 1
+    return groups * cdiv(Og, _blocks(Og, 1)[0]), Og
+
+
+def _dense(w_shape, w_strides):
+    """Whether w is a contiguous [O, C/G, R, S] (the kernels then index it by the flat K)."""
+    O, Cg, R, S = w_shape
+    return tuple(w_strides) == (Cg * R * S, R * S, S, 1)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -187,9 +233,12 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
     where another kernel runs it): computed once per layer."""
     O, Cg, R, S = w_shape
     CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
-    BO, BK = _blocks(O, Cg * R * S)   # as the backward's: the same Σw² order, the same scale
-    return ((cdiv(O, BO),), (O, Cg * R * S, R * S, S, O // groups, Cg, CP, TP, ROWS, q_stride,
-                             *w_strides, *out_strides, eps), dict(MODE=MODES[mode], BO=BO, BK=BK))
+    programs, Og = _grouping(O, groups, out_strides)
+    BO, BK = _blocks(Og, Cg * R * S)  # as the backward's: the same Σw² order, the same scale
+    return ((programs,), (Og, Cg, CP, ROWS, q_stride, *w_strides, *out_strides, eps),
+            dict(RS=R * S, S=S, TP=TP,
+                 W_DENSE=_dense(w_shape, w_strides) and TP == R * S and CP * TP <= ROWS,
+                 MODE=MODES[mode], BO=BO, BK=BK))
 
 
 def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slots=None):
@@ -250,11 +299,12 @@ def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, 
                    w_hat_strides):
     """(grid, scalars, constexprs) of ``normalize_weight_backward_kernel``, once per layer."""
     O, Cg, R, S = w_shape
-    BO, BK = _blocks(O, Cg * R * S)
-    return ((cdiv(O, BO),),
-            (O, Cg * R * S, R * S, S, rows, O // groups, q_stride, *w_strides,
-             *(w_hat_strides or (0, 0, 0, 0)), eps),
-            dict(MODE=MODES[mode], BO=BO, BK=BK, PARTIALS=has_partials, BR=PARTIAL_ROWS,
+    programs, Og = _grouping(O, groups, w_hat_strides)
+    BO, BK = _blocks(Og, Cg * R * S)
+    return ((programs,),
+            (O, rows, Og, Cg, q_stride, *w_strides, *(w_hat_strides or (0, 0, 0, 0)), eps),
+            dict(RS=R * S, S=S, W_DENSE=_dense(w_shape, w_strides), MODE=MODES[mode], BO=BO,
+                 BK=BK, PARTIALS=has_partials, BR=PARTIAL_ROWS,
                  W_HAT_OUT=w_hat_strides is not None))
 
 
@@ -262,25 +312,24 @@ PARTIAL_ROWS = 256        # partial sums per load in the Jacobian kernel
 
 
 def report_jobs():
-    """The two kernels for a 3×3 128→128 layer (mode norm_q), for ``kernels/report.py``."""
-    O, K, RS = 128, 128 * 9, 9
+    """The two kernels for a 3×3 128→128 layer (mode norm_q), writing ŵ as the GEMMs read it
+    (channels contiguous), for ``kernels/report.py``."""
+    O, Cg, RS = 128, 128, 9
+    K = Cg * RS
     BO, BK = _blocks(O, K)
+    shape = dict(RS=RS, S=3, W_DENSE=True, MODE=2, BO=BO, BK=BK)
+    strides = dict(sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1, s_g=O * K, s_j=1, s_c=O, s_t=O * Cg)
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
         jobs.append(dict(kernel=normalize_weight_kernel, name=f"BO{BO}-BK{BK}-w4", dtype=dtype,
-                         ints=dict(O=O, K=K, RS=RS, S=3, Og=O, Cg=128, CP=128, TP=RS, ROWS=K,
-                                   sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1, s_g=O * K, s_j=1,
-                                   s_c=O, s_t=O * 128),
-                         constexprs=dict(MODE=2, BO=BO, BK=BK),
+                         ints=dict(Og=O, Cg=Cg, CP=Cg, ROWS=K, **strides),
+                         constexprs=dict(shape, TP=RS),
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
                          num_warps=4, num_stages=1))
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
-                         dtype=dtype, ints=dict(O=O, K=K, RS=RS, S=3, ROWS=392, Og=O, sq=1,
-                                                   sw_o=K, sw_c=RS, sw_r=3, sw_s=1, s_g=O * K,
-                                                   s_j=128, s_c=1, s_t=O * 128),
-                         constexprs=dict(MODE=2, BO=BO, BK=BK, PARTIALS=True, BR=PARTIAL_ROWS,
-                                         W_HAT_OUT=True),
+                         dtype=dtype, ints=dict(O=O, ROWS=392, Og=O, Cg=Cg, **strides),
+                         constexprs=dict(shape, PARTIALS=True, BR=PARTIAL_ROWS, W_HAT_OUT=True),
                          pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
                                              PART="*fp32", GP="*fp32", W_HAT=dt),
                          num_warps=8, num_stages=1))

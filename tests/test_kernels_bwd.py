@@ -64,6 +64,29 @@ NCHW_CASES = [
 ]
 
 
+def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
+    """The GEMMs drop their loop's channel masks where the tiles divide the channels
+    (``EVEN_O`` / ``EVEN_C``): the cases above run both variants of both GEMMs."""
+    from scd_triton.kernels import bwd
+    seen = set()
+    for case in NCHW_CASES:
+        if case.C // case.groups <= 4:      # the direct kernels
+            continue
+        (sh, sw), (dh, dw) = case.oracle_kwargs()["stride"], case.oracle_kwargs()["dilation"]
+        top, bottom, left, right = case.pads()
+        (kh, kw) = case.kernel
+        out_hw = ((case.H + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+                  (case.W + left + right - dw * (kw - 1) - 1) // sw + 1)
+        plan = bwd._plan((case.N, case.C, case.H, case.W), True,
+                         (case.O, case.C // case.groups, kh, kw), out_hw, True, torch.float32,
+                         False, 0, (sh, sw), case.pads(), (dh, dw), case.groups, 1e-6, "none",
+                         "ieee", True, False)
+        for name, launch in (("dgrad", plan.dgrad), ("wgrad", plan.wgrad)):
+            seen |= {(name, flag, launch.constexprs[flag]) for flag in ("EVEN_O", "EVEN_C")}
+    assert seen == {(n, f, v) for n in ("dgrad", "wgrad") for f in ("EVEN_O", "EVEN_C")
+                    for v in (True, False)}
+
+
 @pytest.mark.parametrize("case", params(NCHW_CASES))
 def test_nchw_gradients_match_oracle_and_channels_last(case):
     """NCHW gradients against the oracle, and against the channels_last path's gradients."""
@@ -349,7 +372,7 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
     OH = H // s
     plan = bwd._plan.__wrapped__((N, C, H, H), True, (O, C, k, k), (OH, OH), False,
                                  torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
-                                 1e-12, "norm", "tf32", need_grad_x)
+                                 1e-12, "norm", "tf32", need_grad_x, True)
     ws_bytes = math.prod(plan.ws_shape) * plan.ws_dtype.itemsize
     x_bytes, out_bytes = N * C * H * H * 2, N * O * OH * OH * 2
     if plan.ws_in_grad_x:
@@ -359,7 +382,7 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
     if need_grad_x and x_bytes > out_bytes and plan.ws_shape[0] > 1:
         fewer = bwd._plan.__wrapped__((N, C, H, H), True, (O, C, k, k), (OH, OH), False,
                                       torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
-                                      1e-12, "norm", "tf32", False)
+                                      1e-12, "norm", "tf32", False, True)
         assert plan.ws_in_grad_x and plan.ws_shape[0] > fewer.ws_shape[0]
 
 

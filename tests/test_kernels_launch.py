@@ -1,12 +1,16 @@
 """kernels/launch.py: the cached direct launch, driven by stand-ins for a CUDA tensor and a
 Triton kernel (no GPU needed; the GPU tests run every kernel through the real path)."""
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from scd_triton.kernels import launch as launch_mod
-from scd_triton.kernels.launch import cdiv, launch, next_power_of_2
+from scd_triton.kernels._common import fast_divmod
+from scd_triton.kernels.launch import cdiv, divisor_magic, exact_log2, launch, next_power_of_2
 
 
 class FakeTensor:
@@ -109,8 +113,48 @@ def test_cpu_tensors_the_interpreter_and_launch_hooks_take_the_ordinary_path(ker
 
 
 def test_integer_helpers_match_triton():
-    import triton
     for n in range(1, 300):
         assert next_power_of_2(n) == triton.next_power_of_2(n)
+        assert exact_log2(n) == (n.bit_length() - 1 if n == triton.next_power_of_2(n) else -1)
         for d in (1, 3, 16, 64):
             assert cdiv(n, d) == triton.cdiv(n, d)
+
+
+DIVISORS = [1, 2, 3, 5, 7, 14, 28, 56, 100, 112, 255, 4096, 65537, 2**30 + 3, 2**31 - 1]
+
+
+@pytest.mark.parametrize("d", DIVISORS)
+def test_divisor_magic_divides_every_int32(d):
+    """``(n·mul) >> shift == n // d`` on the edges of every quotient near 0, near 2**31 and at
+    random, with ``n·mul`` inside uint64."""
+    mul, shift = divisor_magic(d)
+    assert mul < 2**33 and (2**31 - 1) * mul < 2**64
+    gen = torch.Generator().manual_seed(d)
+    random = torch.randint(0, 2**31 - 1, (2000,), generator=gen).tolist()
+    edges = [q * d + r for q in range(0, 50) for r in (-1, 0, 1)]
+    top = [2**31 - 1 - i for i in range(0, 3 * d + 3, max(1, d // 7))][:200]
+    for n in [v for v in edges + top + random if 0 <= v < 2**31]:
+        assert (n * mul) >> shift == n // d, (n, d)
+
+
+@triton.jit
+def _divmod_kernel(N, Q, R, d, mul, shift, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    q, r = fast_divmod(tl.load(N + o), d, mul, shift)
+    tl.store(Q + o, q)
+    tl.store(R + o, r)
+
+
+def test_fast_divmod_in_a_kernel():
+    """The kernel side (``_common.fast_divmod``) on int32 positions up to 2**31 − 1."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("runs a Triton kernel")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = torch.tensor([0, 1, 55, 56, 57, 3135, 3136, 2**31 - 1, 2**31 - 57, 123456789] * 2
+                     + [7] * 12, dtype=torch.int32, device=device)
+    for d in (1, 3, 56, 3136, 2**31 - 1):
+        q, r = torch.empty_like(n), torch.empty_like(n)
+        _divmod_kernel[(1,)](n, q, r, d, *divisor_magic(d), BLOCK=32)
+        expected = n.long().cpu()
+        assert q.long().cpu().tolist() == (expected // d).tolist()
+        assert r.long().cpu().tolist() == (expected % d).tolist()

@@ -110,3 +110,21 @@ def test_padded_gemm_rows_are_zeroed(Cg, flat_k):
     got = out.cpu()
     torch.testing.assert_close(got[..., :Og], expected, rtol=1e-6, atol=1e-6)
     assert torch.isnan(got[..., Og:]).all()
+
+
+def test_contiguous_kernels_take_the_dense_path():
+    """A contiguous weight is read by its flat K index (vector loads); a channels_last one, or
+    a B matrix whose tap slots outnumber the taps (flat K), through its strides."""
+    from scd_triton.kernels.fwd import _gemm_weight_layout
+    from scd_triton.kernels.weight import normalize_args
+    w = torch.empty(32, 16, 3, 3)
+    cl = w.contiguous(memory_format=torch.channels_last)
+
+    def dense(w, flat_k):
+        shape, out_strides, slots = _gemm_weight_layout(32, w.shape[1], 3, 3, 1, 32, 16, flat_k)
+        return normalize_args(w.shape, w.stride(), 1, "norm", 0.0, 1, out_strides,
+                              slots)[2]["W_DENSE"]
+
+    assert dense(w, False) and not dense(cl, False)
+    narrow = torch.empty(32, 3, 3, 3)          # 27 (channel, tap) rows padded to 32: 11 slots
+    assert not dense(narrow, True)
