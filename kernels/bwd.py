@@ -630,8 +630,8 @@ def report_jobs():
                                  GNS="*fp32", PART="*fp32")
             jobs.append(job(scd2d_bwd_prologue_kernel, f"BP{BP}-BG1-BO{BO}-w{warps}", dtype, layout,
                             ints(scd2d_bwd_prologue_kernel, lay),
-                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs, warps,
-                            stages))
+                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs,
+                            warps, stages))
             if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
                 BC, BPX, _ = COPY_CONFIG
                 xp_tiles, xc_tiles = copy_tiles((32, 64, 56, 56))

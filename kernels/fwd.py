@@ -51,8 +51,9 @@ def scd2d_fwd_kernel(
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
-    W is ŵ as a zero-padded [G, W_ROWS, W_COLS] matrix whose row block ``i_k`` is the B tile of
-    K step ``i_k``, so B loads need no mask. K steps run over (tap, channel block) pairs, or, with
+    W is ŵ as a zero-padded [G, W_COLS, W_ROWS] matrix (K-major: W_ROWS of K per output
+    channel) whose column block ``i_k`` is the B tile of K step ``i_k``, so B loads need no
+    mask. K steps run over (tap, channel block) pairs, or, with
     ``FLAT_K`` (few channels per group), over the flattened (tap, channel) index ``k < K``.
     ``X_PLANES`` (1×1, stride 1, no padding, NCHW x, per-image tiles): x is read as its [C, OH·OW]
     planes, positions contiguous, so the tile loads as wide copies without a layout change.
@@ -67,7 +68,7 @@ def scd2d_fwd_kernel(
                + (o_ih0 * sxh + o_iw0 * sxw))                            # [BM] patch origin
     o_o = i_n * BN + tl.arange(0, BN)                                    # [BN] channel in group
     o_k = tl.arange(0, BK)
-    p_w = W + i_g.to(tl.int64) * W_ROWS * W_COLS + o_k[:, None] * W_COLS + o_o[None, :]  # [BK, BN]
+    p_w = W + i_g.to(tl.int64) * W_ROWS * W_COLS + o_o[None, :] * W_ROWS + o_k[:, None]  # [BK, BN]
     n_cb = tl.cdiv(Cg, BK)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -111,7 +112,7 @@ def scd2d_fwd_kernel(
             else:
                 m_x = m_r[:, None] & (o_c < Cg)[None, :]
         b_x = tl.load(p_tile, mask=m_x, other=0.0)                       # [BM, BK]
-        b_w = tl.load(p_w + i_k * BK * W_COLS)                           # [BK, BN]
+        b_w = tl.load(p_w + i_k * BK)                                    # [BK, BN]
         b_xf = b_x.to(tl.float32)
         ssq += b_xf * b_xf
         acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
@@ -210,8 +211,8 @@ def scd2d_fwd_direct_kernel(
 def prepare_nchw_kernel(
     X, X_CL, W, Q, W_HAT, C, P, P_TILES, C_TILES, W_PROGRAMS, Og, Cg, CP, ROWS, sq, sw_o, sw_c,
     sw_r, sw_s, s_g, s_j, s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, RS: tl.constexpr,
-    S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr, MODE: tl.constexpr,
-    BO: tl.constexpr, BK: tl.constexpr,
+    S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr,
 ):
     """The forward's two preparations of NCHW input in one launch (they are independent, and a
     launch costs ~10 µs of host time): programs below ``W_PROGRAMS`` normalise the kernels into
@@ -221,7 +222,7 @@ def prepare_nchw_kernel(
     pid = tl.program_id(0)
     if pid < W_PROGRAMS:
         normalize_rows(W, Q, W_HAT, pid, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
-                       s_c, s_t, eps, RS, S, TP, W_DENSE, MODE, BO, BK)
+                       s_c, s_t, eps, RS, S, TP, W_DENSE, TAP_MAJOR, MODE, BO, BK, BCP)
     else:
         i_copy = pid - W_PROGRAMS
         i_np = i_copy // C_TILES
@@ -292,16 +293,18 @@ def direct_config(Og):
 
 
 def _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k):
-    """(shape, out_strides, slots) of ŵ as the [G, N_K·BK, cdiv(O/G, BN)·BN] B matrix of the
-    loop: rows are (tap, channel block) steps, or the flat (tap, channel) index with
-    ``flat_k``; ``out_strides`` and ``slots`` as ``weight.normalize_weight`` takes them, which
-    zeroes the padded rows (x's padded channels are 0, but 0 · garbage can be NaN). The padded
-    columns stay unwritten: they only feed output columns that are never stored."""
+    """(shape, out_strides, slots) of ŵ as the [G, cdiv(O/G, BN)·BN, N_K·BK] B matrix of the
+    loop, K-major (each output channel's K contiguous: 16-byte copies and no transposition
+    for TF32 wgmma, which takes K-major operands only): K runs over (tap, channel block)
+    steps, or the flat (tap, channel) index with ``flat_k``; ``out_strides`` and ``slots`` as
+    ``weight.normalize_weight`` takes them, which zeroes the padded K (x's padded channels are
+    0, but 0 · garbage can be NaN). The padded output channels stay unwritten: they only feed
+    output columns that are never stored."""
     Og = O // G
     cols = cdiv(Og, BN) * BN
     rows = cdiv(Cg * R * S, BK) * BK if flat_k else R * S * cdiv(Cg, BK) * BK
     tap_rows = Cg if flat_k else rows // (R * S)
-    return ((G, rows, cols), (rows * cols, 1, cols, tap_rows * cols),
+    return ((G, cols, rows), (rows * cols, rows, 1, tap_rows),
             (tap_rows, cdiv(rows, tap_rows), rows))
 
 
@@ -353,7 +356,7 @@ def _plan(x_shape, x_strides, w_shape, fmt, p_stride, q_stride, fp32, fast, stri
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
     return _Plan(*shapes, w_layout, Launch(
         scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
-                                 n_k * BK, w_layout[0][-1]), (*y_strides, *conv),
+                                 n_k * BK, w_layout[0][1]), (*y_strides, *conv),
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
              **flags), warps, stages))
@@ -475,9 +478,10 @@ def report_jobs():
                                  num_warps=warps, num_stages=stages))
     # the NCHW preparation of the 3×3 128→128 56² b64 layer: the copy of x and the B matrix
     BC, BP, warps = COPY_CONFIG
+    BN, BK = gemm_config(128, 128, 3, 3, 1, 64 * 56 * 56, False)[1:3]
+    _, out_strides, slots = _gemm_weight_layout(128, 128, 3, 3, 1, BN, BK, False)
     (w_programs,), w_scalars, w_constexprs = normalize_args(
-        (128, 128, 3, 3), (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1, (1152 * 128, 1, 128, 128 * 128),
-        (128, 9, 1152))
+        (128, 128, 3, 3), (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1, out_strides, slots)
     first = prepare_nchw_kernel.arg_names.index("Og")      # the normalisation's ints, eps last
     w_ints = dict(zip(prepare_nchw_kernel.arg_names[first:], w_scalars[:-1]))
     p_tiles, c_tiles = copy_tiles((64, 128, 56, 56))

@@ -6,7 +6,8 @@ num_stages=int)``, optionally with ``layout`` ("nchw" / "channels_last"). Kernel
 export their jobs as ``report_jobs()`` (``fwd.py``, ``bwd.py``, ``weight.py``, ``layout.py``);
 each is compiled here specialised as the JIT would specialise it on a GPU: pointers and ints
 divisible by 16 carry ``tt.divisibility``, ints equal to 1 become constants (except
-``do_not_specialize`` ones), ints beyond int32 are i64, any other argument is an fp32 scalar. Without that, pipelining is off and the report lies.
+``do_not_specialize`` ones), ints beyond int32 are i64, any other argument is an fp32 scalar.
+Without that, pipelining is off and the report lies.
 
 Each row gives registers, spill bytes (stack + local memory), shared memory, the count of
 tensor-core MMA instructions (HMMA / HGMMA) and ``loop_instructions``: the SASS instruction

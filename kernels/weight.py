@@ -63,16 +63,20 @@ def _weight_offsets(o_kk, TAPS: tl.constexpr, S: tl.constexpr, sw_c, sw_r, sw_s,
 def normalize_weight_kernel(
     W, Q, W_HAT, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps,
     RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr,
-    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    BCP: tl.constexpr,
 ):
     """ŵ[o, c, tap] = w[o, c, tap] · scale[o], written at ``g·s_g + j·s_j + c·s_c + tap·s_t``
     (``o = g·Og + j``); W [O, C/G, R, S] has strides ``sw_*`` (channels_last too, no copy), Q
     stride ``sq`` (0 when shared). The destination has ``CP ≥ C/G`` channel slots for each of
     ``TP ≥ R·S`` tap slots; slots outside w with row ``tap·CP + c < ROWS`` get 0 (a GEMM's
     padded K rows, which its unmasked loads multiply by zeros of x). ``W_DENSE``: W is
-    contiguous, ``TP = R·S`` and ``CP·TP ≤ ROWS``."""
+    contiguous, ``TP = R·S`` and ``CP·TP ≤ ROWS``. ``TAP_MAJOR`` (``s_c = 1``, the forward
+    GEMM's B matrix, K-major): written tap by tap in runs of BCP channel slots, contiguous there;
+    otherwise in the weight's (channel, tap) order, [BO, BK] tiles (stored along channels when
+    ``s_j = 1``, the dgrad's)."""
     normalize_rows(W, Q, W_HAT, tl.program_id(0), Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s,
-                   s_g, s_j, s_c, s_t, eps, RS, S, TP, W_DENSE, MODE, BO, BK)
+                   s_g, s_j, s_c, s_t, eps, RS, S, TP, W_DENSE, TAP_MAJOR, MODE, BO, BK, BCP)
 
 
 @triton.jit
@@ -89,8 +93,8 @@ def _channel_block(i_b, Og, BO: tl.constexpr):
 @triton.jit
 def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c,
                    s_t, eps, RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
-                   W_DENSE: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr,
-                   BK: tl.constexpr):
+                   W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr,
+                   BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr):
     """The work of ``normalize_weight_kernel``'s program ``i_b`` (``_channel_block``)."""
     i_g, o_j, m_o = _channel_block(i_b, Og, BO)                         # [BO]
     o_o = i_g * Og + o_j
@@ -107,18 +111,31 @@ def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, _ = _scale(sumsq, b_q, eps, MODE)
     p_dst = W_HAT + i_g.to(tl.int64) * s_g + o_j[:, None] * s_j          # [BO, 1]
-    for k0 in range(0, CP * TP, BK):
-        o_kk = k0 + o_k                                                  # [BK] (c, tap) slots
-        o_w, o_c, o_t = _weight_offsets(o_kk, TP, S, sw_c, sw_r, sw_s, W_DENSE)
-        if W_DENSE:   # every slot's row is below ROWS; w's are the first K (masks along K)
-            m = m_o[:, None] & (o_kk < CP * TP)[None, :]
-            m_w = m_o[:, None] & (o_kk < K)[None, :]
-        else:
-            m = m_o[:, None] & ((o_kk < CP * TP) & (o_t * CP + o_c < ROWS))[None, :]
-            m_w = m & ((o_c < Cg) & (o_t < RS))[None, :]
-        b_w = tl.load(p_w + o_w[None, :], mask=m_w, other=0.0).to(tl.float32)
-        tl.store(p_dst + (o_c * s_c + o_t * s_t)[None, :],
-                 (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
+    if TAP_MAJOR:
+        o_cb = tl.arange(0, BCP)
+        for t in range(TP):
+            t_w = (t // S) * sw_r + (t % S) * sw_s
+            for c0 in range(0, CP, BCP):
+                o_c = c0 + o_cb                                          # [BCP] channel slots
+                m = m_o[:, None] & ((o_c < CP) & (t * CP + o_c < ROWS))[None, :]
+                m_w = m & ((o_c < Cg) & (o_c * 0 + t < RS))[None, :]  # [BCP]: no scalar mask
+                b_w = tl.load(p_w + (o_c * sw_c + t_w)[None, :], mask=m_w, other=0.0)
+                tl.store(p_dst + (o_c * s_c + t * s_t)[None, :],
+                         (b_w.to(tl.float32) * b_scale[:, None]).to(W_HAT.dtype.element_ty),
+                         mask=m)
+    else:
+        for k0 in range(0, CP * TP, BK):
+            o_kk = k0 + o_k                                              # [BK] (c, tap) slots
+            o_w, o_c, o_t = _weight_offsets(o_kk, TP, S, sw_c, sw_r, sw_s, W_DENSE)
+            if W_DENSE:   # every slot's row is below ROWS; w's are the first K (masks along K)
+                m = m_o[:, None] & (o_kk < CP * TP)[None, :]
+                m_w = m_o[:, None] & (o_kk < K)[None, :]
+            else:
+                m = m_o[:, None] & ((o_kk < CP * TP) & (o_t * CP + o_c < ROWS))[None, :]
+                m_w = m & ((o_c < Cg) & (o_t < RS))[None, :]
+            b_w = tl.load(p_w + o_w[None, :], mask=m_w, other=0.0).to(tl.float32)
+            tl.store(p_dst + (o_c * s_c + o_t * s_t)[None, :],
+                     (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -235,10 +252,12 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
     CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
     programs, Og = _grouping(O, groups, out_strides)
     BO, BK = _blocks(Og, Cg * R * S)  # as the backward's: the same Σw² order, the same scale
+    tap_major = out_strides[2] == 1 and out_strides[1] != 1
     return ((programs,), (Og, Cg, CP, ROWS, q_stride, *w_strides, *out_strides, eps),
             dict(RS=R * S, S=S, TP=TP,
                  W_DENSE=_dense(w_shape, w_strides) and TP == R * S and CP * TP <= ROWS,
-                 MODE=MODES[mode], BO=BO, BK=BK))
+                 TAP_MAJOR=tap_major, MODE=MODES[mode], BO=BO, BK=BK,
+                 BCP=max(16, min(BK, next_power_of_2(CP)))))
 
 
 def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slots=None):
@@ -312,23 +331,26 @@ PARTIAL_ROWS = 256        # partial sums per load in the Jacobian kernel
 
 
 def report_jobs():
-    """The two kernels for a 3×3 128→128 layer (mode norm_q), writing ŵ as the GEMMs read it
-    (channels contiguous), for ``kernels/report.py``."""
+    """The two kernels for a 3×3 128→128 layer (mode norm_q), writing ŵ as the GEMMs read it:
+    the forward's K-major B matrix (K steps of 32) and the dgrad's channels-contiguous one, for
+    ``kernels/report.py``."""
     O, Cg, RS = 128, 128, 9
     K = Cg * RS
     BO, BK = _blocks(O, K)
     shape = dict(RS=RS, S=3, W_DENSE=True, MODE=2, BO=BO, BK=BK)
-    strides = dict(sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1, s_g=O * K, s_j=1, s_c=O, s_t=O * Cg)
+    w = dict(sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1)
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
-        jobs.append(dict(kernel=normalize_weight_kernel, name=f"BO{BO}-BK{BK}-w4", dtype=dtype,
-                         ints=dict(Og=O, Cg=Cg, CP=Cg, ROWS=K, **strides),
-                         constexprs=dict(shape, TP=RS),
+        jobs.append(dict(kernel=normalize_weight_kernel, name=f"BO{BO}-BK{BK}-BCP128-w4",
+                         dtype=dtype, ints=dict(Og=O, Cg=Cg, CP=Cg, ROWS=K, s_g=O * K, s_j=K,
+                                                s_c=1, s_t=Cg, **w),
+                         constexprs=dict(shape, TP=RS, TAP_MAJOR=True, BCP=128),
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
                          num_warps=4, num_stages=1))
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
-                         dtype=dtype, ints=dict(O=O, ROWS=392, Og=O, Cg=Cg, **strides),
+                         dtype=dtype, ints=dict(O=O, ROWS=392, Og=O, Cg=Cg, s_g=O * K, s_j=1,
+                                                s_c=O, s_t=O * Cg, **w),
                          constexprs=dict(shape, PARTIALS=True, BR=PARTIAL_ROWS, W_HAT_OUT=True),
                          pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
                                              PART="*fp32", GP="*fp32", W_HAT=dt),

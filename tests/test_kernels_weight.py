@@ -89,10 +89,11 @@ def test_zero_and_nan_kernels():
     assert torch.isnan(grad_w[2]).all()
 
 
-@pytest.mark.parametrize("Cg, flat_k", [(5, False), (3, True)])
+@pytest.mark.parametrize("Cg, flat_k", [(5, False), (3, True), (20, False)])
 def test_padded_gemm_rows_are_zeroed(Cg, flat_k):
-    """The forward's B matrix: ŵ at its (tap, channel) rows, 0 in the padded K rows (which
-    multiply x's zero-masked channels: garbage there could be NaN), padded columns untouched."""
+    """The forward's B matrix, K-major [G, padded O/G, padded K]: ŵ at its (tap, channel)
+    columns, 0 in the padded K (which multiplies x's zero-masked channels: garbage there could
+    be NaN), padded output channels untouched."""
     from scd_triton.kernels.fwd import _gemm_weight_layout
     G, Og, R, S, BN, BK = 2, 3, 3, 3, 16, 16
     shape, out_strides, slots = _gemm_weight_layout(G * Og, Cg, R, S, G, BN, BK, flat_k)
@@ -102,14 +103,14 @@ def test_padded_gemm_rows_are_zeroed(Cg, flat_k):
     normalize_weight(w, q, "norm_q", 1e-12, out=out, out_strides=out_strides, groups=G,
                      slots=slots)
     ref = _formula(w.cpu(), q.cpu(), "norm_q", 1e-12).float().reshape(G, Og, Cg, R * S)
-    rows = ref.permute(0, 3, 2, 1)                                        # [G, taps, Cg, Og]
+    taps = ref.permute(0, 1, 3, 2)                                        # [G, Og, taps, Cg]
     if not flat_k:      # each tap's channels padded to a multiple of BK
-        rows = torch.nn.functional.pad(rows, (0, 0, 0, shape[1] // (R * S) - Cg))
-    expected = torch.zeros(G, shape[1], Og)
-    expected[:, :rows.shape[1] * rows.shape[2]] = rows.reshape(G, -1, Og)
+        taps = torch.nn.functional.pad(taps, (0, shape[2] // (R * S) - Cg))
+    expected = torch.zeros(G, Og, shape[2])
+    expected[..., :taps.shape[2] * taps.shape[3]] = taps.reshape(G, Og, -1)
     got = out.cpu()
-    torch.testing.assert_close(got[..., :Og], expected, rtol=1e-6, atol=1e-6)
-    assert torch.isnan(got[..., Og:]).all()
+    torch.testing.assert_close(got[:, :Og], expected, rtol=1e-6, atol=1e-6)
+    assert torch.isnan(got[:, Og:]).all()
 
 
 def test_contiguous_kernels_take_the_dense_path():
