@@ -388,10 +388,12 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     OH, OW = out_hw
     M = N * OH * OW
     magic = (*divisor_magic(OH), *divisor_magic(OW))    # the wgrads decode positions per K step
-    if max(M, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
+    # the wgrads' K loops index up to a block (≤ 128) past N·OH·OW, in int32
+    if max(M + 128, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
         raise ValueError(f"scd2d_bwd indexes positions and per-sample offsets in int32: needs "
-                         f"N·OH·OW = {M}, N·H·W = {N * H * W} and per-sample sizes "
-                         f"C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below 2**31")
+                         f"N·OH·OW = {M} below 2**31 - 128, N·H·W = {N * H * W} and "
+                         f"per-sample sizes C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below "
+                         f"2**31")
     sh, sw = stride
     conv = (sh, sw, padding[0], padding[2], *dilation)
     x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x

@@ -251,7 +251,8 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
     O, Cg, R, S = w_shape
     CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
     programs, Og = _grouping(O, groups, out_strides)
-    BO, BK = _blocks(Og, Cg * R * S)  # as the backward's: the same Σw² order, the same scale
+    BO, BK = _blocks(Og, Cg * R * S)  # as the backward's where both group alike: the same
+    # Σw² order, the same scale bits in the interpreter (on a GPU, warps differ: ~1 ulp)
     tap_major = out_strides[2] == 1 and out_strides[1] != 1
     return ((programs,), (Og, Cg, CP, ROWS, q_stride, *w_strides, *out_strides, eps),
             dict(RS=R * S, S=S, TP=TP,

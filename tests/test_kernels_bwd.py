@@ -87,6 +87,40 @@ def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
                     for v in (True, False)}
 
 
+# The GPU's tile configs, which the interpreter's plan never picks: 128→128 takes the "large"
+# dgrad (64×128×64) and wgrad (128×64×64) with every channel mask dropped, 96→80 the same tiles
+# with both masks kept (BK 64 does not divide 80, BN 128 not 96)
+CUDA_TILE_CASES = [Case(1, 128, 5, 6, 128, (3, 3), padding=1),
+                   Case(1, 96, 5, 6, 80, (3, 3), stride=2, padding=1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", params(CUDA_TILE_CASES))
+def test_gpu_tile_configs_match_oracle(case, dtype, monkeypatch):
+    """The CUDA configs' tiles (and so EVEN_O / EVEN_C both ways) run in whatever backend the
+    tests have, here possibly the interpreter, against the float64 oracle."""
+    from scd_triton.kernels import bwd
+    dgrad, wgrad = bwd._dgrad_config, bwd._wgrad_config
+    monkeypatch.setattr(bwd, "_dgrad_config", lambda dtype, Cg, Og, cuda: dgrad(dtype, Cg, Og, True))
+    monkeypatch.setattr(bwd, "_wgrad_config", lambda *a, **k: wgrad(*a[:3], True, *a[4:], **k))
+    bwd._plan.cache_clear()
+    try:
+        run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
+    finally:
+        bwd._plan.cache_clear()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_half_gradients_on_a_wide_layer(dtype, channels_last):
+    """The 16-bit "large" dgrad and wgrad (BK 64, 3 stages: the forward's BK 64 gave wrong
+    dots on an H200) on a ResNet-sized layer, against the float64 oracle."""
+    case = Case(4, 128, 28, 28, 128, (3, 3), padding=1)
+    run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE,
+                       channels_last=channels_last)
+
+
 @pytest.mark.parametrize("case", params(NCHW_CASES))
 def test_nchw_gradients_match_oracle_and_channels_last(case):
     """NCHW gradients against the oracle, and against the channels_last path's gradients."""
@@ -439,3 +473,14 @@ def test_backward_int64_offsets_past_2_pow_31():
     tail = x[-1:].detach().requires_grad_()
     (want,) = torch.autograd.grad(fn(tail, w, "reference"), tail, grad_y[-1:])
     torch.testing.assert_close(grad_x[-1:], want, rtol=2e-2, atol=2e-2)
+
+
+def test_positions_within_a_block_of_int32_are_refused():
+    """The wgrads' K loops index a block past the last position in int32: N·OH·OW must leave
+    that room (2**31 − 100 positions would wrap)."""
+    from scd_triton.kernels import bwd
+    P = 2**31 - 100                                 # one 1-channel image of P positions
+    args = ((1, 1, 1, P), True, (1, 1, 1, 1), (1, P), False, torch.float32, True, 0, (1, 1),
+            (0, 0, 0, 0), (1, 1), 1, 1e-12, "none", "tf32", True, True)
+    with pytest.raises(ValueError, match="N·OH·OW = 2147483548 below 2\\*\\*31 - 128"):
+        bwd._plan.__wrapped__(*args)
