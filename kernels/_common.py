@@ -4,16 +4,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _ptx_f32(ASM: tl.constexpr, x):
-    """One PTX instruction ``ASM`` (``$0`` the result, ``$1`` the float32 operand) per element."""
-    return tl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
 def fast_log2(x, FAST: tl.constexpr):
     """log2 of float32 ``x``: one ``lg2.approx`` on CUDA (FAST), ``tl.log2`` elsewhere."""
     if FAST:
-        return _ptx_f32("lg2.approx.f32 $0, $1;", x)
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.log2(x)
 
@@ -22,7 +17,8 @@ def fast_log2(x, FAST: tl.constexpr):
 def fast_exp2(x, FAST: tl.constexpr):
     """2**x of float32 ``x``: one ``ex2.approx`` on CUDA (FAST), ``tl.exp2`` elsewhere."""
     if FAST:
-        return _ptx_f32("ex2.approx.f32 $0, $1;", x)
+        return tl.inline_asm_elementwise("ex2.approx.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     else:
         return tl.exp2(x)
 
