@@ -441,7 +441,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     HQ, WQ = cdiv(H, sh), cdiv(W, sw)
     step_h, step_w = sh // math.gcd(sh, dilation[0]), sw // math.gcd(sw, dilation[1])
     # ŵ as [G, R·S, C/G, O/G], output channels contiguous: the B tile of each K step is one
-    # block of a tap's matrix, and the normalisation kernels store 16 channels at a time
+    # block of a tap's matrix, and the normalisation kernels store 8 channels (16 bytes) at once
     w_layout = ((G, R * S, Cg, Og), (R * S * Cg * Og, 1, Og, Cg * Og))
     # NCHW grad_x: per-image tiles store along positions; at stride 1 x and grad_x are read and
     # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous

@@ -228,14 +228,16 @@ def _blocks(Og, K):
     return BO, max(16, min(2048 // BO, next_power_of_2(K)))
 
 
-def _grouping(O, groups, out_strides):
-    """(programs, channels per block group) of ``_channel_block``: one group per block group,
-    or all O channels as one when the destination's groups follow one another (``s_g =
-    O/G · s_j``, also when nothing is written) and blocks may straddle them."""
+def _grouping(O, K, groups, out_strides):
+    """(programs, channels per block group, BO, BK) of ``_channel_block`` for kernel rows of
+    length K: one group per block group, or all O channels as one when the destination's groups
+    follow one another (``s_g = O/G · s_j``, also when nothing is written) and blocks may
+    straddle them."""
     Og = O // groups
     if out_strides is None or out_strides[0] == Og * out_strides[1]:
         Og, groups = O, 1
-    return groups * cdiv(Og, _blocks(Og, 1)[0]), Og
+    BO, BK = _blocks(Og, K)
+    return groups * cdiv(Og, BO), Og, BO, BK
 
 
 def _dense(w_shape, w_strides):
@@ -250,9 +252,9 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
     where another kernel runs it): computed once per layer."""
     O, Cg, R, S = w_shape
     CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
-    programs, Og = _grouping(O, groups, out_strides)
-    BO, BK = _blocks(Og, Cg * R * S)  # as the backward's where both group alike: the same
-    # Σw² order, the same scale bits in the interpreter (on a GPU, warps differ: ~1 ulp)
+    # blocks as the backward's where both group alike: the same Σw² order, the same scale bits
+    # in the interpreter (on a GPU, warps differ: ~1 ulp)
+    programs, Og, BO, BK = _grouping(O, Cg * R * S, groups, out_strides)
     tap_major = out_strides[2] == 1 and out_strides[1] != 1
     return ((programs,), (Og, Cg, CP, ROWS, q_stride, *w_strides, *out_strides, eps),
             dict(RS=R * S, S=S, TP=TP,
@@ -319,8 +321,7 @@ def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, 
                    w_hat_strides):
     """(grid, scalars, constexprs) of ``normalize_weight_backward_kernel``, once per layer."""
     O, Cg, R, S = w_shape
-    programs, Og = _grouping(O, groups, w_hat_strides)
-    BO, BK = _blocks(Og, Cg * R * S)
+    programs, Og, BO, BK = _grouping(O, Cg * R * S, groups, w_hat_strides)
     return ((programs,),
             (O, rows, Og, Cg, q_stride, *w_strides, *(w_hat_strides or (0, 0, 0, 0)), eps),
             dict(RS=R * S, S=S, W_DENSE=_dense(w_shape, w_strides), MODE=MODES[mode], BO=BO,

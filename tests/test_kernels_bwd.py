@@ -14,8 +14,9 @@ from torch.profiler import ProfilerActivity, profile
 import oracle
 import scd_triton
 from cases import Case, params, run_against_oracle
-from helpers import assert_close
-from test_kernels import DEVICE, KERNEL_CASES, NEW_PATH_CASES, gpu
+from helpers import DEVICE, assert_close, gpu
+from scd_triton.kernels.shapes import output_hw
+from test_kernels import KERNEL_CASES, NEW_PATH_CASES
 
 
 @pytest.fixture(autouse=True)
@@ -72,15 +73,13 @@ def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
     for case in NCHW_CASES:
         if case.C // case.groups <= 4:      # the direct kernels
             continue
-        (sh, sw), (dh, dw) = case.oracle_kwargs()["stride"], case.oracle_kwargs()["dilation"]
-        top, bottom, left, right = case.pads()
-        (kh, kw) = case.kernel
-        out_hw = ((case.H + top + bottom - dh * (kh - 1) - 1) // sh + 1,
-                  (case.W + left + right - dw * (kw - 1) - 1) // sw + 1)
+        conv = case.oracle_kwargs()
+        stride, padding, dilation = conv["stride"], conv["padding"], conv["dilation"]
+        out_hw = output_hw((case.H, case.W), case.kernel, stride, padding, dilation)
         plan = bwd._plan((case.N, case.C, case.H, case.W), True,
-                         (case.O, case.C // case.groups, kh, kw), out_hw, True, torch.float32,
-                         False, 0, (sh, sw), case.pads(), (dh, dw), case.groups, 1e-6, "none",
-                         "ieee", True, False)
+                         (case.O, case.C // case.groups, *case.kernel), out_hw, True,
+                         torch.float32, False, 0, stride, padding, dilation, case.groups, 1e-6,
+                         "none", "ieee", True, False)
         for name, launch in (("dgrad", plan.dgrad), ("wgrad", plan.wgrad)):
             seen |= {(name, flag, launch.constexprs[flag]) for flag in ("EVEN_O", "EVEN_C")}
     assert seen == {(n, f, v) for n in ("dgrad", "wgrad") for f in ("EVEN_O", "EVEN_C")
@@ -101,7 +100,8 @@ def test_gpu_tile_configs_match_oracle(case, dtype, monkeypatch):
     tests have, here possibly the interpreter, against the float64 oracle."""
     from scd_triton.kernels import bwd
     dgrad, wgrad = bwd._dgrad_config, bwd._wgrad_config
-    monkeypatch.setattr(bwd, "_dgrad_config", lambda dtype, Cg, Og, cuda: dgrad(dtype, Cg, Og, True))
+    monkeypatch.setattr(bwd, "_dgrad_config",
+                        lambda dtype, Cg, Og, cuda: dgrad(dtype, Cg, Og, True))
     monkeypatch.setattr(bwd, "_wgrad_config", lambda *a, **k: wgrad(*a[:3], True, *a[4:], **k))
     bwd._plan.cache_clear()
     try:

@@ -184,8 +184,6 @@ def test_scd1d_validates_rank():
         scd_triton.scd1d(torch.randn(2, 4, 6, 6), torch.randn(3, 4, 3), 1.0, 0.0)
 
 
-
-
 @gpu
 @pytest.mark.parametrize("p, q", [(2.0, 0.1), (None, None)])
 def test_a_training_step_never_synchronises(p, q):
