@@ -3,14 +3,21 @@
 Two kernels:
 - ``scd2d_fwd_kernel``: implicit GEMM, ``M = N·OH·OW`` positions × ``O/G`` channels of group G
   (grid axis 2) × ``K = (C/G)·R·S``. Each K step loads an ``x`` tile [BM, BK] through index
-  arithmetic (padding is the load mask), feeds it to ``tl.dot`` and adds its squares
-  elementwise to a [BM, BK] float32 tile that is reduced to ``Σ s²`` once after the loop.
+  arithmetic (padding is the load mask) and feeds it to ``tl.dot``; nothing else reads it.
+  ``Σ s²`` of a patch is the sum over its taps of ``Σ_c x²`` per input pixel, which
+  ``scd2d_fwd_prepare_kernel`` writes before: R·S float32 loads per position in the epilogue.
+  (Squaring the dot's x tile in the loop as well gave wrong, call-to-call varying results on an
+  H200 with Triton 3.6 — float32, and 16-bit with BK 64 or 4 warps — and cost ~a quarter of
+  the loop.)
 - ``scd2d_fwd_direct_kernel``: groups with at most 4 input and 4 output channels (depthwise):
   no GEMM to speak of, a memory-bound multiply-accumulate over (tap, channel).
 Both end in the same epilogue (``_common.sharpen``, lg2/ex2 approximations on CUDA), store
 ``y`` in the input dtype and, when saving for backward, ``c`` (channels-last for either input
 layout: the backward writes its GEMM operand there) and the float32 per-(n, group, position)
 norms.
+
+Before the GEMM, one launch of ``scd2d_fwd_prepare_kernel`` normalises the kernels into the
+GEMM's B matrix, writes the per-pixel ``Σ_c x²`` and, for NCHW x, copies x channels-contiguous.
 
 Layouts: the kernels read x with channels contiguous and write y in the input's layout. An
 NCHW ``x`` is transposed once by the launcher (one copy, 2·|x| of memory traffic): a tap-shifted
@@ -39,7 +46,7 @@ from .weight import normalize_args, normalize_rows, normalize_weight
 
 @triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_fwd_kernel(
-    X, W, P, Q, Y, Cout, Norm,
+    X, SQ, W, P, Q, Y, Cout, Norm,
     H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS,
     sxn, sxc, sxh, sxw, syn, syc, syp,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sp, sq,
@@ -51,6 +58,7 @@ def scd2d_fwd_kernel(
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
+    SQ is ``Σ_c x²`` per (sample, group, input pixel), float32 [N, G, H, W].
     W is ŵ as a zero-padded [G, W_COLS, W_ROWS] matrix (K-major: W_ROWS of K per output
     channel) whose column block ``i_k`` is the B tile of K step ``i_k``, so B loads need no
     mask. K steps run over (tap, channel block) pairs, or, with
@@ -72,10 +80,6 @@ def scd2d_fwd_kernel(
     n_cb = tl.cdiv(Cg, BK)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    # Σs² per element, reduced once after the loop: no shuffles in the loop (a per-step row
-    # sum cost 12 SHFL + LDS round trips; precomputing Σ_c x² per position would cost a pass
-    # over x, while the loop is now about as long as its MMAs)
-    ssq = tl.zeros((BM, BK), dtype=tl.float32)
     for i_k in range(N_K):
         if FLAT_K:
             o_kk = i_k * BK + o_k                                        # [BK] (tap, channel)
@@ -113,14 +117,21 @@ def scd2d_fwd_kernel(
                 m_x = m_r[:, None] & (o_c < Cg)[None, :]
         b_x = tl.load(p_tile, mask=m_x, other=0.0)                       # [BM, BK]
         b_w = tl.load(p_w + i_k * BK)                                    # [BK, BN]
-        b_xf = b_x.to(tl.float32)
-        ssq += b_xf * b_xf
         acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+
+    # Σs² of each patch: its taps' per-pixel Σ_c x² (padding taps are 0)
+    p_sq = SQ + (o_n.to(tl.int64) * G + i_g) * H * Wd                   # [BM]
+    b_ssq = tl.zeros((BM,), dtype=tl.float32)
+    for tap in range(R * S):
+        t_ih = o_ih0 + (tap // S) * dil_h
+        t_iw = o_iw0 + (tap % S) * dil_w
+        m_t = m_m & (t_ih >= 0) & (t_ih < H) & (t_iw >= 0) & (t_iw < Wd)
+        b_ssq += tl.load(p_sq + t_ih * Wd + t_iw, mask=m_t, other=0.0)
 
     m_o = o_o < Og
     b_p = tl.load(P + (i_g * Og + o_o) * sp, mask=m_o, other=1.0)
     b_q = tl.load(Q + (i_g * Og + o_o) * sq, mask=m_o, other=0.0)
-    b_norm = tl.sqrt(tl.sum(ssq, axis=1) + norm_eps)                     # [BM]
+    b_norm = tl.sqrt(b_ssq + norm_eps)                                   # [BM]
     b_c, b_y = sharpen(acc, b_norm[:, None], b_p[None, :], b_q[None, :], eps, FAST)
     o_y = ((o_n.to(tl.int64) * syn + o_p * syp)[:, None]
            + ((i_g * Og + o_o) * syc)[None, :])                          # [BM, BN]
@@ -208,26 +219,55 @@ def scd2d_fwd_direct_kernel(
 
 
 @triton.jit
-def prepare_nchw_kernel(
-    X, X_CL, W, Q, W_HAT, C, P, P_TILES, C_TILES, W_PROGRAMS, Og, Cg, CP, ROWS, sq, sw_o, sw_c,
-    sw_r, sw_s, s_g, s_j, s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, RS: tl.constexpr,
-    S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr,
-    MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr,
+def pixel_sumsq(X, SQ, i_b, G, Cg, P, Wd, P_TILES, sxn, sxc, sxh, sxw, BQ: tl.constexpr,
+                BCQ: tl.constexpr):
+    """Block ``i_b`` of ``SQ[n, g, h, w] = Σ_c x[n, g·Cg + c, h, w]²`` (float32, [N, G, H, W]
+    contiguous): BQ pixels of one sample and group, channels BCQ at a time; x of any strides
+    (loads run along whichever of channels or pixels is contiguous)."""
+    i_g = i_b % G
+    i_np = i_b // G
+    i_n = i_np // P_TILES
+    o_p = (i_np - i_n * P_TILES) * BQ + tl.arange(0, BQ)                 # [BQ] pixel in image
+    m_p = o_p < P
+    o_h = o_p // Wd
+    p_x = (X + i_n.to(tl.int64) * sxn + (i_g * Cg).to(tl.int64) * sxc
+           + (o_h * sxh + (o_p - o_h * Wd) * sxw))                       # [BQ]
+    acc = tl.zeros((BQ, BCQ), dtype=tl.float32)
+    for c0 in range(0, Cg, BCQ):
+        o_c = c0 + tl.arange(0, BCQ)
+        b_x = tl.load(p_x[:, None] + (o_c * sxc)[None, :],
+                      mask=m_p[:, None] & (o_c < Cg)[None, :], other=0.0).to(tl.float32)
+        acc += b_x * b_x
+    tl.store(SQ + (i_n.to(tl.int64) * G + i_g) * P + o_p, tl.sum(acc, axis=1), mask=m_p)
+
+
+@triton.jit
+def scd2d_fwd_prepare_kernel(
+    X, X_CL, SQ, W, Q, W_HAT, C, P, Wd, G, P_TILES, C_TILES, Q_TILES, W_PROGRAMS,
+    COPY_PROGRAMS, sxn, sxc, sxh, sxw, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
+    s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BCQ: tl.constexpr,
+    RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
+    BCP: tl.constexpr,
 ):
-    """The forward's two preparations of NCHW input in one launch (they are independent, and a
-    launch costs ~10 µs of host time): programs below ``W_PROGRAMS`` normalise the kernels into
-    the GEMM's B matrix (``weight.normalize_weight_kernel``'s blocks; first, as each streams
-    whole kernel rows), the others copy x channels-contiguous
-    (``layout.nchw_to_channels_last_kernel``'s tiles)."""
+    """What the GEMM forward needs before it runs, in one launch (a launch costs ~10 µs of host
+    time; the three parts are independent): programs below ``W_PROGRAMS`` normalise the kernels
+    into the GEMM's B matrix (``weight.normalize_weight_kernel``'s blocks; first, as each
+    streams whole kernel rows), the next ``COPY_PROGRAMS`` copy NCHW x channels-contiguous
+    into X_CL (``layout.nchw_to_channels_last_kernel``'s tiles; 0 for channels_last x), the
+    rest write the per-pixel ``Σ_c x²`` (``pixel_sumsq``; Cg is also the weight's C/G)."""
     pid = tl.program_id(0)
     if pid < W_PROGRAMS:
         normalize_rows(W, Q, W_HAT, pid, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
                        s_c, s_t, eps, RS, S, TP, W_DENSE, TAP_MAJOR, MODE, BO, BK, BCP)
-    else:
+    elif pid < W_PROGRAMS + COPY_PROGRAMS:
         i_copy = pid - W_PROGRAMS
         i_np = i_copy // C_TILES
         transpose_tile(X, X_CL, C, P, i_np // P_TILES, i_np % P_TILES, i_copy % C_TILES, BC,
                        BP)
+    else:
+        pixel_sumsq(X, SQ, pid - W_PROGRAMS - COPY_PROGRAMS, G, Cg, P, Wd, Q_TILES, sxn, sxc,
+                    sxh, sxw, BQ, BCQ)
 
 
 FAST_MATH = True   # lg2/ex2/div approximations on CUDA in the forward's epilogue and the
@@ -261,10 +301,11 @@ def _block_k(n, choices):
 def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
 
-    Wide tiles (128×128×32 for 16-bit, 64×128×32 for float32) for wide layers, 3 stages; BN the
-    smallest power of two covering O/G (≥ 16); BK the wider of 32/16 that pads C/G by ≤ 1/8. Fewer
-    than 16 channels per group (stem, grouped narrow layers) flatten K over (tap, channel), so a
-    3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of 16 mostly-zero ones.
+    Wide tiles (128×128×64 for 16-bit, 64×128×32 for float32) for wide layers, 3 stages; BN the
+    smallest power of two covering O/G (≥ 16); BK the widest of 64 (16-bit) / 32 / 16 that pads
+    C/G by ≤ 1/8. Fewer than 16 channels per group (stem, grouped narrow layers) flatten K over
+    (tap, channel), so a 3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of
+    16 mostly-zero ones.
     BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a 132-SM GPU.
     """
     BN = pow2_between(Og, 16, 128)
@@ -272,14 +313,11 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     if flat_k:
         BK = 16 if Cg * R * S <= 16 else 32
     else:
-        # BK ≤ 32: 16-bit tiles with BK 64 gave wrong dots (relative error ~0.1) at 2 and 3
-        # pipeline stages on an H200 (Triton 3.6); BK 32 at 3 stages was exact there
-        BK = _block_k(Cg, (32, 16))
+        # BK 64 for 16-bit only: float32 64-wide tiles in 3 stages overflow sm_80's shared memory
+        BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16))
     BM = 128 if cdiv(M, 128) * cdiv(Og, BN) * G >= 264 else 64
     if fp32 and BN == 128:
-        # 128×128 float32 tiles with the [BM, BK] Σs² tile spill on sm_90. 128×64 tiles (8
-        # warps) ran 0.59-0.82× the time on an H100 but their results varied between identical
-        # calls by ~2e-2 (docs/GPU_NOTES.md section 8)
+        # 128×128 float32 tiles spilled on sm_90 (with the Σs² tile then in the loop)
         BM = 64
     warps = 8 if BM * BN >= 128 * 128 else 4
     return BM, BN, BK, flat_k, warps, 3
@@ -366,9 +404,10 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
               weight_norm="none", weight_norm_eps=0.0, save_for_backward=True):
     """Launches the forward; returns ``(y, c, norm)`` as ``reference.scd2d_fwd`` does.
 
-    ŵ is normalised from ``weight`` (``weight.normalize_weight``, mode ``weight_norm``) into
-    the layout the kernel reads. ``padding`` is (top, bottom, left, right); only top/left enter
-    the index arithmetic. With ``save_for_backward=False`` only ``y`` is written and ``c``,
+    ŵ is normalised from ``weight`` (mode ``weight_norm``) into the layout the kernel reads,
+    by ``scd2d_fwd_prepare_kernel`` for the GEMM (with the per-pixel Σ_c x²), by
+    ``weight.normalize_weight`` for the direct kernel. ``padding`` is (top, bottom, left,
+    right); only top/left enter the index arithmetic. With ``save_for_backward=False`` only ``y`` is written and ``c``,
     ``norm`` are None (no allocation: a call's host time). Everything that follows from the
     call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
     """
@@ -386,39 +425,52 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         c = norm = None
     if y.numel() == 0:
         return y, c, norm
-    # NCHW x: copied channels-contiguous for K, in the GEMM's weight launch where it can be
-    prepare = plan.transpose_x and plan.w_layout is not None and copies_by_kernel(x)
-    if plan.transpose_x and not prepare:
+    # NCHW x: copied channels-contiguous for K, in the GEMM's prepare launch where it can be
+    copy = plan.transpose_x and plan.w_layout is not None and copies_by_kernel(x)
+    if plan.transpose_x and not copy:
         x = to_channels_last(x)
     if plan.w_layout is None:     # direct kernel: ŵ as [O, C/G, R, S]
         w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
+        x_sq = ()
     else:
         shape, out_strides, slots = plan.w_layout
         w_hat = torch.empty(shape, dtype=weight.dtype, device=dev)
-        if prepare:
-            x = _prepare_nchw(x, weight, q, w_hat, weight_norm, weight_norm_eps, groups,
-                              out_strides, slots)
-        else:
-            normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat, groups=groups,
-                             out_strides=out_strides, slots=slots)
+        sq = torch.empty((x.shape[0], groups, *x.shape[2:]), dtype=torch.float32, device=dev)
+        x = _prepare(x, sq, weight, q, w_hat, weight_norm, weight_norm_eps, groups,
+                     out_strides, slots, copy)
+        x_sq = (sq,)
     # without SAVE the kernel stores y only: y stands in for the c and norm pointers
-    plan.main((x, w_hat, p, q, y, y if c is None else c, y if norm is None else norm),
+    plan.main((x, *x_sq, w_hat, p, q, y, y if c is None else c, y if norm is None else norm),
               x.stride())
     return y, c, norm
 
 
-def _prepare_nchw(x, weight, q, w_hat, mode, eps, groups, out_strides, slots):
-    """x copied channels-contiguous and ŵ written into ``w_hat``, in one launch of
-    ``prepare_nchw_kernel``; returns the copy."""
-    x_cl = torch.empty_like(x, memory_format=torch.channels_last)
+@functools.lru_cache(maxsize=1024)
+def sumsq_tiles(Cg, P):
+    """(BQ pixels, BCQ channels, pixel tiles per image) of ``pixel_sumsq``: 4096-element tiles,
+    channels up to 64 at a time."""
+    BCQ = pow2_between(Cg, 1, 64)
+    BQ = min(4096 // BCQ, 1024)
+    return BQ, BCQ, cdiv(P, BQ)
+
+
+def _prepare(x, sq, weight, q, w_hat, mode, eps, groups, out_strides, slots, copy):
+    """ŵ written into ``w_hat``, the per-pixel Σ_c x² into ``sq`` and, with ``copy``, x copied
+    channels-contiguous, in one launch of ``scd2d_fwd_prepare_kernel``; returns the x the GEMM
+    reads (the copy, or x)."""
+    N, C, H, W = x.shape
+    x_cl = torch.empty_like(x, memory_format=torch.channels_last) if copy else x
     (w_programs,), w_scalars, w_constexprs = normalize_args(
         weight.shape, weight.stride(), q.stride(0), mode, eps, groups, tuple(out_strides), slots)
     BC, BP, warps = COPY_CONFIG
     p_tiles, c_tiles = copy_tiles(x.shape)
-    copy_programs = x.shape[0] * p_tiles * c_tiles
-    launch(prepare_nchw_kernel, (copy_programs + w_programs,), (x, x_cl, weight, q, w_hat),
-           (x.shape[1], x.shape[2] * x.shape[3], p_tiles, c_tiles, w_programs, *w_scalars),
-           dict(BC=BC, BP=BP, **w_constexprs), warps, 1)
+    copy_programs = N * p_tiles * c_tiles if copy else 0
+    BQ, BCQ, q_tiles = sumsq_tiles(C // groups, H * W)
+    launch(scd2d_fwd_prepare_kernel, (w_programs + copy_programs + N * q_tiles * groups,),
+           (x, x_cl, sq, weight, q, w_hat),
+           (C, H * W, W, groups, p_tiles, c_tiles, q_tiles, w_programs, copy_programs,
+            *x.stride(), *w_scalars),
+           dict(BC=BC, BP=BP, BQ=BQ, BCQ=BCQ, **w_constexprs), warps, 1)
     return x_cl
 
 
@@ -455,6 +507,8 @@ def report_jobs():
                 flags = dict(R=R, S=R, PER_IMAGE=layout == "nchw", SAVE=True, FAST=True)
                 ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", Y=f"*{dtype}", Cout=f"*{dtype}",
                             P="*fp32", Q="*fp32", Norm="*fp32")
+                if not uses_direct_kernel(groups, C // groups, O // groups):
+                    ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
                 if uses_direct_kernel(groups, Cg, Og):
                     BM, BG, OGP, warps, stages = direct_config(Og)
                     ints["TILES"] = cdiv(H * W, BM)
@@ -476,22 +530,30 @@ def report_jobs():
                 jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
                                  dtype=dtype, ints=ints, constexprs=consts, pointer_dtypes=ptrs,
                                  num_warps=warps, num_stages=stages))
-    # the NCHW preparation of the 3×3 128→128 56² b64 layer: the copy of x and the B matrix
+    # the preparation of the 3×3 128→128 56² b64 layer: B matrix, Σ_c x², NCHW: the copy of x
     BC, BP, warps = COPY_CONFIG
     BN, BK = gemm_config(128, 128, 3, 3, 1, 64 * 56 * 56, False)[1:3]
     _, out_strides, slots = _gemm_weight_layout(128, 128, 3, 3, 1, BN, BK, False)
     (w_programs,), w_scalars, w_constexprs = normalize_args(
         (128, 128, 3, 3), (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1, out_strides, slots)
-    first = prepare_nchw_kernel.arg_names.index("Og")      # the normalisation's ints, eps last
-    w_ints = dict(zip(prepare_nchw_kernel.arg_names[first:], w_scalars[:-1]))
+    kernel = scd2d_fwd_prepare_kernel
+    first = kernel.arg_names.index("Og")      # the normalisation's ints, eps last
+    w_ints = dict(zip(kernel.arg_names[first:], w_scalars[:-1]))
     p_tiles, c_tiles = copy_tiles((64, 128, 56, 56))
-    for dtype in ("bf16", "fp32"):
-        jobs.append(dict(kernel=prepare_nchw_kernel, name=f"BC{BC}-BP{BP}-w{warps}",
-                         layout="nchw", dtype=dtype,
-                         ints=dict(C=128, P=56 * 56, P_TILES=p_tiles, C_TILES=c_tiles,
-                                   W_PROGRAMS=w_programs, **w_ints),
-                         constexprs=dict(BC=BC, BP=BP, **w_constexprs),
-                         pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", W=f"*{dtype}",
-                                             Q="*fp32", W_HAT=f"*{dtype}"),
-                         num_warps=warps, num_stages=1))
+    BQ, BCQ, q_tiles = sumsq_tiles(128, 56 * 56)
+    for layout in ("nchw", "channels_last"):
+        nchw = layout == "nchw"
+        x_strides = (dict(sxn=128 * 3136, sxc=3136, sxh=56, sxw=1) if nchw else
+                     dict(sxn=128 * 3136, sxc=1, sxh=56 * 128, sxw=128))
+        for dtype in ("bf16", "fp32"):
+            jobs.append(dict(kernel=kernel, name=f"BC{BC}-BP{BP}-BQ{BQ}-BCQ{BCQ}-w{warps}",
+                             layout=layout, dtype=dtype,
+                             ints=dict(C=128, P=3136, Wd=56, G=1, P_TILES=p_tiles,
+                                       C_TILES=c_tiles, Q_TILES=q_tiles, W_PROGRAMS=w_programs,
+                                       COPY_PROGRAMS=64 * p_tiles * c_tiles if nchw else 0,
+                                       **x_strides, **w_ints),
+                             constexprs=dict(BC=BC, BP=BP, BQ=BQ, BCQ=BCQ, **w_constexprs),
+                             pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", SQ="*fp32",
+                                                 W=f"*{dtype}", Q="*fp32", W_HAT=f"*{dtype}"),
+                             num_warps=warps, num_stages=1))
     return jobs

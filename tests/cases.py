@@ -79,11 +79,12 @@ def run_against_oracle(fn, case, dtype, backend, normalized=False, channels_last
     w = torch.randn(case.O, case.C // case.groups, *case.kernel, dtype=dtype)
     if normalized:
         w = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    # bf16 gradients with p < 1 are ill-conditioned: (|c|+eps)^(p-1) grows without bound as
+    # 16-bit gradients with p < 1 are ill-conditioned: (|c|+eps)^(p-1) grows without bound as
     # c -> 0, and rounding ŵ to bf16 alone moves grad_x by up to ~5e-2 (float64 emulation,
-    # docs/GPU_NOTES.md); with p >= 1 it is ~3e-3, so bf16 checks draw p from [1, 3]
+    # docs/GPU_NOTES.md); with p >= 1 it is ~3e-3. float16 on a 128-channel 3×3 layer: the
+    # reference backend is 3.4e-2 away, our kernels 2.8e-2 (H200). 16-bit checks draw p ≥ 1
     p, q = random_pq(case, torch.float64 if dtype == torch.float64 else torch.float32,
-                     p_min=1.0 if dtype == torch.bfloat16 else 0.7)
+                     p_min=1.0 if dtype in (torch.bfloat16, torch.float16) else 0.7)
     leaves = [t.clone().to(device).requires_grad_(grads) for t in (x, w, p, q)]
     x_in = leaves[0].to(memory_format=torch.channels_last) if channels_last else leaves[0]
     y = fn(x_in, leaves[1], leaves[2], leaves[3], backend=backend, **case.conv_kwargs())

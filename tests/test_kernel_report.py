@@ -31,7 +31,7 @@ def picked():
             jobs += [(j, a) for a in (80, 90)]
         if j["name"].startswith("dw") and j["dtype"] == "bf16" and j["layout"] == "nchw":
             jobs.append((j, 90))
-        if j["kernel"].__name__ == "prepare_nchw_kernel" and j["dtype"] == "bf16":
+        if j["kernel"].__name__ == "scd2d_fwd_prepare_kernel" and j["dtype"] == "bf16":
             jobs.append((j, 90))
     for j in bwd.report_jobs():
         if j["kernel"].__name__ in ("scd2d_dgrad_kernel", "scd2d_wgrad_kernel") and \\
@@ -108,7 +108,7 @@ def test_direct_prologue_and_weight_kernels_have_no_spills(rows):
     others = [r for r in rows if r["kernel"] in (
         "scd2d_fwd_direct_kernel", "scd2d_bwd_prologue_kernel", "normalize_weight_kernel",
         "normalize_weight_backward_kernel", "sum_splits_kernel", "nchw_to_channels_last_kernel",
-        "prepare_nchw_kernel", "scd2d_bwd_prologue_copy_kernel")]
+        "scd2d_fwd_prepare_kernel", "scd2d_bwd_prologue_copy_kernel")]
     assert len({r["kernel"] for r in others}) == 8
     assert {r["layout"] for r in others if r["kernel"] == "scd2d_bwd_prologue_kernel"} == {
         "channels_last", "nchw"}
