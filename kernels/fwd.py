@@ -1,6 +1,6 @@
-"""Forward of the SCD core op: ``(y, c, norm)`` in one launch, no unfold, no extra norm pass.
+"""Forward of the SCD core op, ``(y, c, norm)``: a prepare launch, then an implicit GEMM.
 
-Two kernels:
+Two main kernels:
 - ``scd2d_fwd_kernel``: implicit GEMM, ``M = N·OH·OW`` positions × ``O/G`` channels of group G
   (grid axis 2) × ``K = (C/G)·R·S``. Each K step loads an ``x`` tile [BM, BK] through index
   arithmetic (padding is the load mask) and feeds it to ``tl.dot``; nothing else reads it.
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .shapes import memory_format, output_hw, saved_c_format  # what the fake op promises
 from ._common import sharpen, tile_positions
-from .launch import Launch, cdiv, exact_log2, launch, next_power_of_2
+from .launch import Launch, cdiv, exact_log2, next_power_of_2
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
 from .weight import normalize_args, normalize_rows, normalize_weight
@@ -220,18 +220,23 @@ def scd2d_fwd_direct_kernel(
 
 @triton.jit
 def pixel_sumsq(X, SQ, i_b, G, Cg, P, Wd, P_TILES, sxn, sxc, sxh, sxw, BQ: tl.constexpr,
-                BCQ: tl.constexpr):
+                BCQ: tl.constexpr, PIX_FLAT: tl.constexpr):
     """Block ``i_b`` of ``SQ[n, g, h, w] = Σ_c x[n, g·Cg + c, h, w]²`` (float32, [N, G, H, W]
     contiguous): BQ pixels of one sample and group, channels BCQ at a time; x of any strides
-    (loads run along whichever of channels or pixels is contiguous)."""
+    (loads run along whichever of channels or pixels is contiguous). ``PIX_FLAT`` (``sxh =
+    W·sxw``: NCHW and channels_last): a pixel's offset is ``p·sxw``, so NCHW loads are seen to
+    run along pixels (the division by W hid that: scalar loads a channel plane apart)."""
     i_g = i_b % G
     i_np = i_b // G
     i_n = i_np // P_TILES
     o_p = (i_np - i_n * P_TILES) * BQ + tl.arange(0, BQ)                 # [BQ] pixel in image
     m_p = o_p < P
-    o_h = o_p // Wd
-    p_x = (X + i_n.to(tl.int64) * sxn + (i_g * Cg).to(tl.int64) * sxc
-           + (o_h * sxh + (o_p - o_h * Wd) * sxw))                       # [BQ]
+    if PIX_FLAT:
+        o_x = o_p * sxw
+    else:
+        o_h = o_p // Wd
+        o_x = o_h * sxh + (o_p - o_h * Wd) * sxw
+    p_x = X + i_n.to(tl.int64) * sxn + (i_g * Cg).to(tl.int64) * sxc + o_x  # [BQ]
     acc = tl.zeros((BQ, BCQ), dtype=tl.float32)
     for c0 in range(0, Cg, BCQ):
         o_c = c0 + tl.arange(0, BCQ)
@@ -246,9 +251,9 @@ def scd2d_fwd_prepare_kernel(
     X, X_CL, SQ, W, Q, W_HAT, C, P, Wd, G, P_TILES, C_TILES, Q_TILES, W_PROGRAMS,
     COPY_PROGRAMS, sxn, sxc, sxh, sxw, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
     s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BCQ: tl.constexpr,
-    RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr,
-    TAP_MAJOR: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
-    BCP: tl.constexpr,
+    PIX_FLAT: tl.constexpr, RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
+    W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr,
+    BK: tl.constexpr, BCP: tl.constexpr,
 ):
     """What the GEMM forward needs before it runs, in one launch (a launch costs ~10 µs of host
     time; the three parts are independent): programs below ``W_PROGRAMS`` normalise the kernels
@@ -267,7 +272,7 @@ def scd2d_fwd_prepare_kernel(
                        BP)
     else:
         pixel_sumsq(X, SQ, pid - W_PROGRAMS - COPY_PROGRAMS, G, Cg, P, Wd, Q_TILES, sxn, sxc,
-                    sxh, sxw, BQ, BCQ)
+                    sxh, sxw, BQ, BCQ, PIX_FLAT)
 
 
 FAST_MATH = True   # lg2/ex2/div approximations on CUDA in the forward's epilogue and the
@@ -305,8 +310,9 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     smallest power of two covering O/G (≥ 16); BK the widest of 64 (16-bit) / 32 / 16 that pads
     C/G by ≤ 1/8. Fewer than 16 channels per group (stem, grouped narrow layers) flatten K over
     (tap, channel), so a 3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of
-    16 mostly-zero ones.
-    BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a 132-SM GPU.
+    16 mostly-zero ones. BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a
+    132-SM GPU, and for 16-bit layers with O/G ≤ 64 (64×64 tiles took 0.84× the time of 128×64
+    on 3×3 64→64 56² in a sweep on an H200, docs/GPU_NOTES.md section 10).
     """
     BN = pow2_between(Og, 16, 128)
     flat_k = Cg < 16
@@ -318,6 +324,8 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     BM = 128 if cdiv(M, 128) * cdiv(Og, BN) * G >= 264 else 64
     if fp32 and BN == 128:
         # 128×128 float32 tiles spilled on sm_90 (with the Σs² tile then in the loop)
+        BM = 64
+    if not fp32 and BN <= 64:
         BM = 64
     warps = 8 if BM * BN >= 128 * 128 else 4
     return BM, BN, BK, flat_k, warps, 3
@@ -353,12 +361,15 @@ class _Plan(NamedTuple):
     transpose_x: bool         # NCHW x: copy it channels-contiguous first
     w_layout: tuple           # (shape, out_strides, slots) of the GEMM's ŵ; None: direct
     main: Launch              # its strides: x's
+    prepare: Launch = None    # the GEMM's (``prepare_launch``); its strides: x's
+    copy: bool = False        # the prepare launch copies x channels-contiguous
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(x_shape, x_strides, w_shape, fmt, p_stride, q_stride, fp32, fast, stride, padding,
-          dilation, groups, eps, norm_eps, save, precision):
-    """The forward's launch of one layer signature, worked out once (host time per call)."""
+def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_norm,
+          weight_norm_eps, fmt, p_stride, q_stride, fp32, fast, stride, padding, dilation, groups,
+          eps, norm_eps, save, precision):
+    """The forward's launches of one layer signature, worked out once (host time per call)."""
     N, C, H, W = x_shape
     O, Cg, R, S = w_shape
     G, Og = groups, O // groups
@@ -392,12 +403,17 @@ def _plan(x_shape, x_strides, w_shape, fmt, p_stride, q_stride, fp32, fast, stri
     n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
     tiles = cdiv(P_img, BM)
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
+    copy = transpose_x and x_copies_by_kernel
+    # the prepare launch reads x, or torch's channels_last copy of it
+    pix_flat = H == 1 or x_strides[2] == W * x_strides[3] or (transpose_x and not copy)
+    prepare = prepare_launch(x_shape, w_shape, w_strides, q_stride, weight_norm, weight_norm_eps,
+                             groups, w_layout, copy, pix_flat)
     return _Plan(*shapes, w_layout, Launch(
         scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
                                  n_k * BK, w_layout[0][1]), (*y_strides, *conv),
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
-             **flags), warps, stages))
+             **flags), warps, stages), prepare, copy)
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -412,7 +428,8 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
     """
     fmt = memory_format(x)
-    plan = _plan(x.shape, x.stride(), weight.shape, fmt, p.stride(0), q.stride(0),
+    plan = _plan(x.shape, x.stride(), copies_by_kernel(x), weight.shape, weight.stride(),
+                 weight_norm, weight_norm_eps, fmt, p.stride(0), q.stride(0),
                  x.dtype == torch.float32, x.is_cuda and FAST_MATH, tuple(stride), tuple(padding),
                  tuple(dilation), groups, eps, norm_eps, save_for_backward,
                  dot_precision(x.dtype))
@@ -426,19 +443,17 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     if y.numel() == 0:
         return y, c, norm
     # NCHW x: copied channels-contiguous for K, in the GEMM's prepare launch where it can be
-    copy = plan.transpose_x and plan.w_layout is not None and copies_by_kernel(x)
-    if plan.transpose_x and not copy:
+    if plan.transpose_x and not plan.copy:
         x = to_channels_last(x)
     if plan.w_layout is None:     # direct kernel: ŵ as [O, C/G, R, S]
         w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
         x_sq = ()
     else:
-        shape, out_strides, slots = plan.w_layout
-        w_hat = torch.empty(shape, dtype=weight.dtype, device=dev)
+        w_hat = torch.empty(plan.w_layout[0], dtype=weight.dtype, device=dev)
         sq = torch.empty((x.shape[0], groups, *x.shape[2:]), dtype=torch.float32, device=dev)
-        x = _prepare(x, sq, weight, q, w_hat, weight_norm, weight_norm_eps, groups,
-                     out_strides, slots, copy)
-        x_sq = (sq,)
+        x_gemm = torch.empty_like(x, memory_format=torch.channels_last) if plan.copy else x
+        plan.prepare((x, x_gemm, sq, weight, q, w_hat), x.stride())
+        x, x_sq = x_gemm, (sq,)
     # without SAVE the kernel stores y only: y stands in for the c and norm pointers
     plan.main((x, *x_sq, w_hat, p, q, y, y if c is None else c, y if norm is None else norm),
               x.stride())
@@ -454,24 +469,25 @@ def sumsq_tiles(Cg, P):
     return BQ, BCQ, cdiv(P, BQ)
 
 
-def _prepare(x, sq, weight, q, w_hat, mode, eps, groups, out_strides, slots, copy):
-    """ŵ written into ``w_hat``, the per-pixel Σ_c x² into ``sq`` and, with ``copy``, x copied
-    channels-contiguous, in one launch of ``scd2d_fwd_prepare_kernel``; returns the x the GEMM
-    reads (the copy, or x)."""
-    N, C, H, W = x.shape
-    x_cl = torch.empty_like(x, memory_format=torch.channels_last) if copy else x
+@functools.lru_cache(maxsize=1024)
+def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_layout, copy,
+                   pix_flat):
+    """The ``Launch`` of ``scd2d_fwd_prepare_kernel`` (tensors: x, the copy of x or x, the
+    per-pixel Σ_c x² [N, G, H, W], weight, q, ŵ; strides: x's, whose pixels are ``pix_flat``
+    (``pixel_sumsq``)): ŵ in the GEMM's ``w_layout`` (normalisation ``mode``), the Σ_c x², and
+    with ``copy`` x copied channels-contiguous."""
+    N, C, H, W = x_shape
+    _, out_strides, slots = w_layout
     (w_programs,), w_scalars, w_constexprs = normalize_args(
-        weight.shape, weight.stride(), q.stride(0), mode, eps, groups, tuple(out_strides), slots)
+        w_shape, w_strides, q_stride, mode, eps, groups, tuple(out_strides), slots)
     BC, BP, warps = COPY_CONFIG
-    p_tiles, c_tiles = copy_tiles(x.shape)
+    p_tiles, c_tiles = copy_tiles(x_shape)
     copy_programs = N * p_tiles * c_tiles if copy else 0
     BQ, BCQ, q_tiles = sumsq_tiles(C // groups, H * W)
-    launch(scd2d_fwd_prepare_kernel, (w_programs + copy_programs + N * q_tiles * groups,),
-           (x, x_cl, sq, weight, q, w_hat),
-           (C, H * W, W, groups, p_tiles, c_tiles, q_tiles, w_programs, copy_programs,
-            *x.stride(), *w_scalars),
-           dict(BC=BC, BP=BP, BQ=BQ, BCQ=BCQ, **w_constexprs), warps, 1)
-    return x_cl
+    return Launch(scd2d_fwd_prepare_kernel, (w_programs + copy_programs + N * q_tiles * groups,),
+                  (C, H * W, W, groups, p_tiles, c_tiles, q_tiles, w_programs, copy_programs),
+                  w_scalars, dict(BC=BC, BP=BP, BQ=BQ, BCQ=BCQ, PIX_FLAT=pix_flat,
+                                  **w_constexprs), warps, 1)
 
 
 def _layer_ints(layout, N, C, O, H, W, R, groups):
@@ -531,29 +547,23 @@ def report_jobs():
                                  dtype=dtype, ints=ints, constexprs=consts, pointer_dtypes=ptrs,
                                  num_warps=warps, num_stages=stages))
     # the preparation of the 3×3 128→128 56² b64 layer: B matrix, Σ_c x², NCHW: the copy of x
-    BC, BP, warps = COPY_CONFIG
+    x_shape, w_shape = (64, 128, 56, 56), (128, 128, 3, 3)
     BN, BK = gemm_config(128, 128, 3, 3, 1, 64 * 56 * 56, False)[1:3]
-    _, out_strides, slots = _gemm_weight_layout(128, 128, 3, 3, 1, BN, BK, False)
-    (w_programs,), w_scalars, w_constexprs = normalize_args(
-        (128, 128, 3, 3), (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1, out_strides, slots)
-    kernel = scd2d_fwd_prepare_kernel
-    first = kernel.arg_names.index("Og")      # the normalisation's ints, eps last
-    w_ints = dict(zip(kernel.arg_names[first:], w_scalars[:-1]))
-    p_tiles, c_tiles = copy_tiles((64, 128, 56, 56))
-    BQ, BCQ, q_tiles = sumsq_tiles(128, 56 * 56)
+    w_layout = _gemm_weight_layout(128, 128, 3, 3, 1, BN, BK, False)
     for layout in ("nchw", "channels_last"):
         nchw = layout == "nchw"
-        x_strides = (dict(sxn=128 * 3136, sxc=3136, sxh=56, sxw=1) if nchw else
-                     dict(sxn=128 * 3136, sxc=1, sxh=56 * 128, sxw=128))
+        x_strides = (128 * 3136, 3136, 56, 1) if nchw else (128 * 3136, 1, 56 * 128, 128)
+        prep = prepare_launch(x_shape, w_shape, (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1,
+                              w_layout, nchw, True)
+        kernel, c = prep.kernel, prep.constexprs
+        ints = {name: v for name, v in zip(kernel.arg_names[6:],
+                                           (*prep.head, *x_strides, *prep.tail))
+                if isinstance(v, int)}                         # eps, a float, is last
         for dtype in ("bf16", "fp32"):
-            jobs.append(dict(kernel=kernel, name=f"BC{BC}-BP{BP}-BQ{BQ}-BCQ{BCQ}-w{warps}",
-                             layout=layout, dtype=dtype,
-                             ints=dict(C=128, P=3136, Wd=56, G=1, P_TILES=p_tiles,
-                                       C_TILES=c_tiles, Q_TILES=q_tiles, W_PROGRAMS=w_programs,
-                                       COPY_PROGRAMS=64 * p_tiles * c_tiles if nchw else 0,
-                                       **x_strides, **w_ints),
-                             constexprs=dict(BC=BC, BP=BP, BQ=BQ, BCQ=BCQ, **w_constexprs),
+            jobs.append(dict(kernel=kernel, name=f"BC{c['BC']}-BP{c['BP']}-BQ{c['BQ']}-BCQ"
+                             f"{c['BCQ']}-w{prep.warps}", layout=layout, dtype=dtype, ints=ints,
+                             constexprs=c,
                              pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", SQ="*fp32",
                                                  W=f"*{dtype}", Q="*fp32", W_HAT=f"*{dtype}"),
-                             num_warps=warps, num_stages=1))
+                             num_warps=prep.warps, num_stages=1))
     return jobs

@@ -25,6 +25,7 @@ import triton.language as tl
 from .launch import cdiv, launch, next_power_of_2
 
 MODES = {"none": 0, "norm": 1, "norm_q": 2}
+TAP_MAJOR_PROGRAMS = 264  # the forward's B matrix: programs enough for two waves on 132 SMs
 
 
 @triton.jit
@@ -256,6 +257,14 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
     # in the interpreter (on a GPU, warps differ: ~1 ulp)
     programs, Og, BO, BK = _grouping(O, Cg * R * S, groups, out_strides)
     tap_major = out_strides[2] == 1 and out_strides[1] != 1
+    if tap_major:
+        # the forward's B matrix is stored along K (each channel's row contiguous): fewer
+        # channels per program cost no coalescing, and 64 programs of 8 channels (a 512-channel
+        # layer) took ~15 µs on an H200. Same BK: the same Σw² order, the same bits
+        n_groups = programs // cdiv(Og, BO)
+        while BO > 1 and n_groups * cdiv(Og, BO) < TAP_MAJOR_PROGRAMS:
+            BO //= 2
+        programs = n_groups * cdiv(Og, BO)
     return ((programs,), (Og, Cg, CP, ROWS, q_stride, *w_strides, *out_strides, eps),
             dict(RS=R * S, S=S, TP=TP,
                  W_DENSE=_dense(w_shape, w_strides) and TP == R * S and CP * TP <= ROWS,
@@ -334,20 +343,23 @@ PARTIAL_ROWS = 256        # partial sums per load in the Jacobian kernel
 
 def report_jobs():
     """The two kernels for a 3×3 128→128 layer (mode norm_q), writing ŵ as the GEMMs read it:
-    the forward's K-major B matrix (K steps of 32) and the dgrad's channels-contiguous one, for
+    the forward's K-major B matrix (K steps of 64) and the dgrad's channels-contiguous one, for
     ``kernels/report.py``."""
     O, Cg, RS = 128, 128, 9
     K = Cg * RS
     BO, BK = _blocks(O, K)
     shape = dict(RS=RS, S=3, W_DENSE=True, MODE=2, BO=BO, BK=BK)
     w = dict(sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1)
+    fwd_b = normalize_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, 1,
+                           (O * K, K, 1, Cg), (Cg, RS, K))[2]     # the forward's B matrix
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
-        jobs.append(dict(kernel=normalize_weight_kernel, name=f"BO{BO}-BK{BK}-BCP128-w4",
+        jobs.append(dict(kernel=normalize_weight_kernel,
+                         name=f"BO{fwd_b['BO']}-BK{fwd_b['BK']}-BCP{fwd_b['BCP']}-w4",
                          dtype=dtype, ints=dict(Og=O, Cg=Cg, CP=Cg, ROWS=K, s_g=O * K, s_j=K,
                                                 s_c=1, s_t=Cg, **w),
-                         constexprs=dict(shape, TP=RS, TAP_MAJOR=True, BCP=128),
+                         constexprs=fwd_b,
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
                          num_warps=4, num_stages=1))
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",

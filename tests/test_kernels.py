@@ -100,6 +100,9 @@ def test_heuristic_configs():
     """(BM, BN, BK, FLAT_K, warps, stages) per layer kind: one config, no autotuning."""
     big = 64 * 56 * 56
     assert gemm_config(128, 128, 3, 3, 1, big, False) == (128, 128, 64, False, 8, 3)
+    assert gemm_config(128, 128, 3, 3, 1, 32 * 28 * 28, False) == (64, 128, 64, False, 4, 3)
+    assert gemm_config(64, 64, 3, 3, 1, big // 2, False)[:2] == (64, 64)
+    assert gemm_config(64, 64, 3, 3, 1, big // 2, True)[:2] == (128, 64)
     assert gemm_config(128, 128, 3, 3, 1, big, True) == (64, 128, 32, False, 4, 3)
     assert gemm_config(32, 32, 3, 3, 1, big, False)[1:4] == (32, 32, False)
     assert gemm_config(3, 80, 5, 5, 1, 256 * 32 * 32, False)[1:4] == (128, 32, True)
@@ -118,6 +121,38 @@ def _fwd_args(C, O, groups, H=7, W=6):
 
 
 LAYERS = [(4, 6, 1), (32, 16, 1), (4, 8, 4)]   # flat-K GEMM, (tap, channel) GEMM, direct
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided"])
+def test_prepare_writes_each_pixels_sum_of_squares(layout, groups):
+    """The prepare launch's Σ_c x² per (sample, group, pixel), the patch norms' only input, for
+    x of any strides (20 channels per group: a masked channel block), and with NCHW x its
+    channels-contiguous copy for the GEMM."""
+    N, C, O, H, W = 2, 40, 8, 5, 7
+    x = torch.randn(N, C, H, 2 * W, device=DEVICE)
+    x = x[..., ::2] if layout == "strided" else x[..., :W].contiguous()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(O, C // groups, 3, 3, device=DEVICE)
+    q = torch.full((O,), 0.1, device=DEVICE)
+    BN, BK, flat_k = gemm_config(C // groups, O // groups, 3, 3, groups, N * H * W, True)[1:4]
+    shape, out_strides, slots = fwd._gemm_weight_layout(O, C // groups, 3, 3, groups, BN, BK,
+                                                        flat_k)
+    w_hat = torch.empty(shape, device=DEVICE)
+    sq = torch.full((N, groups, H, W), float("nan"), device=DEVICE)
+    copy = layout == "nchw"
+    x_gemm = torch.empty_like(x, memory_format=torch.channels_last) if copy else x
+    fwd.prepare_launch(x.shape, w.shape, w.stride(), q.stride(0), "norm_q", 1e-12, groups,
+                       (shape, out_strides, slots), copy, layout != "strided")(
+        (x, x_gemm, sq, w, q, w_hat), x.stride())
+    want = x.double().square().view(N, groups, C // groups, H, W).sum(2)
+    torch.testing.assert_close(sq.double(), want, rtol=1e-6, atol=0)
+    if copy:
+        assert x_gemm.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x_gemm, x)
+    else:
+        assert x_gemm is x
 
 
 @pytest.mark.parametrize("C, O, groups", LAYERS)
