@@ -251,7 +251,7 @@ def scd2d_fwd_prepare_kernel(
     X, X_CL, SQ, W, Q, W_HAT, C, P, Wd, G, P_TILES, C_TILES, Q_TILES, W_PROGRAMS,
     COPY_PROGRAMS, sxn, sxc, sxh, sxw, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
     s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BCQ: tl.constexpr,
-    PIX_FLAT: tl.constexpr, RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
+    PIX_FLAT: tl.constexpr, SUM_IN_COPY: tl.constexpr, RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
     W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr,
     BK: tl.constexpr, BCP: tl.constexpr,
 ):
@@ -259,8 +259,10 @@ def scd2d_fwd_prepare_kernel(
     time; the three parts are independent): programs below ``W_PROGRAMS`` normalise the kernels
     into the GEMM's B matrix (``weight.normalize_weight_kernel``'s blocks; first, as each
     streams whole kernel rows), the next ``COPY_PROGRAMS`` copy NCHW x channels-contiguous
-    into X_CL (``layout.nchw_to_channels_last_kernel``'s tiles; 0 for channels_last x), the
-    rest write the per-pixel ``Σ_c x²`` (``pixel_sumsq``; Cg is also the weight's C/G)."""
+    into X_CL (``layout.transpose_tile``s; 0 for channels_last x), the rest write the
+    per-pixel ``Σ_c x²`` (``pixel_sumsq``; Cg is also the weight's C/G). ``SUM_IN_COPY`` (one
+    group, a copy tile spans all channels): the copy programs write ``Σ_c x²`` from the tile
+    they hold, and there are no ``pixel_sumsq`` programs (x is read once, not twice)."""
     pid = tl.program_id(0)
     if pid < W_PROGRAMS:
         normalize_rows(W, Q, W_HAT, pid, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
@@ -268,8 +270,12 @@ def scd2d_fwd_prepare_kernel(
     elif pid < W_PROGRAMS + COPY_PROGRAMS:
         i_copy = pid - W_PROGRAMS
         i_np = i_copy // C_TILES
-        transpose_tile(X, X_CL, C, P, i_np // P_TILES, i_np % P_TILES, i_copy % C_TILES, BC,
-                       BP)
+        i_n = i_np // P_TILES
+        b_x, o_p, m_p = transpose_tile(X, X_CL, C, P, i_n, i_np % P_TILES, i_copy % C_TILES,
+                                       BC, BP)
+        if SUM_IN_COPY:   # the tile holds every channel of its pixels (one group)
+            b_xf = b_x.to(tl.float32)
+            tl.store(SQ + i_n.to(tl.int64) * P + o_p, tl.sum(b_xf * b_xf, axis=0), mask=m_p)
     else:
         pixel_sumsq(X, SQ, pid - W_PROGRAMS - COPY_PROGRAMS, G, Cg, P, Wd, Q_TILES, sxn, sxc,
                     sxh, sxw, BQ, BCQ, PIX_FLAT)
@@ -469,6 +475,9 @@ def sumsq_tiles(Cg, P):
     return BQ, BCQ, cdiv(P, BQ)
 
 
+SUM_IN_COPY_CHANNELS = 256   # NCHW copy tiles up to [256, 32] hold all of a pixel's channels
+
+
 @functools.lru_cache(maxsize=1024)
 def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_layout, copy,
                    pix_flat):
@@ -481,13 +490,18 @@ def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_l
     (w_programs,), w_scalars, w_constexprs = normalize_args(
         w_shape, w_strides, q_stride, mode, eps, groups, tuple(out_strides), slots)
     BC, BP, warps = COPY_CONFIG
-    p_tiles, c_tiles = copy_tiles(x_shape)
+    sum_in_copy = copy and groups == 1 and C <= SUM_IN_COPY_CHANNELS
+    if sum_in_copy:   # [C, 8192 / C] tiles: every channel of a pixel in one program
+        BC = next_power_of_2(C)
+        BP = max(16, min(1024, 8192 // BC))
+    p_tiles, c_tiles = copy_tiles(x_shape, BC, BP)
     copy_programs = N * p_tiles * c_tiles if copy else 0
     BQ, BCQ, q_tiles = sumsq_tiles(C // groups, H * W)
-    return Launch(scd2d_fwd_prepare_kernel, (w_programs + copy_programs + N * q_tiles * groups,),
+    sum_programs = 0 if sum_in_copy else N * q_tiles * groups
+    return Launch(scd2d_fwd_prepare_kernel, (w_programs + copy_programs + sum_programs,),
                   (C, H * W, W, groups, p_tiles, c_tiles, q_tiles, w_programs, copy_programs),
                   w_scalars, dict(BC=BC, BP=BP, BQ=BQ, BCQ=BCQ, PIX_FLAT=pix_flat,
-                                  **w_constexprs), warps, 1)
+                                  SUM_IN_COPY=sum_in_copy, **w_constexprs), warps, 1)
 
 
 def _layer_ints(layout, N, C, O, H, W, R, groups):

@@ -24,13 +24,15 @@ def nchw_to_channels_last_kernel(X, Y, C, P, P_TILES, BC: tl.constexpr, BP: tl.c
 
 @triton.jit
 def transpose_tile(X, Y, C, P, i_n, i_p, i_c, BC: tl.constexpr, BP: tl.constexpr):
-    """The [BC channels, BP positions] tile (i_c, i_p) of sample i_n."""
+    """The [BC channels, BP positions] tile (i_c, i_p) of sample i_n; returns it (0 outside x)
+    and its positions and their mask."""
     o_c = i_c * BC + tl.arange(0, BC)
     o_p = i_p * BP + tl.arange(0, BP)
     m = (o_c < C)[:, None] & (o_p < P)[None, :]
     base = i_n.to(tl.int64) * C * P
-    b_x = tl.load(X + base + o_c[:, None] * P + o_p[None, :], mask=m)          # [BC, BP]
+    b_x = tl.load(X + base + o_c[:, None] * P + o_p[None, :], mask=m, other=0.0)  # [BC, BP]
     tl.store(Y + base + o_p[None, :] * C + o_c[:, None], b_x, mask=m)
+    return b_x, o_p, o_p < P
 
 
 def copies_by_kernel(x):
@@ -40,9 +42,8 @@ def copies_by_kernel(x):
     return x.is_contiguous() and C > 1 and H * W > 1 and x.numel() > 0
 
 
-def copy_tiles(shape):
+def copy_tiles(shape, BC=CONFIG[0], BP=CONFIG[1]):
     """(position tiles per sample, channel tiles) of the copy of an [N, C, H, W] tensor."""
-    BC, BP, _ = CONFIG
     return cdiv(shape[2] * shape[3], BP), cdiv(shape[1], BC)
 
 
