@@ -373,8 +373,8 @@ class _Plan(NamedTuple):
 
 @functools.lru_cache(maxsize=1024)
 def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_norm,
-          weight_norm_eps, fmt, p_stride, q_stride, fp32, fast, stride, padding, dilation, groups,
-          eps, norm_eps, save, precision):
+          weight_norm_eps, fmt, p_stride, q_stride, fp32, cuda, fast, stride, padding, dilation,
+          groups, eps, norm_eps, save, precision):
     """The forward's launches of one layer signature, worked out once (host time per call)."""
     N, C, H, W = x_shape
     O, Cg, R, S = w_shape
@@ -413,7 +413,7 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     # the prepare launch reads x, or torch's channels_last copy of it
     pix_flat = H == 1 or x_strides[2] == W * x_strides[3] or (transpose_x and not copy)
     prepare = prepare_launch(x_shape, w_shape, w_strides, q_stride, weight_norm, weight_norm_eps,
-                             groups, w_layout, copy, pix_flat)
+                             groups, w_layout, copy, pix_flat, cuda)
     return _Plan(*shapes, w_layout, Launch(
         scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
                                  n_k * BK, w_layout[0][1]), (*y_strides, *conv),
@@ -436,7 +436,8 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     fmt = memory_format(x)
     plan = _plan(x.shape, x.stride(), copies_by_kernel(x), weight.shape, weight.stride(),
                  weight_norm, weight_norm_eps, fmt, p.stride(0), q.stride(0),
-                 x.dtype == torch.float32, x.is_cuda and FAST_MATH, tuple(stride), tuple(padding),
+                 x.dtype == torch.float32, x.is_cuda, x.is_cuda and FAST_MATH, tuple(stride),
+                 tuple(padding),
                  tuple(dilation), groups, eps, norm_eps, save_for_backward,
                  dot_precision(x.dtype))
     dev = x.device
@@ -480,15 +481,15 @@ SUM_IN_COPY_CHANNELS = 256   # NCHW copy tiles up to [256, 32] hold all of a pix
 
 @functools.lru_cache(maxsize=1024)
 def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_layout, copy,
-                   pix_flat):
+                   pix_flat, cuda):
     """The ``Launch`` of ``scd2d_fwd_prepare_kernel`` (tensors: x, the copy of x or x, the
     per-pixel Σ_c x² [N, G, H, W], weight, q, ŵ; strides: x's, whose pixels are ``pix_flat``
-    (``pixel_sumsq``)): ŵ in the GEMM's ``w_layout`` (normalisation ``mode``), the Σ_c x², and
-    with ``copy`` x copied channels-contiguous."""
+    (``pixel_sumsq``)): ŵ in the GEMM's ``w_layout`` (normalisation ``mode``; its programs
+    spread for a ``cuda`` launch), the Σ_c x², and with ``copy`` x copied channels-contiguous."""
     N, C, H, W = x_shape
     _, out_strides, slots = w_layout
     (w_programs,), w_scalars, w_constexprs = normalize_args(
-        w_shape, w_strides, q_stride, mode, eps, groups, tuple(out_strides), slots)
+        w_shape, w_strides, q_stride, mode, eps, groups, tuple(out_strides), slots, cuda)
     BC, BP, warps = COPY_CONFIG
     sum_in_copy = copy and groups == 1 and C <= SUM_IN_COPY_CHANNELS
     if sum_in_copy:   # [C, 8192 / C] tiles: every channel of a pixel in one program
@@ -568,7 +569,7 @@ def report_jobs():
         nchw = layout == "nchw"
         x_strides = (128 * 3136, 3136, 56, 1) if nchw else (128 * 3136, 1, 56 * 128, 128)
         prep = prepare_launch(x_shape, w_shape, (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1,
-                              w_layout, nchw, True)
+                              w_layout, nchw, True, True)
         kernel, c = prep.kernel, prep.constexprs
         ints = {name: v for name, v in zip(kernel.arg_names[6:],
                                            (*prep.head, *x_strides, *prep.tail))

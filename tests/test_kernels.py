@@ -127,8 +127,9 @@ LAYERS = [(4, 6, 1), (32, 16, 1), (4, 8, 4)]   # flat-K GEMM, (tap, channel) GEM
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided"])
 def test_prepare_writes_each_pixels_sum_of_squares(layout, groups):
     """The prepare launch's Σ_c x² per (sample, group, pixel), the patch norms' only input, for
-    x of any strides (20 channels per group: a masked channel block), and with NCHW x its
-    channels-contiguous copy for the GEMM."""
+    x of any strides (20 channels per group: a masked channel block), with NCHW x its
+    channels-contiguous copy for the GEMM, and the same ŵ bits whether the weight programs are
+    spread as for a GPU or not (the interpreter's)."""
     N, C, O, H, W = 2, 40, 8, 5, 7
     x = torch.randn(N, C, H, 2 * W, device=DEVICE)
     x = x[..., ::2] if layout == "strided" else x[..., :W].contiguous()
@@ -137,22 +138,23 @@ def test_prepare_writes_each_pixels_sum_of_squares(layout, groups):
     w = torch.randn(O, C // groups, 3, 3, device=DEVICE)
     q = torch.full((O,), 0.1, device=DEVICE)
     BN, BK, flat_k = gemm_config(C // groups, O // groups, 3, 3, groups, N * H * W, True)[1:4]
-    shape, out_strides, slots = fwd._gemm_weight_layout(O, C // groups, 3, 3, groups, BN, BK,
-                                                        flat_k)
-    w_hat = torch.empty(shape, device=DEVICE)
-    sq = torch.full((N, groups, H, W), float("nan"), device=DEVICE)
+    w_layout = fwd._gemm_weight_layout(O, C // groups, 3, 3, groups, BN, BK, flat_k)
     copy = layout == "nchw"
-    x_gemm = torch.empty_like(x, memory_format=torch.channels_last) if copy else x
-    fwd.prepare_launch(x.shape, w.shape, w.stride(), q.stride(0), "norm_q", 1e-12, groups,
-                       (shape, out_strides, slots), copy, layout != "strided")(
-        (x, x_gemm, sq, w, q, w_hat), x.stride())
     want = x.double().square().view(N, groups, C // groups, H, W).sum(2)
-    torch.testing.assert_close(sq.double(), want, rtol=1e-6, atol=0)
-    if copy:
-        assert x_gemm.is_contiguous(memory_format=torch.channels_last)
-        assert torch.equal(x_gemm, x)
-    else:
-        assert x_gemm is x
+    w_hats = []
+    for spread in (False, True):
+        w_hat = torch.full(w_layout[0], float("nan"), device=DEVICE)
+        sq = torch.full((N, groups, H, W), float("nan"), device=DEVICE)
+        x_gemm = torch.empty_like(x, memory_format=torch.channels_last) if copy else x
+        launch = fwd.prepare_launch(x.shape, w.shape, w.stride(), q.stride(0), "norm_q", 1e-12,
+                                    groups, w_layout, copy, layout != "strided", spread)
+        launch((x, x_gemm, sq, w, q, w_hat), x.stride())
+        torch.testing.assert_close(sq.double(), want, rtol=1e-6, atol=0)
+        if copy:
+            assert x_gemm.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(x_gemm, x)
+        w_hats.append(w_hat[:, :O // groups])     # the padded output channels stay unwritten
+    assert torch.isfinite(w_hats[0]).all() and torch.equal(w_hats[0], w_hats[1])
 
 
 @pytest.mark.parametrize("C, O, groups", LAYERS)
