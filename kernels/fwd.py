@@ -251,9 +251,9 @@ def scd2d_fwd_prepare_kernel(
     X, X_CL, SQ, W, Q, W_HAT, C, P, Wd, G, P_TILES, C_TILES, Q_TILES, W_PROGRAMS,
     COPY_PROGRAMS, sxn, sxc, sxh, sxw, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
     s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BCQ: tl.constexpr,
-    PIX_FLAT: tl.constexpr, SUM_IN_COPY: tl.constexpr, RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
-    W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr,
-    BK: tl.constexpr, BCP: tl.constexpr,
+    PIX_FLAT: tl.constexpr, SUM_IN_COPY: tl.constexpr, RS: tl.constexpr, S: tl.constexpr,
+    TP: tl.constexpr, W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr,
+    BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr,
 ):
     """What the GEMM forward needs before it runs, in one launch (a launch costs ~10 µs of host
     time; the three parts are independent): programs below ``W_PROGRAMS`` normalise the kernels
@@ -429,16 +429,16 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     ŵ is normalised from ``weight`` (mode ``weight_norm``) into the layout the kernel reads,
     by ``scd2d_fwd_prepare_kernel`` for the GEMM (with the per-pixel Σ_c x²), by
     ``weight.normalize_weight`` for the direct kernel. ``padding`` is (top, bottom, left,
-    right); only top/left enter the index arithmetic. With ``save_for_backward=False`` only ``y`` is written and ``c``,
-    ``norm`` are None (no allocation: a call's host time). Everything that follows from the
-    call's shapes, layouts and arguments comes from ``_plan``, cached per layer.
+    right); only top/left enter the index arithmetic. With ``save_for_backward=False`` only
+    ``y`` is written and ``c``, ``norm`` are None (no allocation: a call's host time).
+    Everything that follows from the call's shapes, layouts and arguments comes from
+    ``_plan``, cached per layer.
     """
     fmt = memory_format(x)
     plan = _plan(x.shape, x.stride(), copies_by_kernel(x), weight.shape, weight.stride(),
                  weight_norm, weight_norm_eps, fmt, p.stride(0), q.stride(0),
                  x.dtype == torch.float32, x.is_cuda, x.is_cuda and FAST_MATH, tuple(stride),
-                 tuple(padding),
-                 tuple(dilation), groups, eps, norm_eps, save_for_backward,
+                 tuple(padding), tuple(dilation), groups, eps, norm_eps, save_for_backward,
                  dot_precision(x.dtype))
     dev = x.device
     y = torch.empty(plan.y_shape, dtype=x.dtype, device=dev, memory_format=fmt)
@@ -538,8 +538,6 @@ def report_jobs():
                 flags = dict(R=R, S=R, PER_IMAGE=layout == "nchw", SAVE=True, FAST=True)
                 ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", Y=f"*{dtype}", Cout=f"*{dtype}",
                             P="*fp32", Q="*fp32", Norm="*fp32")
-                if not uses_direct_kernel(groups, C // groups, O // groups):
-                    ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
                 if uses_direct_kernel(groups, Cg, Og):
                     BM, BG, OGP, warps, stages = direct_config(Og)
                     ints["TILES"] = cdiv(H * W, BM)
@@ -553,6 +551,7 @@ def report_jobs():
                     n_k = cdiv(Cg * R * R, BK) if flat_k else R * R * cdiv(Cg, BK)
                     ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
                                 W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN)
+                    ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
                                   EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),
                                   X_PLANES=in_place)
