@@ -114,8 +114,9 @@ def test_gpu_tile_configs_match_oracle(case, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_half_gradients_on_a_wide_layer(dtype, channels_last):
-    """The 16-bit "large" dgrad and wgrad (BK 64, 3 stages: the forward's BK 64 gave wrong
-    dots on an H200) on a ResNet-sized layer, against the float64 oracle."""
+    """The 16-bit "large" dgrad and wgrad (BK 64, 3 stages) on a ResNet-sized layer, against
+    the float64 oracle (the forward's BK 64 was wrong on an H200 while its loop squared the
+    dot's x tile, docs/GPU_NOTES.md section 10)."""
     case = Case(4, 128, 28, 28, 128, (3, 3), padding=1)
     run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE,
                        channels_last=channels_last)
