@@ -10,8 +10,9 @@ divisible by 16 carry ``tt.divisibility``, ints equal to 1 become constants (exc
 Without that, pipelining is off and the report lies.
 
 Each row gives registers, spill bytes (stack + local memory), shared memory, the count of
-tensor-core MMA instructions (HMMA / HGMMA) and ``loop_instructions``: the SASS instruction
-count of the hot loop body. The hot loop is found from the backward branches in the SASS
+tensor-core MMA instructions (HMMA / HGMMA), ``instructions`` (the whole kernel's SASS, which
+counts an epilogue once per program) and ``loop_instructions``: the SASS instruction count of
+the hot loop body. The hot loop is found from the backward branches in the SASS
 (``BRA`` to a lower address): of the loops whose address range holds an MMA instruction, the
 innermost one; when no loop holds an MMA (the direct kernel), the longest loop. Its body is every
 instruction from the branch target to the branch, inclusive, i.e. what one warp issues per
@@ -78,8 +79,8 @@ def loop_instructions(sass: str) -> int:
 
 
 def _inspect(cubin: bytes):
-    """(registers, spill bytes = stack + local memory, MMA count, MMA kinds, loop instructions)
-    of a cubin."""
+    """(registers, spill bytes = stack + local memory, MMA count, MMA kinds, instructions, loop
+    instructions) of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -90,7 +91,7 @@ def _inspect(cubin: bytes):
     field = lambda key: int(re.search(rf"{key}:(\d+)", usage).group(1))
     mma = re.findall(r"\b(HMMA|HGMMA)\b", sass)
     return (field("REG"), field("STACK") + field("LOCAL"), len(mma), sorted(set(mma)),
-            loop_instructions(sass))
+            len(_SASS_LINE.findall(sass)), loop_instructions(sass))
 
 
 def compile_job(job, arch):
@@ -98,11 +99,12 @@ def compile_job(job, arch):
     compiled = triton.compile(_source(job), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=job["num_warps"],
                                            num_stages=job["num_stages"]))
-    registers, spills, mma, kinds, loop = _inspect(compiled.asm["cubin"])
+    registers, spills, mma, kinds, instructions, loop = _inspect(compiled.asm["cubin"])
     return dict(kernel=job["kernel"].__name__, config=job["name"],
                 layout=job.get("layout", "-"), dtype=job["dtype"], arch=f"sm_{arch}",
                 registers=registers, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
-                mma_instructions=mma, mma_kinds=kinds, loop_instructions=loop)
+                mma_instructions=mma, mma_kinds=kinds, instructions=instructions,
+                loop_instructions=loop)
 
 
 def all_jobs():
@@ -118,7 +120,7 @@ def all_rows(jobs=None, archs=ARCHS):
 
 def format_table(rows):
     cols = ("kernel", "config", "layout", "dtype", "arch", "registers", "spill_bytes",
-            "shared_bytes", "mma_instructions", "loop_instructions")
+            "shared_bytes", "mma_instructions", "instructions", "loop_instructions")
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
