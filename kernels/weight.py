@@ -220,13 +220,18 @@ def sum_splits_kernel(P, N, SPLITS, SB: tl.constexpr, BLOCK: tl.constexpr):
 SUM_SPLITS_CONFIG = (16, 256, 4)     # (SB, BLOCK, num_warps)
 
 
+TILE = 8192   # elements of a [BO, BK] (or [BO, BR]) tile of the weight kernels' loops
+
+
 def _blocks(Og, K):
     """(BO, BK): up to 8 output channels per program and a kernel row in chunks of up to
-    2048 / BO. A GEMM's B matrix of ŵ (channels contiguous) is then stored 8 channels (16 bytes
+    TILE / BO. A GEMM's B matrix of ŵ (channels contiguous) is then stored 8 channels (16 bytes
     in 16-bit) at a time, not one element a row apart, while a 512-channel layer still has 64
-    programs: each streams its rows twice (Σw², then the scaled copy)."""
+    programs. Each program streams its rows twice (Σw², then the scaled copy), one dependent
+    memory round trip per chunk: with chunks of 2048 / BO, the Jacobian took 20–25 µs on an
+    H200 for weights of 37 K–2.4 M elements (docs/GPU_NOTES.md section 10's profile)."""
     BO = min(8, next_power_of_2(Og))
-    return BO, max(16, min(2048 // BO, next_power_of_2(K)))
+    return BO, max(16, min(TILE // BO, next_power_of_2(K)))
 
 
 def _grouping(O, K, groups, out_strides):
@@ -337,11 +342,9 @@ def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, 
     return ((programs,),
             (O, rows, Og, Cg, q_stride, *w_strides, *(w_hat_strides or (0, 0, 0, 0)), eps),
             dict(RS=R * S, S=S, W_DENSE=_dense(w_shape, w_strides), MODE=MODES[mode], BO=BO,
-                 BK=BK, PARTIALS=has_partials, BR=PARTIAL_ROWS,
+                 BK=BK, PARTIALS=has_partials, BR=TILE // BO,
                  W_HAT_OUT=w_hat_strides is not None))
 
-
-PARTIAL_ROWS = 256        # partial sums per load in the Jacobian kernel
 
 
 def report_jobs():
@@ -368,7 +371,7 @@ def report_jobs():
         jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
                          dtype=dtype, ints=dict(O=O, ROWS=392, Og=O, Cg=Cg, s_g=O * K, s_j=1,
                                                 s_c=O, s_t=O * Cg, **w),
-                         constexprs=dict(shape, PARTIALS=True, BR=PARTIAL_ROWS, W_HAT_OUT=True),
+                         constexprs=dict(shape, PARTIALS=True, BR=TILE // BO, W_HAT_OUT=True),
                          pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
                                              PART="*fp32", GP="*fp32", W_HAT=dt),
                          num_warps=8, num_stages=1))

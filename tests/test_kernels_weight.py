@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, assert_close
-from scd_triton.kernels.weight import normalize_weight, normalize_weight_backward
+from scd_triton.kernels.weight import TILE, normalize_weight, normalize_weight_backward
 
 
 
@@ -44,7 +44,7 @@ def test_normalize_weight_and_its_jacobian(mode, eps, dtype, layout):
     else:
         assert grad_q is None
     # the prologue's per-block partial sums of grad_p and grad_q [rows, 2, O], summed in
-    rows = 300    # more than one load of PARTIAL_ROWS
+    rows = TILE // 8 + 100    # more than one load of the kernel's [8, TILE / 8] tiles
     partials = torch.randn(rows, 2, O, device=DEVICE)
     _, grad_p, grad_q = normalize_weight_backward(grad.to(DEVICE, dtype), w_dev,
                                                   q.float().to(DEVICE), mode, eps,
@@ -74,6 +74,31 @@ def test_writes_into_any_layout(writer, mode):
     ref = _formula(w.cpu(), q.cpu(), mode, 1e-12).float()
     expected = ref.reshape(G, Og, Cg, R * S).permute(0, 3, 2, 1)
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_rows_longer_than_one_chunk():
+    """A row of K = C/G·R·S > TILE / 8 runs through several [8, TILE / 8] chunks in both
+    kernels (Σw², Σ grad_ŵ·w and the writes), and both give the dgrad's ŵ with the same bits."""
+    O, Cg, R, S = 3, TILE // 8 // 9 + 7, 3, 3
+    assert Cg * R * S > TILE // 8
+    w = torch.randn(O, Cg, R, S, device=DEVICE)
+    q = torch.rand(O, device=DEVICE)
+    strides = (R * S * Cg * O, 1, O, Cg * O)        # [1, R·S, C, O] as the dgrad reads it
+    w_hats = [torch.full((1, R * S, Cg, O), float("nan"), device=DEVICE) for _ in range(2)]
+    normalize_weight(w, q, "norm_q", 1e-12, out=w_hats[0], out_strides=strides)
+    grad = torch.randn(O, Cg, R, S, device=DEVICE)
+    grad_w, _, grad_q = normalize_weight_backward(grad, w, q, "norm_q", 1e-12, w_hat=w_hats[1],
+                                                  w_hat_strides=strides)
+    w_ref, q_ref = w.cpu().double().requires_grad_(), q.cpu().double().requires_grad_()
+    ref = _formula(w_ref, q_ref, "norm_q", 1e-12)
+    ref.backward(grad.cpu().double())
+    expected = ref.detach().reshape(1, O, Cg, R * S).permute(0, 3, 2, 1)
+    assert_close("w_hat", w_hats[0].cpu(), expected, torch.float32, reduce_dim=Cg * R * S)
+    assert torch.equal(w_hats[0], w_hats[1])
+    assert_close("grad_w", grad_w.cpu(), w_ref.grad, torch.float32, grad=True,
+                 reduce_dim=Cg * R * S)
+    assert_close("grad_q", grad_q.cpu(), q_ref.grad, torch.float32, grad=True,
+                 reduce_dim=Cg * R * S)
 
 
 def test_zero_and_nan_kernels():
