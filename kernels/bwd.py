@@ -303,7 +303,12 @@ def scd2d_wgrad_kernel(
 # (BM, BN, BK, num_warps, num_stages); the "large" ones serve groups of more than 64 channels.
 # The 16-bit "large" ones were picked from a sweep on an H100 (docs/GPU_NOTES.md section 8):
 # 2-14% off a training step against 128×128 tiles.
-PROLOGUE_CONFIG = (64, 32, 8, 1)                  # (BP, largest BO, warps, stages): 4 warps spilled 8 B (fp32, sm_90)
+# (BP, largest BO, warps, stages) by grad_y's layout: 16 elements a thread. The sums over a
+# tile's positions (shuffles, shared memory) cost ~300 SASS instructions per channel block, so
+# these took 44–48 instructions an element (bf16) where 64 positions × 32 channels took 64;
+# 32 elements a thread (35–38) cost 190–255 registers. NCHW takes 128 × 32: 256 × 16 spilled
+# 8–16 B with the copy of x (sm_90), and 128 × 32 spilled 8 B on channels_last (fp32, sm_80)
+PROLOGUE_CONFIGS = {"channels_last": (256, 16, 8, 1), "nchw": (128, 32, 8, 1)}
 DGRAD_CONFIGS = {"large": (64, 128, 64, 4, 3), "small": (128, 64, 32, 4, 3)}
 WGRAD_CONFIGS = {"large": (128, 64, 64, 4, 3), "small": (64, 64, 64, 4, 3)}
 DGRAD_CONFIG_FP32 = (128, 64, 32, 4, 3)
@@ -400,9 +405,12 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     budget = max(M * O * dtype.itemsize, x_bytes)                      # grad_d or grad_x
     sms = _sm_count(device_index) if cuda else 0
 
-    BP, BO, warps, stages = PROLOGUE_CONFIG if cuda else (32, 64, 4, 1)
-    BO = min(BO, next_power_of_2(Og))
-    BG = min(64 // BO, next_power_of_2(G))  # narrow groups: several per tile
+    BP, BO_MAX, warps, stages = (PROLOGUE_CONFIGS["nchw" if per_image else "channels_last"]
+                                 if cuda else (32, 64, 4, 1))
+    if per_image:   # an image's positions per tile: no more than a small image needs
+        BP = min(BP, max(64, next_power_of_2(OH * OW)))
+    BO = min(BO_MAX, next_power_of_2(Og))
+    BG = min(BO_MAX // BO, next_power_of_2(G))  # narrow groups: several per tile
     tiles = cdiv(OH * OW, BP)
     n_blk = N * tiles if per_image else cdiv(M, BP)
     prologue_ints = (M, tiles, G, Og, O, OH * OW)
@@ -626,7 +634,7 @@ def report_jobs():
                                 dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True,
                                      EVEN_O=False, EVEN_C=False),
                                 dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
-            BP, BO, warps, stages = PROLOGUE_CONFIG
+            BP, BO, warps, stages = PROLOGUE_CONFIGS[layout]
             lay, _ = layer(layout, 64, 64, 1, BP)
             prologue_ptrs = dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
                                  GNS="*fp32", PART="*fp32")
