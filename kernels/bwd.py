@@ -334,6 +334,17 @@ def _dgrad_config(dtype, Cg, Og, cuda):
     return BM, pow2_between(Cg, 16, BN), BK, warps, stages
 
 
+def _prologue_config(per_image, positions, cuda):
+    """(BP, largest BO, warps, stages) of the prologue; ``per_image`` tiles (NCHW grad_y) hold
+    no more of an image's ``positions`` than it has (at least 64)."""
+    if not cuda:
+        return 32, 64, 4, 1
+    BP, BO, warps, stages = PROLOGUE_CONFIGS["nchw" if per_image else "channels_last"]
+    if per_image:
+        BP = min(BP, max(64, next_power_of_2(positions)))
+    return BP, BO, warps, stages
+
+
 def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0, large=True):
     """``flat_cols``: the (channel, tap) columns of a FLAT wgrad (0: per-tap tiles);
     ``large=False`` keeps wide layers on the small tiles (when split-K is capped)."""
@@ -405,10 +416,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     budget = max(M * O * dtype.itemsize, x_bytes)                      # grad_d or grad_x
     sms = _sm_count(device_index) if cuda else 0
 
-    BP, BO_MAX, warps, stages = (PROLOGUE_CONFIGS["nchw" if per_image else "channels_last"]
-                                 if cuda else (32, 64, 4, 1))
-    if per_image:   # an image's positions per tile: no more than a small image needs
-        BP = min(BP, max(64, next_power_of_2(OH * OW)))
+    BP, BO_MAX, warps, stages = _prologue_config(per_image, OH * OW, cuda)
     BO = min(BO_MAX, next_power_of_2(Og))
     BG = min(BO_MAX // BO, next_power_of_2(G))  # narrow groups: several per tile
     tiles = cdiv(OH * OW, BP)

@@ -88,24 +88,29 @@ def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
 
 # The GPU's tile configs, which the interpreter's plan never picks: 128→128 takes the "large"
 # dgrad (64×128×64) and wgrad (128×64×64) with every channel mask dropped, 96→80 the same tiles
-# with both masks kept (BK 64 does not divide 80, BN 128 not 96)
+# with both masks kept (BK 64 does not divide 80, BN 128 not 96); the prologue's tiles of 16
+# or 32 channels, several groups of 4 channels per tile in the last (depthwise-like) case
 CUDA_TILE_CASES = [Case(1, 128, 5, 6, 128, (3, 3), padding=1),
-                   Case(1, 96, 5, 6, 80, (3, 3), stride=2, padding=1)]
+                   Case(1, 96, 5, 6, 80, (3, 3), stride=2, padding=1),
+                   Case(2, 24, 5, 6, 24, (3, 3), padding=1, groups=6)]
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", params(CUDA_TILE_CASES))
-def test_gpu_tile_configs_match_oracle(case, dtype, monkeypatch):
+def test_gpu_tile_configs_match_oracle(case, dtype, channels_last, monkeypatch):
     """The CUDA configs' tiles (and so EVEN_O / EVEN_C both ways) run in whatever backend the
     tests have, here possibly the interpreter, against the float64 oracle."""
     from scd_triton.kernels import bwd
-    dgrad, wgrad = bwd._dgrad_config, bwd._wgrad_config
+    dgrad, wgrad, prologue = bwd._dgrad_config, bwd._wgrad_config, bwd._prologue_config
     monkeypatch.setattr(bwd, "_dgrad_config",
                         lambda dtype, Cg, Og, cuda: dgrad(dtype, Cg, Og, True))
     monkeypatch.setattr(bwd, "_wgrad_config", lambda *a, **k: wgrad(*a[:3], True, *a[4:], **k))
+    monkeypatch.setattr(bwd, "_prologue_config", lambda *a: prologue(*a[:2], True))
     bwd._plan.cache_clear()
     try:
-        run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
+        run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE,
+                           channels_last=channels_last)
     finally:
         bwd._plan.cache_clear()
 
