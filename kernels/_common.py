@@ -90,10 +90,12 @@ def tile_positions(i_m, M, P, TILES, BM: tl.constexpr, PER_IMAGE: tl.constexpr):
 
 @triton.jit
 def fast_divmod(n, d, mul, shift):
-    """``(n // d, n % d)`` for ``0 ≤ n < 2**31`` as one 64-bit multiply and shift, with
-    ``(mul, shift) = launch.divisor_magic(d)``: a division by a runtime int is ~20 instructions
-    per element, which the wgrad GEMMs would pay per K step for each position they decode."""
-    q = ((n.to(tl.uint64) * mul.to(tl.uint64)) >> shift.to(tl.uint64)).to(tl.int32)
+    """``(n // d, n % d)`` for ``0 ≤ n < 2**31`` as a 32-bit high multiply, an add and a shift,
+    with ``(mul, shift) = launch.divisor_magic(d)``: a division by a runtime int is ~20
+    instructions per element, which the wgrad GEMMs would pay per K step for each position
+    they decode (a 64-bit product of the sign-extended n took ~7)."""
+    n_u = n.to(tl.uint32)
+    q = ((n_u + tl.umulhi(n_u, mul.to(tl.uint32))) >> shift.to(tl.uint32)).to(tl.int32)
     return q, n - q * d
 
 

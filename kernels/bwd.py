@@ -179,7 +179,10 @@ def scd2d_dgrad_kernel(
     m_c = o_c < Cg
     o_k = tl.arange(0, BK)
     n_ob = tl.cdiv(Og, BK)
-    p_gd = GD + i_g * Og
+    # loop-invariant parts of the addresses: each step adds int32 offsets to them (~25 fewer
+    # SASS instructions per step than 64-bit offsets rebuilt from the positions and channels)
+    p_gd = GD + i_g * Og + o_n * OH * OW * O          # the rows' samples ([BM], or one image)
+    o_w = o_c[None, :] * Og + o_k[:, None]                               # [BK, BN] in a tap
     p_ns = GNS + (o_n * G + i_g) * OH * OW
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -198,7 +201,7 @@ def scd2d_dgrad_kernel(
         m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
         o_pos = o_oh * OW + o_ow                                         # [BM] in-image
         o_o = i_ob * BK + o_k                                            # [BK] channel in group
-        p_w = W + ((i_g * R * S + r * S + s) * Cg + o_c[None, :]) * Og + o_o[:, None]
+        p_w = W + ((i_g * R * S + r * S + s) * Cg * Og + i_ob * BK) + o_w
         m_gd = m_t[:, None]
         if EVEN_O and EVEN_C:
             b_w = tl.load(p_w)                                           # [BK, BN]
@@ -207,7 +210,7 @@ def scd2d_dgrad_kernel(
             if not EVEN_O:
                 m_gd = m_gd & m_o[None, :]
             b_w = tl.load(p_w, mask=m_o[:, None] & m_c[None, :], other=0.0)
-        b_gd = tl.load(p_gd + (o_n * OH * OW + o_pos)[:, None] * O + o_o[None, :], mask=m_gd,
+        b_gd = tl.load((p_gd + o_pos * O)[:, None] + o_o[None, :], mask=m_gd,
                        other=0.0)                                        # [BM, BK]
         acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
         m_box = m_t & (o_ihq * 0 + i_ob == 0)  # once per tap (a [BM] mask: the interpreter's
@@ -260,10 +263,13 @@ def scd2d_wgrad_kernel(
         o_cj = o_j
         dh = (i_tap // S) * dil_h - pad_h
         dw = (i_tap % S) * dil_w - pad_w
-    p_gd = GD + (i_g * Og + o_o)[:, None]                                # [BM, 1]
     p_x = X + ((i_g * Cg + o_cj) * sxc)[None, :]                         # [1, BN]
     k_lo = i_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, M)
+    # the grad_d tile: int32 offsets within it (loop-invariant, below BK·O) from a scalar
+    # 64-bit row pointer, not 64-bit offsets recomputed from the positions each step
+    o_gd = (i_g * Og + o_o)[:, None] + tl.arange(0, BK)[None, :] * O      # [BM, BK]
+    row_gd = O.to(tl.int64)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
@@ -287,7 +293,7 @@ def scd2d_wgrad_kernel(
         m_gd = m_k[None, :]
         if not EVEN_O:
             m_gd = m_gd & m_o[:, None]
-        b_gd = tl.load(p_gd + o_k.to(tl.int64)[None, :] * O, mask=m_gd, other=0.0)  # [BM, BK]
+        b_gd = tl.load(GD + k * row_gd + o_gd, mask=m_gd, other=0.0)      # [BM, BK]
         b_x = tl.load(p_x + o_x, mask=m_x, other=0.0)                    # [BK, BN]
         acc = tl.dot(b_gd, b_x, acc, input_precision=PRECISION)
 

@@ -31,11 +31,12 @@ def next_power_of_2(n: int) -> int:
 
 
 def divisor_magic(d: int) -> tuple:
-    """``(mul, shift)`` with ``(n · mul) >> shift == n // d`` for ``0 ≤ n < 2**31``
-    (``_common.fast_divmod``): Granlund and Montgomery's ``mul = ⌈2**shift / d⌉``, ``shift =
-    32 + ⌈log2 d⌉``; ``mul < 2**33``, so ``n · mul < 2**64``."""
-    shift = 32 + (d - 1).bit_length()
-    return -(-(1 << shift) // d), shift
+    """``(mul, shift)`` with ``(n + ((n · mul) >> 32)) >> shift == n // d`` for ``0 ≤ n <
+    2**31`` (``_common.fast_divmod``): Granlund and Montgomery's ``M = ⌈2**(32 + ℓ) / d⌉``, ``ℓ
+    = ⌈log2 d⌉``, lies in [2**32, 2**33), so ``n · M >> (32 + ℓ)`` is the 32-bit form with
+    ``mul = M − 2**32 < 2**32`` and ``shift = ℓ`` (the sum stays below 2**32)."""
+    shift = (d - 1).bit_length()
+    return -(-(1 << (32 + shift)) // d) - (1 << 32), shift
 
 
 def exact_log2(n: int) -> int:

@@ -125,16 +125,17 @@ DIVISORS = [1, 2, 3, 5, 7, 14, 28, 56, 100, 112, 255, 4096, 65537, 2**30 + 3, 2*
 
 @pytest.mark.parametrize("d", DIVISORS)
 def test_divisor_magic_divides_every_int32(d):
-    """``(n·mul) >> shift == n // d`` on the edges of every quotient near 0, near 2**31 and at
-    random, with ``n·mul`` inside uint64."""
+    """``(n + (n·mul >> 32)) >> shift == n // d`` on the edges of every quotient near 0, near
+    2**31 and at random, in uint32 arithmetic (``mul`` and the sum below 2**32)."""
     mul, shift = divisor_magic(d)
-    assert mul < 2**33 and (2**31 - 1) * mul < 2**64
+    assert 0 <= mul < 2**32 and 0 <= shift <= 31
     gen = torch.Generator().manual_seed(d)
     random = torch.randint(0, 2**31 - 1, (2000,), generator=gen).tolist()
     edges = [q * d + r for q in range(0, 50) for r in (-1, 0, 1)]
     top = [2**31 - 1 - i for i in range(0, 3 * d + 3, max(1, d // 7))][:200]
     for n in [v for v in edges + top + random if 0 <= v < 2**31]:
-        assert (n * mul) >> shift == n // d, (n, d)
+        total = n + ((n * mul) >> 32)
+        assert total < 2**32 and total >> shift == n // d, (n, d)
 
 
 @triton.jit
