@@ -77,14 +77,16 @@ def scd2d_wgrad_direct_kernel(
     p_x = X + (((o_o // Og) * Cg + ci) * sxc)[None, :]                   # [1, BO]
     k_lo = i_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, M)
+    o_gd = tl.arange(0, BP)[:, None] * O + o_o[None, :]    # [BP, BO] from a step's first row
+    row_gd = O.to(tl.int64)
 
     acc = tl.zeros((BP, BO), dtype=tl.float32)
     for k in range(k_lo, k_hi, BP):
         o_k = k + tl.arange(0, BP)                                       # [BP] output positions
         o_x, m_x, m_k = tap_offsets(o_k, k_hi, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H,
                                     Wd, dh, dw, stride_h, stride_w, sxn, sxh, sxw)
-        b_gd = tl.load(GD + o_k.to(tl.int64)[:, None] * O + o_o[None, :],
-                       mask=m_k[:, None] & m_o[None, :], other=0.0)      # [BP, BO]
+        b_gd = tl.load(GD + k * row_gd + o_gd, mask=m_k[:, None] & m_o[None, :],
+                       other=0.0)                                        # [BP, BO]
         b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_o[None, :], other=0.0)
         acc += b_gd.to(tl.float32) * b_x.to(tl.float32)
 
