@@ -185,20 +185,21 @@ def scd2d_fwd_direct_kernel(
 
     acc = tl.zeros((BM, BG, OGP), dtype=tl.float32)
     ssq = tl.zeros((BM, BG), dtype=tl.float32)
-    for tap in range(R * S):
-        d_h = (tap // S) * dil_h
-        d_w = (tap % S) * dil_w
+    for r in range(R):
+        d_h = r * dil_h
         o_ih = o_ih0 + d_h
-        o_iw = o_iw0 + d_w
-        m_r = m_m & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)   # [BM] padding
-        m_x = m_r[:, None] & m_g[None, :]
-        for ci in tl.static_range(CG):
-            b_x = tl.load(p_x + (d_h * sxh + d_w * sxw + ci * sxc), mask=m_x,
-                          other=0.0).to(tl.float32)                      # [BM, BG]
-            b_w = tl.load(W + (o_o * CG + ci) * R * S + tap, mask=m_o,
-                          other=0.0).to(tl.float32)                      # [BG, OGP]
-            acc += b_x[:, :, None] * b_w[None, :, :]
-            ssq += b_x * b_x
+        m_h = m_m & (o_ih >= 0) & (o_ih < H)
+        for s in tl.static_range(S):
+            d_w = s * dil_w
+            o_iw = o_iw0 + d_w
+            m_x = (m_h & (o_iw >= 0) & (o_iw < Wd))[:, None] & m_g[None, :]   # padding
+            for ci in tl.static_range(CG):
+                b_x = tl.load(p_x + (d_h * sxh + d_w * sxw + ci * sxc), mask=m_x,
+                              other=0.0).to(tl.float32)                  # [BM, BG]
+                b_w = tl.load(W + (o_o * CG + ci) * R * S + r * S + s, mask=m_o,
+                              other=0.0).to(tl.float32)                  # [BG, OGP]
+                acc += b_x[:, :, None] * b_w[None, :, :]
+                ssq += b_x * b_x
 
     b_p = tl.load(P + o_o * sp, mask=m_o, other=1.0)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
