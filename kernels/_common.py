@@ -100,17 +100,16 @@ def fast_divmod(n, d, mul, shift):
 
 
 @triton.jit
-def tap_offsets(o_k, k_hi, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H, Wd, dh, dw, stride_h,
+def tap_offsets(o_k, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H, Wd, dh, dw, stride_h,
                 stride_w, sxn, sxh, sxw):
     """The input offsets (int64) that one tap, shifted by (dh, dw), reads for the flat output
-    positions ``o_k`` (below ``k_hi``), their mask (in range, not padding) and ``o_k < k_hi``."""
-    m_k = o_k < k_hi
+    positions ``o_k`` (below 2**31), and their mask: inside the input, not padding."""
     o_t, o_ow = fast_divmod(o_k, OW, ow_mul, ow_shift)
     o_n, o_oh = fast_divmod(o_t, OH, oh_mul, oh_shift)
     o_ih = o_oh * stride_h + dh
     o_iw = o_ow * stride_w + dw
-    m_x = m_k & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
-    return o_n.to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw, m_x, m_k
+    m_x = (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
+    return o_n.to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw, m_x
 
 
 @triton.jit

@@ -233,7 +233,7 @@ def scd2d_wgrad_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
-    EVEN_O: tl.constexpr, EVEN_C: tl.constexpr,
+    EVEN_O: tl.constexpr, EVEN_C: tl.constexpr, EVEN_M: tl.constexpr,
 ):
     """Program (i_mn, tap, split·G + g): a [BM out channels, BN in channels] tile of one tap,
     reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S].
@@ -243,7 +243,8 @@ def scd2d_wgrad_kernel(
     ``FLAT`` (few channels per group, e.g. a 3-channel stem): the BN columns run over the flat
     (channel, tap) index instead and grid axis 1 is 1, so each ``grad_d`` tile is loaded once
     for all taps rather than once per tap, and the dot is not mostly padding. ``EVEN_O`` (BM
-    divides O/G) and ``EVEN_C`` (BN divides the columns) drop the loop's channel masks.
+    divides O/G) and ``EVEN_C`` (BN divides the columns) drop the loop's channel masks, and
+    ``EVEN_M`` (BK divides M and K_SPLIT: every K step is whole) its position masks.
     """
     i_mn, i_tap, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_z % G
@@ -274,26 +275,33 @@ def scd2d_wgrad_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
         o_k = k + tl.arange(0, BK)                                       # [BK] output positions
-        if FLAT:
-            m_k = o_k < k_hi   # (plain divisions: fast_divmod made this loop 1.3-1.4x longer)
+        m_k = o_k < k_hi
+        if FLAT:   # (plain divisions: fast_divmod made this loop 1.3-1.4x longer)
             o_ow = o_k % OW
             o_t = o_k // OW
             o_ih = ((o_t % OH) * stride_h)[:, None] + dh[None, :]        # [BK, BN]
             o_iw = (o_ow * stride_w)[:, None] + dw[None, :]
-            m_x = (m_k[:, None] & m_c[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0)
-                   & (o_iw < Wd))
+            m_x = m_c[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
             o_x = (o_t // OH).to(tl.int64)[:, None] * sxn + o_ih * sxh + o_iw * sxw
         else:
-            o_xk, m_xk, m_k = tap_offsets(o_k, k_hi, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift,
-                                          H, Wd, dh, dw, stride_h, stride_w, sxn, sxh, sxw)
+            o_xk, m_xk = tap_offsets(o_k, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H, Wd, dh,
+                                     dw, stride_h, stride_w, sxn, sxh, sxw)
             o_x = o_xk[:, None]
             m_x = m_xk[:, None]
             if not EVEN_C:
                 m_x = m_x & m_c[None, :]
-        m_gd = m_k[None, :]
-        if not EVEN_O:
-            m_gd = m_gd & m_o[:, None]
-        b_gd = tl.load(GD + k * row_gd + o_gd, mask=m_gd, other=0.0)      # [BM, BK]
+        if not EVEN_M:
+            m_x = m_x & m_k[:, None]
+        if EVEN_M and EVEN_O:
+            b_gd = tl.load(GD + k * row_gd + o_gd)                       # [BM, BK]
+        else:
+            if EVEN_M:
+                m_gd = m_o[:, None]
+            elif EVEN_O:
+                m_gd = m_k[None, :]
+            else:
+                m_gd = m_o[:, None] & m_k[None, :]
+            b_gd = tl.load(GD + k * row_gd + o_gd, mask=m_gd, other=0.0)
         b_x = tl.load(p_x + o_x, mask=m_x, other=0.0)                    # [BK, BN]
         acc = tl.dot(b_gd, b_x, acc, input_precision=PRECISION)
 
@@ -491,7 +499,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     wgrad = Launch(scd2d_wgrad_kernel, (tiles, taps, G * splits),
                     (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *magic), conv,
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat,
-                         EVEN_O=Og % BM == 0, EVEN_C=not flat and Cg % BN == 0),
+                         EVEN_O=Og % BM == 0, EVEN_C=not flat and Cg % BN == 0,
+                         EVEN_M=M % BK == 0),
                     warps, stages)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     ws_dtype = torch.float32 if splits > 1 or weight_norm != "none" else dtype
@@ -633,7 +642,8 @@ def report_jobs():
                          dict(PER_IMAGE=nchw, PLANES=nchw, EVEN_O=True, EVEN_C=True,
                               OB_SHIFT=exact_log2(cdiv(C, dcfg[2])))),
                         (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
-                         dict(FLAT=False, EVEN_O=True, EVEN_C=True))):
+                         dict(FLAT=False, EVEN_O=True, EVEN_C=True,
+                              EVEN_M=w_ints["M"] % wcfg[2] == 0))):
                     k_split = cdiv(lay["M"], 44 * BK) * BK
                     jobs.append(job(fn, f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
                                     layout, ints(fn, lay, K_SPLIT=k_split),
@@ -646,7 +656,7 @@ def report_jobs():
                 jobs.append(job(scd2d_wgrad_kernel, f"flat-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
                                 dtype, layout, ints(scd2d_wgrad_kernel, stem, K_SPLIT=512),
                                 dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True,
-                                     EVEN_O=False, EVEN_C=False),
+                                     EVEN_O=False, EVEN_C=False, EVEN_M=stem["M"] % BK == 0),
                                 dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
             BP, BO, warps, stages = PROLOGUE_CONFIGS[layout]
             lay, _ = layer(layout, 64, 64, 1, BP)

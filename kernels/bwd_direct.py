@@ -83,8 +83,10 @@ def scd2d_wgrad_direct_kernel(
     acc = tl.zeros((BP, BO), dtype=tl.float32)
     for k in range(k_lo, k_hi, BP):
         o_k = k + tl.arange(0, BP)                                       # [BP] output positions
-        o_x, m_x, m_k = tap_offsets(o_k, k_hi, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H,
-                                    Wd, dh, dw, stride_h, stride_w, sxn, sxh, sxw)
+        m_k = o_k < k_hi
+        o_x, m_x = tap_offsets(o_k, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H, Wd, dh, dw,
+                               stride_h, stride_w, sxn, sxh, sxw)
+        m_x = m_x & m_k
         b_gd = tl.load(GD + k * row_gd + o_gd, mask=m_k[:, None] & m_o[None, :],
                        other=0.0)                                        # [BP, BO]
         b_x = tl.load(p_x + o_x[:, None], mask=m_x[:, None] & m_o[None, :], other=0.0)

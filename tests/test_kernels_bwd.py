@@ -62,12 +62,14 @@ NCHW_CASES = [
     Case(3, 32, 7, 9, 32, (3, 3), padding=1, groups=2),              # grouped GEMM
     Case(1, 16, 13, 11, 16, (3, 3), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
     Case(2, 8, 9, 7, 8, (3, 3), padding=1, groups=8),                # depthwise (direct)
+    Case(2, 16, 8, 8, 16, (3, 3), padding=1),                        # whole wgrad K steps
 ]
 
 
 def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
     """The GEMMs drop their loop's channel masks where the tiles divide the channels
-    (``EVEN_O`` / ``EVEN_C``): the cases above run both variants of both GEMMs."""
+    (``EVEN_O`` / ``EVEN_C``), the wgrad its position masks where its K steps divide N·OH·OW
+    (``EVEN_M``): the cases above run both variants of each."""
     from scd_triton.kernels import bwd
     seen = set()
     for case in NCHW_CASES:
@@ -82,15 +84,17 @@ def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
                          "none", "ieee", True, False)
         for name, launch in (("dgrad", plan.dgrad), ("wgrad", plan.wgrad)):
             seen |= {(name, flag, launch.constexprs[flag]) for flag in ("EVEN_O", "EVEN_C")}
+        seen.add(("wgrad", "EVEN_M", plan.wgrad.constexprs["EVEN_M"]))
     assert seen == {(n, f, v) for n in ("dgrad", "wgrad") for f in ("EVEN_O", "EVEN_C")
-                    for v in (True, False)}
+                    for v in (True, False)} | {("wgrad", "EVEN_M", v) for v in (True, False)}
 
 
 # The GPU's tile configs, which the interpreter's plan never picks: 128→128 takes the "large"
-# dgrad (64×128×64) and wgrad (128×64×64) with every channel mask dropped, 96→80 the same tiles
-# with both masks kept (BK 64 does not divide 80, BN 128 not 96); the prologue's tiles of 16
-# or 32 channels, several groups of 4 channels per tile in the last (depthwise-like) case
-CUDA_TILE_CASES = [Case(1, 128, 5, 6, 128, (3, 3), padding=1),
+# dgrad (64×128×64) and wgrad (128×64×64) with every channel and (64 positions) position mask
+# dropped, 96→80 the same tiles with all masks kept (BK 64 does not divide 80, BN 128 not 96,
+# nor 64 the 9 positions); the prologue's tiles of 16 or 32 channels, several groups of 4
+# channels per tile in the last (depthwise-like) case
+CUDA_TILE_CASES = [Case(1, 128, 8, 8, 128, (3, 3), padding=1),
                    Case(1, 96, 5, 6, 80, (3, 3), stride=2, padding=1),
                    Case(2, 24, 5, 6, 24, (3, 3), padding=1, groups=6)]
 
