@@ -1,8 +1,8 @@
 """The GPU-less performance gate (``kernels/report.py``): the main configs of the forward
 and of the backward's dgrad and wgrad GEMMs (bf16 / fp16), for both input layouts,
 compile for sm_80 and sm_90 without register spills, with tensor-core MMA instructions (HMMA
-on sm_80, wgmma ``HGMMA`` on sm_90); the forward's hot loop and whole kernel stay short and
-the NCHW backward GEMMs' loops as short as channels_last's; the direct, prologue, weight,
+on sm_80, wgmma ``HGMMA`` on sm_90); the forward's hot loop and whole kernel and the backward
+GEMMs' loops stay short, the NCHW ones as short as channels_last's; the direct, prologue, weight,
 layout and NCHW preparation kernels (the forward's, and the backward's prologue with the copy
 of x) compile without spills.
 
@@ -17,6 +17,10 @@ import sys
 import pytest
 
 LOOP_BOUND = {"sm_80": 400, "sm_90": 300}
+# the backward GEMMs' main configs, which are issue-bound: a large config's K step is 256
+# cycles of MMA on an H100 (the small ones' 128) against 290 (dgrad) and 382 (wgrad) SASS
+# instructions of 4 warps before this gate
+BACKWARD_LOOP_BOUND = {"sm_80": 330, "sm_90": 256}
 
 _SNIPPET = """
 import json, sys
@@ -95,6 +99,8 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
         (lay, d, a) for lay in ("channels_last", "nchw") for d in ("bf16", "fp16")
         for a in ("sm_80", "sm_90")}
     assert len({r["config"] for r in mine}) == 2, "a small and a large config"
+    for r in mine:
+        assert r["loop_instructions"] <= BACKWARD_LOOP_BOUND[r["arch"]], r
     assert len(every) - len(mine) == (4 if kernel == "scd2d_wgrad_kernel" else 0)
     # NCHW grad_x stored along positions: the K loop no longer than channels_last's (before
     # per-image tiles, the NCHW dgrad spilled 744-1232 B; NCHW x tiles in the wgrad loop
