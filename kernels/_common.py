@@ -95,7 +95,9 @@ def fast_divmod(n, d, mul, shift):
     instructions per element, which the wgrad GEMMs would pay per K step for each position
     they decode (a 64-bit product of the sign-extended n took ~7)."""
     n_u = n.to(tl.uint32)
-    q = ((n_u + tl.umulhi(n_u, mul.to(tl.uint32))) >> shift.to(tl.uint32)).to(tl.int32)
+    # tl.cast, not .to: an int argument equal to 1 (shift for d = 2) arrives as a constexpr
+    hi = tl.umulhi(n_u, tl.cast(mul, tl.uint32))
+    q = ((n_u + hi) >> tl.cast(shift, tl.uint32)).to(tl.int32)
     return q, n - q * d
 
 

@@ -122,7 +122,10 @@ def prologue_tile(
         b_base = tl.abs(b_c) + eps
         b_l = fast_log2(b_base, FAST)
         b_mag = fast_exp2(b_p * b_l, FAST)                               # |y|
-        zero = b_c == 0  # a comparison, so NaN in c stays NaN below
+        # comparisons, so NaN in c stays NaN below; |y| = 0 with c ≠ 0 (|c| + eps denormal, which
+        # the FAST lg2 flushes to -inf, or an underflowing power) is treated as c = 0: there
+        # |y|·ln(|c| + eps) would be 0·(-inf) = NaN and G/a a 0 over a flushed divisor
+        zero = (b_c == 0) | (b_mag == 0)
         # G/a = grad_y·p·|y| / ((|c|+eps)·a): one division (two cost a spill on sm_80)
         b_gd = tl.where(zero, 0.0, fast_div(b_gy * b_p * b_mag,
                                             b_base * (b_norm[:, :, None] + b_q), FAST))
@@ -270,7 +273,7 @@ def scd2d_wgrad_kernel(
     # the grad_d tile: int32 offsets within it (loop-invariant, below BK·O) from a scalar
     # 64-bit row pointer, not 64-bit offsets recomputed from the positions each step
     o_gd = (i_g * Og + o_o)[:, None] + tl.arange(0, BK)[None, :] * O      # [BM, BK]
-    row_gd = O.to(tl.int64)
+    row_gd = tl.cast(O, tl.int64)   # not O.to: O = 1 arrives as a constexpr
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
@@ -319,7 +322,7 @@ def scd2d_wgrad_kernel(
 # 2-14% off a training step against 128×128 tiles.
 # (BP, largest BO, warps, stages) by grad_y's layout: 16 elements a thread. The sums over a
 # tile's positions (shuffles, shared memory) cost ~300 SASS instructions per channel block, so
-# these took 44–48 instructions an element (bf16) where 64 positions × 32 channels took 64;
+# these took 46–49 instructions an element (bf16) where 64 positions × 32 channels took 64;
 # 32 elements a thread (35–38) cost 190–255 registers. NCHW takes 128 × 32: 256 × 16 spilled
 # 8–16 B with the copy of x (sm_90), and 128 × 32 spilled 8 B on channels_last (fp32, sm_80)
 PROLOGUE_CONFIGS = {"channels_last": (256, 16, 8, 1), "nchw": (128, 32, 8, 1)}
@@ -419,11 +422,12 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     M = N * OH * OW
     magic = (*divisor_magic(OH), *divisor_magic(OW))    # the wgrads decode positions per K step
     # the wgrads' K loops index up to a block (≤ 128) past N·OH·OW, in int32
-    if max(M + 128, N * H * W) >= 2**31 or max(C * H * W, O * OH * OW) >= 2**31:
+    # (the wgrads' grad_d offsets within a K step reach O·128, also for small images)
+    if max(M + 128, N * H * W) >= 2**31 or max(C * H * W, O * max(OH * OW, 128)) >= 2**31:
         raise ValueError(f"scd2d_bwd indexes positions and per-sample offsets in int32: needs "
                          f"N·OH·OW = {M} below 2**31 - 128, N·H·W = {N * H * W} and "
-                         f"per-sample sizes C·H·W = {C * H * W}, O·OH·OW = {O * OH * OW} below "
-                         f"2**31")
+                         f"per-sample sizes C·H·W = {C * H * W}, O·max(OH·OW, 128) = "
+                         f"{O * max(OH * OW, 128)} below 2**31")
     sh, sw = stride
     conv = (sh, sw, padding[0], padding[2], *dilation)
     x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x

@@ -78,7 +78,7 @@ def scd2d_wgrad_direct_kernel(
     k_lo = i_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, M)
     o_gd = tl.arange(0, BP)[:, None] * O + o_o[None, :]    # [BP, BO] from a step's first row
-    row_gd = O.to(tl.int64)
+    row_gd = tl.cast(O, tl.int64)   # not O.to: O = 1 arrives as a constexpr
 
     acc = tl.zeros((BP, BO), dtype=tl.float32)
     for k in range(k_lo, k_hi, BP):

@@ -26,6 +26,7 @@ _SNIPPET = """
 import json, sys
 from concurrent.futures import ProcessPoolExecutor
 from scd_triton.kernels import bwd, fwd, layout, weight
+from scd_triton.kernels.launch import divisor_magic
 from scd_triton.kernels.report import compile_job
 
 def picked():
@@ -46,6 +47,26 @@ def picked():
             jobs.append((j, 80))
     jobs += [(j, 90) for j in weight.report_jobs() + layout.report_jobs()
              if j["dtype"] == "bf16" or j["kernel"].__name__ == "sum_splits_kernel"]
+    return jobs + edge_jobs()
+
+def edge_jobs():
+    # the wgrads with ints the JIT turns into constants (equal to 1: a fast_divmod shift for a
+    # 2-pixel output side, one output channel) or types as 64-bit (a magic multiplier of
+    # 2**31 or more, for 10 pixels)
+    jobs = []
+    for j in bwd.report_jobs():
+        if "wgrad" not in j["kernel"].__name__ or j["dtype"] != "bf16" or \
+                j["layout"] != "channels_last" or j["name"].startswith("small"):
+            continue
+        for side, channels in ((2, j["ints"]["O"]), (10, j["ints"]["O"]), (7, 1)):
+            if channels == 1 and "direct" in j["kernel"].__name__:
+                continue   # direct layers have groups, so at least two output channels
+            ints = dict(j["ints"], OH=side, OW=side, H=side, Wd=side,
+                        **dict(zip(("oh_mul", "oh_shift", "ow_mul", "ow_shift"),
+                                   (*divisor_magic(side), *divisor_magic(side)))))
+            if channels == 1:
+                ints.update(O=1, Og=1)
+            jobs.append((dict(j, name=f"{j['name']} edge {side}^2 O{channels}", ints=ints), 90))
     return jobs
 
 def run(i):
@@ -91,7 +112,7 @@ def test_main_forward_configs_have_no_spills_and_use_tensor_cores(rows):
 
 @pytest.mark.parametrize("kernel", ["scd2d_dgrad_kernel", "scd2d_wgrad_kernel"])
 def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel):
-    every = [r for r in rows if r["kernel"] == kernel]
+    every = [r for r in rows if r["kernel"] == kernel and " edge " not in r["config"]]
     mine = [r for r in every if not r["config"].startswith("flat")]
     for r in every:   # the flat (channel, tap) wgrad of narrow layers included
         _tensor_cores(r)
@@ -111,6 +132,16 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
     for r in mine:
         if r["layout"] == "nchw":
             assert 0 < r["loop_instructions"] <= cl[key(r)] * 1.05, r
+
+
+def test_wgrads_compile_with_ints_the_jit_makes_constant_or_64_bit(rows):
+    """A 2-pixel output side (fast_divmod's shift is then 1, which the JIT passes as a
+    constant), one output channel, and a 10-pixel side (its magic multiplier passes as i64)
+    compile, without spills; ``.to`` on such a constant failed to compile."""
+    edges = [r for r in rows if " edge " in r["config"]]
+    assert {r["config"].split(" edge ")[1] for r in edges} >= {"2^2 O128", "10^2 O128", "7^2 O1"}
+    assert {r["kernel"] for r in edges} == {"scd2d_wgrad_kernel", "scd2d_wgrad_direct_kernel"}
+    assert all(r["spill_bytes"] == 0 and r["loop_instructions"] > 0 for r in edges), edges
 
 
 def test_direct_prologue_and_weight_kernels_have_no_spills(rows):
