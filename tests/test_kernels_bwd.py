@@ -225,6 +225,20 @@ def test_all_zero_patches_give_finite_gradients():
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE, x=x)
 
 
+def test_a_denormal_c_with_eps_zero_gives_finite_gradients():
+    """With eps = 0 a saved c may be a nonzero denormal: on CUDA the prologue's fast lg2 makes
+    its log -inf and |y| 0, and |y|·log(|c|) was NaN in grad_p; such a c counts as c = 0."""
+    from scd_triton.kernels import bwd, fwd
+    x, w = torch.randn(2, 16, 6, 6, device=DEVICE), torch.randn(16, 16, 3, 3, device=DEVICE)
+    p, q = torch.full((16,), 2.0, device=DEVICE), torch.full((16,), 0.1, device=DEVICE)
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    _, c, norm = fwd.scd2d_fwd(x, w, p, q, *conv, 0.0, 1e-12, "norm_q", 1e-12)
+    c[0, 3, 2, 2] = 1e-40                                  # denormal in float32
+    grads = bwd.scd2d_bwd(torch.randn_like(c), x, w, p, q, c, norm, *conv, 0.0, "norm_q", 1e-12)
+    for name, g in zip("xwpq", grads):
+        assert torch.isfinite(g).all(), f"grad_{name} is not finite"
+
+
 @pytest.mark.parametrize("groups", [1, 16], ids=["gemm", "direct"])
 def test_nan_in_x_gives_nan_gradients(groups):
     """NaN in, NaN out (docs/DESIGN.md section 1): the NaN pattern of the reference backward."""
