@@ -52,8 +52,16 @@ def sharpen(acc, norm, p, q, eps, FAST: tl.constexpr = False):
     """
     b_c = fast_div(acc, norm + q, FAST)                                  # [BM, BN]
     b_mag = fast_exp2(p * fast_log2(tl.abs(b_c) + eps, FAST), FAST)
-    b_y = tl.where(b_c == 0, 0.0, tl.where(b_c < 0, -b_mag, b_mag))
+    b_y = tl.where(b_c == 0, 0.0, with_sign_of(b_mag, b_c))
     return b_c, b_y
+
+
+@triton.jit
+def with_sign_of(mag, x):
+    """``mag ≥ 0`` (float32) with the sign bit of ``x``: one bitwise op an element where
+    ``where(x < 0, -mag, mag)`` takes a compare and a select (a NaN ``mag`` stays NaN)."""
+    bits = mag.to(tl.uint32, bitcast=True) | (x.to(tl.uint32, bitcast=True) & 0x80000000)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

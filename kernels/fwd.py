@@ -55,6 +55,7 @@ def scd2d_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT_K: tl.constexpr,
     EVEN_K: tl.constexpr, CB_SHIFT: tl.constexpr, X_PLANES: tl.constexpr,
     PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
+    P_SHARED: tl.constexpr, Q_SHARED: tl.constexpr,
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
@@ -66,6 +67,7 @@ def scd2d_fwd_kernel(
     ``X_PLANES`` (1×1, stride 1, no padding, NCHW x, per-image tiles): x is read as its [C, OH·OW]
     planes, positions contiguous, so the tile loads as wide copies without a layout change.
     ``CB_SHIFT``: log2 of the channel blocks per tap when that is a power of two, else -1.
+    ``P_SHARED`` / ``Q_SHARED``: p / q is one value for all channels (stride 0).
     """
     i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
@@ -129,10 +131,16 @@ def scd2d_fwd_kernel(
         b_ssq += tl.load(p_sq + t_ih * Wd + t_iw, mask=m_t, other=0.0)
 
     m_o = o_o < Og
-    b_p = tl.load(P + (i_g * Og + o_o) * sp, mask=m_o, other=1.0)
-    b_q = tl.load(Q + (i_g * Og + o_o) * sq, mask=m_o, other=0.0)
+    if P_SHARED:   # one p for every channel (stride 0): a scalar
+        b_p = tl.load(P)
+    else:
+        b_p = tl.load(P + (i_g * Og + o_o) * sp, mask=m_o, other=1.0)[None, :]
+    if Q_SHARED:   # one q: ‖s‖ + q per row, one reciprocal a row instead of one an element
+        b_q = tl.load(Q)
+    else:
+        b_q = tl.load(Q + (i_g * Og + o_o) * sq, mask=m_o, other=0.0)[None, :]
     b_norm = tl.sqrt(b_ssq + norm_eps)                                   # [BM]
-    b_c, b_y = sharpen(acc, b_norm[:, None], b_p[None, :], b_q[None, :], eps, FAST)
+    b_c, b_y = sharpen(acc, b_norm[:, None], b_p, b_q, eps, FAST)
     o_y = ((o_n.to(tl.int64) * syn + o_p * syp)[:, None]
            + ((i_g * Og + o_o) * syc)[None, :])                          # [BM, BN]
     m_y = m_m[:, None] & m_o[None, :]
@@ -420,7 +428,8 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
                                  n_k * BK, w_layout[0][1]), (*y_strides, *conv),
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
-             **flags), warps, stages), prepare, copy)
+             P_SHARED=p_stride == 0, Q_SHARED=q_stride == 0, **flags), warps, stages),
+        prepare, copy)
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -555,7 +564,7 @@ def report_jobs():
                     ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
                                   EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),
-                                  X_PLANES=in_place)
+                                  X_PLANES=in_place, P_SHARED=False, Q_SHARED=True)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
                 jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,

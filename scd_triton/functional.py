@@ -117,7 +117,8 @@ _FILLED_MAX = 64
 
 
 def _filled(value, n, dtype, x, traced):
-    """``torch.full((n,), value)`` on x's device, made once per (value, n, dtype, device,
+    """``value`` as an [n] tensor on x's device: one element expanded (stride 0, which the
+    forward kernel reads as one value for every channel), made once per (value, n, dtype, device,
     current CUDA stream): a Python-float p or q then costs no allocation and no fill launch per
     call. The op only reads it. Kept only for plain eager calls: not while ``traced`` by
     torch.compile or tracing otherwise (tensor subclasses such as fake tensors, symbolic
@@ -130,13 +131,13 @@ def _filled(value, n, dtype, x, traced):
              and not torch._C._len_torch_dispatch_stack()
              and torch._C._functorch.peek_interpreter_stack() is None)
     if not plain:
-        return torch.full((n,), value, dtype=dtype, device=device)
+        return torch.full((1,), value, dtype=dtype, device=device).expand(n)
     cuda = device.type == "cuda"
     key = (value, n, dtype, device, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
     t = _FILLED.get(key)
     if t is None:
         with torch.inference_mode(False):
-            t = torch.full((n,), value, dtype=dtype, device=device)
+            t = torch.full((1,), value, dtype=dtype, device=device).expand(n)
         if not (cuda and torch.cuda.is_current_stream_capturing()):
             if len(_FILLED) >= _FILLED_MAX:   # ever new values (a schedule): start over
                 _FILLED.clear()

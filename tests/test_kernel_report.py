@@ -106,8 +106,9 @@ def test_main_forward_configs_have_no_spills_and_use_tensor_cores(rows):
         # per K step before the loop was slimmed (bf16): 437 on sm_80, 368 on sm_90
         assert 0 < r["loop_instructions"] <= LOOP_BOUND[r["arch"]], r
         # the whole kernel, epilogue included: 2744-2984 with div.full and lg2/ex2 without
-        # .ftz (their denormal range checks and scaling, ~9 instructions per output element)
-        assert 0 < r["instructions"] <= 2300, r
+        # .ftz (their denormal range checks and scaling, ~9 instructions per output element),
+        # 1920-2152 with a reciprocal per element for the shared q (now one per row)
+        assert 0 < r["instructions"] <= 1900, r
 
 
 @pytest.mark.parametrize("kernel", ["scd2d_dgrad_kernel", "scd2d_wgrad_kernel"])

@@ -88,6 +88,31 @@ def test_empty_batch():
     assert y.shape == (0, 8, 6, 6)
 
 
+@pytest.mark.parametrize("C", [3, 32])     # flat-K and (tap, channel) GEMMs
+def test_shared_p_q_take_one_value_and_give_the_per_channel_bits(C, monkeypatch):
+    """Python-float p and q arrive as stride-0 tensors: the GEMM forward reads one value of each
+    (``P_SHARED`` / ``Q_SHARED``: one reciprocal of ‖s‖ + q a row) and gives the same bits as
+    the same values passed per channel, with and without the saved c."""
+    launched = []
+    launch = fwd.Launch.__call__
+    monkeypatch.setattr(fwd.Launch, "__call__",
+                        lambda self, *a: launched.append(self.constexprs) or launch(self, *a))
+    x = torch.randn(2, C, 7, 6, device=DEVICE)
+    w = torch.randn(16, C, 3, 3, device=DEVICE, requires_grad=True)
+    full = lambda v: torch.full((16,), v, device=DEVICE)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            launched.clear()
+            y = scd_triton.scd2d(x, w, 1.7, 0.2, padding=1, backend="triton")
+            shared = [c for c in launched if "Q_SHARED" in c]
+            assert [(c["P_SHARED"], c["Q_SHARED"]) for c in shared] == [(True, True)]
+            launched.clear()
+            want = scd_triton.scd2d(x, w, full(1.7), full(0.2), padding=1, backend="triton")
+            per_channel = [c for c in launched if "Q_SHARED" in c]
+            assert [(c["P_SHARED"], c["Q_SHARED"]) for c in per_channel] == [(False, False)]
+        assert torch.equal(y, want)
+
+
 def test_direct_kernel_choice():
     assert uses_direct_kernel(groups=32, in_per_group=1, out_per_group=1)
     assert uses_direct_kernel(groups=32, in_per_group=1, out_per_group=2)
