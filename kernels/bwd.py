@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .shapes import memory_format
 from ._common import (dgrad_phase_taps, fast_div, fast_exp2, fast_log2, input_offsets,
-                      tap_offsets, tile_positions)
+                      tap_offsets, tile_positions, with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
@@ -132,7 +132,7 @@ def prologue_tile(
         b_gc = b_gd * b_c                                                # G·c/a
         b_ns += tl.sum(b_gc, axis=2)
         # grad_y·y·ln(|c|+eps), 0 where c = 0 (also when eps = 0, where ln gives -inf)
-        b_gp = tl.where(zero, 0.0, b_gy * tl.where(b_c < 0, -b_mag, b_mag) * b_l)
+        b_gp = tl.where(zero, 0.0, b_gy * with_sign_of(b_mag, b_c) * b_l)
         tl.store(GD + o_gd[:, None, None] + o_glob[None, :, :], b_gd.to(GD.dtype.element_ty),
                  mask=m)
         p_part = PART + i_m.to(tl.int64) * (2 * O) + o_glob              # [ROWS, 2, O]: p, q
@@ -375,17 +375,20 @@ def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0, large=True):
     return WGRAD_CONFIGS["large" if large and Cg > 64 and Og > 64 else "small"]
 
 
-def _splits(tiles, M, BK, sms, split_bytes, budget_bytes):
-    """Split-K count: about three waves of programs on ``sms`` SMs, each split at least 8 K
-    steps long, and a float32 workspace (``split_bytes`` a split) no larger than
-    ``budget_bytes`` (the larger of one output-sized tensor, the memory a training step may
-    spend beyond conv2d's, and grad_x, which holds a workspace that fits for free). The
-    interpreter (``sms`` 0) takes two splits (when there is room) so tests
-    exercise the reduction."""
+def _splits(tiles, M, BK, sms, split_bytes, out_bytes, x_bytes):
+    """Split-K count: about three waves of ``tiles`` programs a split on ``sms`` SMs, each
+    split at least 8 K steps long, and a float32 workspace (``split_bytes`` a split) no larger
+    than the larger of one output-sized tensor (``out_bytes``) and grad_x (``x_bytes``, 0
+    without grad_x), which holds a workspace that fits for free: fewer splits that fit there
+    win over more that do not while they still fill the SMs once (a training step's peak
+    then holds no workspace). The interpreter (``sms`` 0) takes two splits (when there is
+    room) so tests exercise the reduction."""
     steps = cdiv(M, BK)
     if not sms:
         return min(2, steps)
-    return max(1, min(cdiv(3 * sms, tiles), steps // 8, budget_bytes // split_bytes))
+    splits = max(1, min(cdiv(3 * sms, tiles), steps // 8, max(out_bytes, x_bytes) // split_bytes))
+    in_grad_x = x_bytes // split_bytes
+    return in_grad_x if splits > in_grad_x >= 1 and in_grad_x * tiles >= sms else splits
 
 
 def _position_strides(t):
@@ -431,7 +434,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     sh, sw = stride
     conv = (sh, sw, padding[0], padding[2], *dilation)
     x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x
-    budget = max(M * O * dtype.itemsize, x_bytes)                      # grad_d or grad_x
+    out_bytes = M * O * dtype.itemsize
     sms = _sm_count(device_index) if cuda else 0
 
     BP, BO_MAX, warps, stages = _prologue_config(per_image, OH * OW, cuda)
@@ -461,7 +464,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                         (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles), conv,
                         dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes), warps, stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
-        splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4, budget)
+        splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4,
+                         out_bytes, x_bytes)
         k_split = cdiv(cdiv(M, splits), BP) * BP
         splits = cdiv(M, k_split)
         wgrad = Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
@@ -495,7 +499,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
         BM, BN, BK, warps, stages = _wgrad_config(dtype, Cg, Og, cuda, Cg * R * S if flat else 0,
                                                   large)
         tiles = cdiv(Og, BM) * cdiv(Cg * R * S if flat else Cg, BN)
-        splits = _splits(tiles * taps * G, M, BK, sms, O * Cg * R * S * 4, budget)
+        splits = _splits(tiles * taps * G, M, BK, sms, O * Cg * R * S * 4, out_bytes,
+                         x_bytes)
         if not cuda or tiles * taps * G * splits >= sms:
             break
     k_split = cdiv(cdiv(M, splits), BK) * BK
@@ -531,9 +536,10 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     ``grad_x`` takes x's dtype and memory format; without ``need_grad_x`` it is None and the
     dgrad does not run; without ``need_grad_params`` (frozen weight, p and q) the other three
     are None and neither the wgrad nor the Jacobian runs. ``c_is_free``: nothing reads ``c``
-    after this call (autograd frees it), so a channels-last ``c``, whose order is grad_d's,
-    holds grad_d: the prologue reads each element of ``c`` before it writes the same element
-    of grad_d, and a training step's peak holds one output-sized tensor fewer. Everything
+    or ``norm`` after this call (autograd frees them), so a channels-last ``c``, whose order is
+    grad_d's, holds grad_d and ``norm`` holds grad_‖s‖/‖s‖: the prologue reads each element
+    of ``c`` and ``norm`` before it writes the same element of grad_d and grad_‖s‖/‖s‖, and a
+    training step's peak holds one output-sized tensor (and one norm-sized) fewer. Everything
     that follows from the call's shapes, layouts and arguments comes from ``_plan``, cached
     per layer.
     """
@@ -557,7 +563,13 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     else:
         grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
     (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
-    gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
+    # grad_‖s‖/‖s‖ [N, G, OH, OW] in the saved norms' memory when autograd frees them too
+    # (each prologue program reads its norms before it writes the same elements): depthwise
+    # layers, whose norms are output-sized float32, then hold one such tensor fewer
+    if c_is_free and norm.is_contiguous():
+        gns = norm
+    else:
+        gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
     partials = torch.empty((plan.n_blk, 2, O), dtype=torch.float32, device=dev)
     tensors = (grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials)
     strides = (*sg, *sc, p.stride(0), q.stride(0))

@@ -78,7 +78,8 @@ def backward(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups
     """Gradients ``(x, weight, p, q)`` from what the forward saved; ``grad_x`` is None (and its
     GEMM skipped) unless ``need_grad_x``, as conv2d skips it for an input that needs no grad,
     and so are the other three (the weight GEMM skipped) unless ``need_grad_params``.
-    ``c_is_free``: nothing reads ``c`` after this call, so the backward may use its memory."""
+    ``c_is_free``: nothing reads ``c`` and ``norm`` after this call, so the backward may use
+    their memory."""
     with _guard(x):
         return _backend(backend).scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding,
                                            dilation, groups, eps, weight_norm, weight_norm_eps,

@@ -395,19 +395,23 @@ def test_backward_uses_c_memory_only_when_the_graph_is_freed(backend, layout):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("groups", [1, 16], ids=["gemm", "depthwise"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_a_freed_graph_saves_one_output_sized_tensor_at_the_peak(layout):
+def test_a_freed_graph_saves_c_and_the_norms_at_the_peak(layout, groups):
     """The training step's peak memory: with the graph freed by the backward, grad_d lives in
-    c's memory, so the step holds exactly one output-sized tensor less than one that keeps
-    the graph (torch allocations: the CUDA allocator, or the profiler's events on CPU)."""
+    c's memory and grad_‖s‖/‖s‖ in the saved norms', so the step holds exactly one
+    output-sized tensor and one float32 [N, G, OH, OW] less than one that keeps the graph
+    (torch allocations: the CUDA allocator, or the profiler's events on CPU). Depthwise, the
+    norms are output-sized too."""
     from bench.run import peak_bytes
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x, w, p, q = _leaves((2, 16, 16, 16), (16, 16, 3, 3), (16,), (16,))
+    x, w, p, q = _leaves((2, 16, 16, 16), (16, 16 // groups, 3, 3), (16,), (16,))
     x = x.detach().contiguous(memory_format=fmt).requires_grad_()
     grad_y = torch.randn(2, 16, 16, 16, device=DEVICE).contiguous(memory_format=fmt)
 
     def step(retain_graph):
-        y = scd_triton.scd2d(x, w, p.detach().abs() + 1, q, padding=1, backend="triton")
+        y = scd_triton.scd2d(x, w, p.detach().abs() + 1, q, padding=1, groups=groups,
+                             backend="triton")
         torch.autograd.grad(y, (x, w, q), grad_y, retain_graph=retain_graph)
 
     step(False)
@@ -417,16 +421,19 @@ def test_a_freed_graph_saves_one_output_sized_tensor_at_the_peak(layout):
     # CUDA: up to one 512-byte allocator block more (NCHW once measured 33280 = 32768 + 512 on
     # an H200, exactly 32768 in the run before, with the same backward; not reproduced)
     block = 512 if DEVICE == "cuda" else 0
-    saved = grad_y.numel() * grad_y.element_size()
+    saved = grad_y.numel() * grad_y.element_size() + 2 * groups * 16 * 16 * 4
     assert saved <= kept - freed <= saved + block, (kept, freed)
 
 
 @pytest.mark.parametrize("need_grad_x", [True, False])
-@pytest.mark.parametrize("layer", [(32, 128, 28, 128, 1), (32, 64, 56, 128, 2), (64, 3, 32, 80, 1)],
-                         ids=["3x3_128_28", "3x3s2_64-128_56", "stem_5x5"])
+@pytest.mark.parametrize("layer", [(32, 128, 28, 128, 1), (32, 64, 56, 128, 2), (64, 3, 32, 80, 1),
+                                   (128, 128, 16, 256, 1)],
+                         ids=["3x3_128_28", "3x3s2_64-128_56", "stem_5x5", "3x3_128-256_16"])
 def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad_x, monkeypatch):
     """The memory policy of the GPU plan (132 SMs): the split-K workspace is either inside
-    grad_x's memory or at most one output-sized tensor, and grad_x's room buys more splits."""
+    grad_x's memory or at most one output-sized tensor, grad_x's room buys more splits, and
+    the workspace leaves grad_x only when the splits that fit there would not fill the SMs
+    once (3×3 128→256 16²: 7 splits in grad_x rather than 11 beside it)."""
     from scd_triton.kernels import bwd
     monkeypatch.setattr(bwd, "_sm_count", lambda device_index: 132)
     N, C, H, O, s = layer
@@ -441,6 +448,9 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
         assert need_grad_x and ws_bytes <= x_bytes
     else:
         assert ws_bytes <= out_bytes
+        if need_grad_x:
+            tiles, taps, _ = plan.wgrad.grid     # programs of one split: tiles × taps
+            assert x_bytes // (ws_bytes // plan.ws_shape[0]) * tiles * taps < 132, plan.ws_shape
     if need_grad_x and x_bytes > out_bytes and plan.ws_shape[0] > 1:
         fewer = bwd._plan.__wrapped__((N, C, H, H), True, (O, C, k, k), (OH, OH), False,
                                       torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
