@@ -567,9 +567,14 @@ def report_jobs():
                                   X_PLANES=in_place, P_SHARED=False, Q_SHARED=True)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
-                jobs.append(dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
-                                 dtype=dtype, ints=ints, constexprs=consts, pointer_dtypes=ptrs,
-                                 num_warps=warps, num_stages=stages))
+                job = dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
+                           dtype=dtype, ints=ints, constexprs=consts, pointer_dtypes=ptrs,
+                           num_warps=warps, num_stages=stages)
+                jobs.append(job)
+                if label.startswith("3x3 128-128") and dtype == "bf16":
+                    # p and q of shape [O] (the functional API with tensors): a reciprocal an element
+                    jobs.append(dict(job, name=f"{job['name']} per-channel q", ints=dict(ints, sq=1),
+                                     constexprs=dict(consts, Q_SHARED=False)))
     # the preparation of the 3×3 128→128 56² b64 layer: B matrix, Σ_c x², NCHW: the copy of x
     x_shape, w_shape = (64, 128, 56, 56), (128, 128, 3, 3)
     BN, BK = gemm_config(128, 128, 3, 3, 1, 64 * 56 * 56, False)[1:3]

@@ -107,8 +107,9 @@ def test_main_forward_configs_have_no_spills_and_use_tensor_cores(rows):
         assert 0 < r["loop_instructions"] <= LOOP_BOUND[r["arch"]], r
         # the whole kernel, epilogue included: 2744-2984 with div.full and lg2/ex2 without
         # .ftz (their denormal range checks and scaling, ~9 instructions per output element),
-        # 1920-2152 with a reciprocal per element for the shared q (now one per row)
-        assert 0 < r["instructions"] <= 1900, r
+        # 1920-2152 with a reciprocal per element for a shared q too (now one a row)
+        per_channel_q = r["config"].endswith("per-channel q")
+        assert 0 < r["instructions"] <= (2200 if per_channel_q else 1900), r
 
 
 @pytest.mark.parametrize("kernel", ["scd2d_dgrad_kernel", "scd2d_wgrad_kernel"])
