@@ -425,6 +425,54 @@ def test_a_freed_graph_saves_c_and_the_norms_at_the_peak(layout, groups):
     assert saved <= kept - freed <= saved + block, (kept, freed)
 
 
+def test_the_dgrad_goes_first_when_the_workspace_is_beside_grad_x(monkeypatch):
+    """A deep layer on a small image (the split-K workspace does not fit in grad_x, ŵ is larger
+    than the output): the dgrad runs first and nothing holds its ŵ once the workspace is
+    allocated, so a training step's peak holds one of the two, not both (garbage collected
+    first: the interpreter keeps its arguments in reference cycles); the gradients are the
+    same bits as with the dgrad last."""
+    import gc
+    import weakref
+    from scd_triton.kernels import bwd
+    x, w, p, q = _leaves((1, 32, 3, 3), (32, 32, 3, 3), (32,), (32,))
+    grad_y = torch.randn(1, 32, 3, 3, device=DEVICE)
+
+    def step():
+        y = scd_triton.scd2d(x, w, p.detach().abs() + 1, q, padding=1, backend="triton")
+        return torch.autograd.grad(y, (x, w, q), grad_y)
+
+    order, w_hat, held = [], [], []
+    launch, empty = bwd.Launch.__call__, torch.empty
+
+    def recorded(self, tensors, strides):
+        order.append(self.kernel)
+        if self.kernel is bwd.scd2d_dgrad_kernel:
+            w_hat.append(weakref.ref(tensors[1]))
+        return launch(self, tensors, strides)
+
+    def allocated(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if w_hat and t.dim() == 5:      # the workspace [splits, O, C/G, R, S]
+            gc.collect()
+            held.append(w_hat[-1]() is not None)
+        return t
+
+    monkeypatch.setattr(bwd.Launch, "__call__", recorded)
+    monkeypatch.setattr(torch, "empty", allocated)
+    bwd._plan.cache_clear()
+    grads = step()
+    assert order.index(bwd.scd2d_dgrad_kernel) < order.index(bwd.scd2d_wgrad_kernel)
+    assert held == [False], "ŵ is still referenced when the workspace is allocated"
+    workspace = bwd._workspace
+    monkeypatch.setattr(bwd, "_workspace", lambda *a: (*workspace(*a)[:3], False))
+    bwd._plan.cache_clear()
+    order.clear()
+    for got, want in zip(grads, step()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert order.index(bwd.scd2d_dgrad_kernel) > order.index(bwd.scd2d_wgrad_kernel)
+    bwd._plan.cache_clear()
+
+
 @pytest.mark.parametrize("need_grad_x", [True, False])
 @pytest.mark.parametrize("layer", [(32, 128, 28, 128, 1), (32, 64, 56, 128, 2), (64, 3, 32, 80, 1),
                                    (128, 128, 16, 256, 1)],
