@@ -525,10 +525,12 @@ def _workspace(shape, ws_dtype, x_bytes, w_hat_bytes, out_bytes):
     memory (``x_bytes``, 0 when no grad_x is computed) when it fits there: the backward
     reduces it before the dgrad writes grad_x, so a training step's peak holds no separate
     workspace. When it does not fit and the dgrad's ŵ (``w_hat_bytes``) is a quarter of an
-    output or more, the dgrad runs first, so ŵ is freed before the workspace is allocated
-    (3×3 512→512 7² b32, bf16: 4.7 MB of ŵ and a 9.4 MB workspace against a 1.6 MB output)."""
+    output or more, and 1 MiB or more (smaller savings are not worth the launch's host
+    time), the dgrad runs first, so ŵ is freed before the workspace is allocated (3×3
+    512→512 7² b32, bf16: 4.7 MB of ŵ and a 9.4 MB workspace against a 1.6 MB output)."""
     in_grad_x = math.prod(shape) * ws_dtype.itemsize <= x_bytes
-    return shape, ws_dtype, in_grad_x, not in_grad_x and 4 * w_hat_bytes >= out_bytes
+    large = 4 * w_hat_bytes >= out_bytes and w_hat_bytes >= 2**20
+    return shape, ws_dtype, in_grad_x, not in_grad_x and large
 
 
 def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps,

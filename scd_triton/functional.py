@@ -128,8 +128,7 @@ def _filled(value, n, dtype, x, traced):
     must not read it before the fill on the first one has run."""
     device = x.device
     plain = (not traced and type(x) is Tensor and isinstance(n, int)
-             and not torch._C._len_torch_dispatch_stack()
-             and torch._C._functorch.peek_interpreter_stack() is None)
+             and not torch._C._len_torch_dispatch_stack() and not ops.under_func_transform())
     if not plain:
         return torch.full((1,), value, dtype=dtype, device=device).expand(n)
     cuda = device.type == "cuda"

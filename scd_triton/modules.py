@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import _positive, resolve_padding, scd_nd
+from .ops import under_func_transform
 
 
 def _check_real(options, name, low, strict):
@@ -67,9 +68,11 @@ class _RohrerParameterization:
         # The published layer clamps the stored parameters in place. Through ``.data`` (same
         # storage, own version counter) so tensors saved by an earlier forward stay valid.
         # torch.export cannot trace that hidden mutation: an exported (inference) program
-        # clamps the values it uses instead, which gives the same output.
+        # clamps the values it uses instead, which gives the same output; so does a layer
+        # under a torch.func transform, whose parameters are the transform's inputs.
         weight, p = layer.weight, layer.p
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or (not torch.compiler.is_compiling()
+                                             and under_func_transform()):
             weight, p = weight.clamp(-o["w_max"], o["w_max"]), p.clamp(min=o["p_min"])
         else:
             weight.data.clamp_(-o["w_max"], o["w_max"])

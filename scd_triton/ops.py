@@ -4,7 +4,8 @@ analytic backward of both (no autograd through intermediates).
 ``scd2d`` picks the path: under ``torch.compile`` the ``torch.library`` custom op
 ``scd_triton::scd2d_core`` (with ``scd2d_core_backward``), which the compiler traces whole; in
 eager mode the same two functions as a plain ``torch.autograd.Function``, because the custom-op
-dispatcher costs more host time per call than a small layer's kernels; with nothing requiring
+dispatcher costs more host time per call than a small layer's kernels (under a ``torch.func``
+transform, the reference backend only, one in the transforms' form); with nothing requiring
 grad, the forward alone, storing ``y`` only. ``backend`` is already resolved ("reference" or
 "triton") by ``functional``.
 
@@ -168,6 +169,14 @@ def _graph_is_kept():
     return keep_graph is None or torch.compiler.is_compiling() or keep_graph()
 
 
+def _saved_backward(ctx, grad_y):
+    """The eager Functions' backward: the op's analytic backward on what the forward saved."""
+    x, weight, p, q, c, norm = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4]),
+                      not _graph_is_kept()), None)
+
+
 class _EagerSCD2d(torch.autograd.Function):
     """The custom op's forward and backward without the dispatcher (eager mode, grad needed).
     The non-tensor arguments come as one tuple: ``apply`` costs host time per argument."""
@@ -184,10 +193,38 @@ class _EagerSCD2d(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable   # the analytic backward has no graph
     def backward(ctx, grad_y):
-        x, weight, p, q, c, norm = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4]),
-                          not _graph_is_kept()), None)
+        return _saved_backward(ctx, grad_y)
+
+
+class _FuncSCD2d(torch.autograd.Function):
+    """:class:`_EagerSCD2d` in the form ``torch.func`` transforms take (``grad``, ``vjp``; the
+    reference backend): a forward without ``ctx`` that returns ``c`` and the norms as
+    non-differentiable outputs, and ``setup_context``. Only under a transform: its ``apply``
+    costs ~80 µs more host time per training step (2-core CPU)."""
+
+    @staticmethod
+    def forward(x, weight, p, q, args):
+        return forward(x, weight, p, q, *args, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, p, q, args = inputs
+        stride, padding, dilation, groups, eps, _, weight_norm, weight_norm_eps, backend = args
+        _y, c, norm = output
+        ctx.mark_non_differentiable(c, norm)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, p, q, c, norm)
+        ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, _grad_c, _grad_norm):
+        return (None,) * 5 if grad_y is None else _saved_backward(ctx, grad_y)
+
+
+def under_func_transform():
+    """Whether a ``torch.func`` transform (grad, vjp, vmap, ...) is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
@@ -201,6 +238,14 @@ def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, wei
     if torch.compiler.is_compiling():
         return torch.ops.scd_triton.scd2d_core(x, weight, p, q, list(stride), list(padding),
                                                list(dilation), *args[3:], save)[0]
+    transform = under_func_transform()
+    if transform and backend == "triton":
+        raise NotImplementedError("torch.func transforms (grad, vjp, vmap, ...) run the "
+                                  "reference backend only: they re-run a backward on wrapped "
+                                  "tensors, which the Triton kernels cannot read; pass "
+                                  "backend='reference' (or set SCD_BACKEND=reference)")
     if save:
+        if transform:
+            return _FuncSCD2d.apply(x, weight, p, q, args)[0]
         return _EagerSCD2d.apply(x, weight, p, q, args)
     return forward(x, weight, p, q, *args, False)[0]

@@ -427,15 +427,15 @@ def test_a_freed_graph_saves_c_and_the_norms_at_the_peak(layout, groups):
 
 def test_the_dgrad_goes_first_when_the_workspace_is_beside_grad_x(monkeypatch):
     """A deep layer on a small image (the split-K workspace does not fit in grad_x, ŵ is larger
-    than the output): the dgrad runs first and nothing holds its ŵ once the workspace is
+    than the output and 1 MiB or more): the dgrad runs first and nothing holds its ŵ once the workspace is
     allocated, so a training step's peak holds one of the two, not both (garbage collected
     first: the interpreter keeps its arguments in reference cycles); the gradients are the
     same bits as with the dgrad last."""
     import gc
     import weakref
     from scd_triton.kernels import bwd
-    x, w, p, q = _leaves((1, 32, 3, 3), (32, 32, 3, 3), (32,), (32,))
-    grad_y = torch.randn(1, 32, 3, 3, device=DEVICE)
+    x, w, p, q = _leaves((1, 192, 3, 3), (192, 192, 3, 3), (192,), (192,))
+    grad_y = torch.randn(1, 192, 3, 3, device=DEVICE)
 
     def step():
         y = scd_triton.scd2d(x, w, p.detach().abs() + 1, q, padding=1, backend="triton")

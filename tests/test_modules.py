@@ -399,6 +399,23 @@ def test_torch_export_of_a_layer_matches_eager(parameterization):
     torch.testing.assert_close(exported.module()(x), layer(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
+def test_torch_func_grad_of_a_layer_matches_backward(parameterization):
+    """``torch.func.grad`` over ``functional_call`` of a layer gives ``backward()``'s parameter
+    gradients (the Rohrer clamps run out of place under the transform, on the transform's
+    parameters; in range they change nothing) and leaves the stored parameters alone."""
+    layer = scd_triton.SCD2d(3, 4, 3, padding=1, parameterization=parameterization)
+    x = torch.randn(2, 3, 8, 8)
+    params = {name: t.detach().clone() for name, t in layer.named_parameters()}
+    loss = lambda ps: torch.func.functional_call(layer, ps, (x,)).square().sum()
+    grads = torch.func.grad(loss)(params)
+    for name, t in layer.named_parameters():
+        assert torch.equal(t, params[name])
+    layer(x).square().sum().backward()
+    for name, t in layer.named_parameters():
+        torch.testing.assert_close(grads[name], t.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "1d", "1d_transposed"])
 def test_output_can_be_modified_in_place_like_conv2d(backend, layout, monkeypatch):

@@ -243,3 +243,35 @@ def test_double_backward_is_refused_not_silently_wrong():
                              create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()
+
+
+def test_torch_func_grad_and_vjp_match_autograd():
+    """Under torch.func.grad / vjp the op (reference backend) runs as an autograd.Function of
+    the transforms' form and gives autograd's gradients, bit for bit; vmap of its forward is
+    vmap of torch ops; per-sample gradients (vmap of grad) would need a batching rule for the
+    autograd.Function and raise torch's error; the Triton backend refuses transforms."""
+    x, w = _args()
+    p, q = torch.rand(6) + 1, torch.rand(6) * 0.3
+    scd = lambda x, w, p, q, backend="reference": scd_triton.scd2d(x, w, p, q, padding=1,
+                                                                 backend=backend)
+    loss = lambda *a: scd(*a).square().sum()
+    grads = torch.func.grad(loss, argnums=(0, 1, 2, 3))(x, w, p, q)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, p, q)]
+    for got, want in zip(grads, torch.autograd.grad(loss(*leaves), leaves)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad_y = torch.randn_like(scd(x, w, p, q))
+    y, vjp = torch.func.vjp(lambda w: scd(x, w, p, q), w)
+    torch.testing.assert_close(y, scd(x, w, p, q), rtol=0, atol=0)
+    y = scd(*leaves)
+    torch.testing.assert_close(vjp(grad_y)[0], torch.autograd.grad(y, leaves[1], grad_y)[0],
+                               rtol=0, atol=0)
+    xs = torch.stack([x, x.flip(0)])
+    torch.testing.assert_close(torch.func.vmap(lambda x: scd(x, w, p, q))(xs),
+                               torch.stack([scd(x, w, p, q) for x in xs]), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.vmap(torch.func.grad(lambda x: scd(x, w, p, q).sum()))(xs)
+    if _triton_runs():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with pytest.raises(NotImplementedError, match="backend='reference'"):
+            torch.func.grad(lambda w: scd(x.to(device), w, p.to(device), q.to(device),
+                                          "triton").sum())(w.to(device))
