@@ -207,7 +207,8 @@ def run(shapes, providers, dtypes, device, min_run_time=0.2, log=print):
     for shape in shapes:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            conv_ms = {}
+            conv_ms, conv_peak = {}, {}
+            out_bytes = shape.output_numel() * dtype.itemsize
             for name in providers:
                 fn = make_provider(name, shape, device)
                 if fn is None:
@@ -219,11 +220,15 @@ def run(shapes, providers, dtypes, device, min_run_time=0.2, log=print):
                                for layout in LAYOUTS.get(name, ("nchw",))]
                     layout, ms, saved, peak = min(results, key=lambda r: r[1][0])
                     if name == "conv2d":
-                        conv_ms[pass_] = ms[0]
+                        conv_ms[pass_], conv_peak[pass_] = ms[0], peak
                     ratio = ms[0] / conv_ms[pass_] if pass_ in conv_ms else None
+                    # a training step's memory target: at most conv2d's peak plus one output
+                    beyond = (None if peak is None or conv_peak.get(pass_) is None
+                              else (peak - conv_peak[pass_]) / out_bytes)
                     row = dict(suite=shape.suite, shape=shape.name, dtype=dtype_name, provider=name,
                                pass_=pass_, ms=ms[0], ms_p20=ms[1], ms_p80=ms[2],
                                ratio_to_conv2d=ratio, saved_bytes=saved, peak_bytes=peak,
+                               peak_beyond_conv2d_outputs=beyond,
                                matches_oracle=ok, oracle_rel_err=rel, layout=layout)
                     row["pass"] = row.pop("pass_")
                     if device.type == "cuda":
@@ -263,6 +268,15 @@ def format_table(rows):
         for p in providers[1:]:
             ratios = [r["ratio_to_conv2d"] for r in rows if r["provider"] == p and r["pass"] == ps]
             summary.append(f"- {p} {ps}: x{geomean(ratios):.2f}")
+    summary += ["", "fwd+bwd peak memory beyond conv2d's, in output-sized tensors (target: ≤ 1):"]
+    for p in providers[1:]:
+        beyond = [(r["peak_beyond_conv2d_outputs"], f"{r['shape']} {r['dtype']}") for r in rows
+                  if r["provider"] == p and r["pass"] == "fwd+bwd"
+                  and r.get("peak_beyond_conv2d_outputs") is not None]
+        if beyond:
+            worst = max(beyond)
+            summary.append(f"- {p}: ≤ 1 on {sum(b <= 1 for b, _ in beyond)} of {len(beyond)}, "
+                           f"the most {worst[0]:.2f} ({worst[1]})")
     return "\n".join(lines + summary)
 
 

@@ -21,11 +21,14 @@ class Shape:
     def label(self):
         return f"{self.suite}/{self.name}"
 
+    def output_numel(self):
+        """N·O·OH·OW (the suite pads "same" or k // 2)."""
+        oh = 1 if self.ndim == 1 else self.H // self.stride
+        return self.N * self.O * oh * (self.W // self.stride)
+
     def flops(self):
         """2·N·O·OH·OW·(C/G)·k^ndim: the multiply-adds of the dot products."""
-        oh = 1 if self.ndim == 1 else self.H // self.stride
-        ow = self.W // self.stride
-        return 2 * self.N * self.O * oh * ow * (self.C // self.groups) * self.k ** self.ndim
+        return 2 * self.output_numel() * (self.C // self.groups) * self.k ** self.ndim
 
 
 SUITE = [

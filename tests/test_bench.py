@@ -41,6 +41,12 @@ def test_driver_writes_schema_and_plot(tmp_path, monkeypatch):
     assert saved["scs3x3_4-6_6", "reference"] < saved["scs3x3_4-6_6", "rohrer"]
     peak = {(r["shape"], r["provider"]): r["peak_bytes"] for r in rows if r["pass"] == "fwd+bwd"}
     assert peak["scs3x3_4-6_6", "reference"] < peak["scs3x3_4-6_6", "unfold"]
+    for r in rows:   # the memory target's measure: (peak − conv2d's) / one output's bytes
+        out_bytes = next(s for s in tiny if s.name == r["shape"]).output_numel() * 4
+        want = (r["peak_bytes"] - peak[r["shape"], "conv2d"]) / out_bytes
+        if r["pass"] == "fwd+bwd":
+            assert r["peak_beyond_conv2d_outputs"] == pytest.approx(want), r
+    assert "fwd+bwd peak memory beyond conv2d's" in bench_run.format_table(rows)
     assert result["rows"] == rows
 
 
