@@ -22,9 +22,10 @@ class Shape:
         return f"{self.suite}/{self.name}"
 
     def output_numel(self):
-        """N·O·OH·OW (the suite pads "same" or k // 2)."""
-        oh = 1 if self.ndim == 1 else self.H // self.stride
-        return self.N * self.O * oh * (self.W // self.stride)
+        """N·O·OH·OW, as conv2d sizes its output ("same" keeps H and W, stride 1)."""
+        side = (lambda n: n) if self.padding == "same" else (
+            lambda n: (n + 2 * self.padding - self.k) // self.stride + 1)
+        return self.N * self.O * (1 if self.ndim == 1 else side(self.H)) * side(self.W)
 
     def flops(self):
         """2·N·O·OH·OW·(C/G)·k^ndim: the multiply-adds of the dot products."""

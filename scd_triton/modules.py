@@ -66,14 +66,18 @@ class _RohrerParameterization:
     def effective(self, layer):
         o = layer.options
         # The published layer clamps the stored parameters in place. Through ``.data`` (same
-        # storage, own version counter) so tensors saved by an earlier forward stay valid.
+        # storage, own version counter) so tensors saved by an earlier forward stay valid, and
+        # invisible to autograd: the gradient at the clamped value goes to the parameter.
         # torch.export cannot trace that hidden mutation: an exported (inference) program
-        # clamps the values it uses instead, which gives the same output; so does a layer
-        # under a torch.func transform, whose parameters are the transform's inputs.
+        # clamps the values it uses instead, which gives the same output. A layer under a
+        # torch.func transform, whose parameters are the transform's inputs, clamps the values
+        # it uses with the gradient passed straight through, as the in-place clamp gives it.
         weight, p = layer.weight, layer.p
-        if torch.compiler.is_exporting() or (not torch.compiler.is_compiling()
-                                             and under_func_transform()):
+        if torch.compiler.is_exporting():
             weight, p = weight.clamp(-o["w_max"], o["w_max"]), p.clamp(min=o["p_min"])
+        elif not torch.compiler.is_compiling() and under_func_transform():
+            weight = weight + (weight.clamp(-o["w_max"], o["w_max"]) - weight).detach()
+            p = p + (p.clamp(min=o["p_min"]) - p).detach()
         else:
             weight.data.clamp_(-o["w_max"], o["w_max"])
             p.data.clamp_(min=o["p_min"])

@@ -190,3 +190,15 @@ def test_per_call_times_the_tiny_layer_against_conv2d(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["conv2d", "rohrer", "scd2d"]
     assert lines[1].endswith("1.0× conv2d")
+
+
+def test_shapes_size_their_outputs_as_conv2d():
+    """``Shape.output_numel`` (the memory target's unit, and the FLOP count's) against conv2d
+    on meta tensors, for the suite and an odd side at stride 2."""
+    from bench.shapes import SUITE
+    for s in SUITE + [Shape("odd", "3x3s2_7", 2, 4, 8, 7, 9, 3, stride=2, padding=1)]:
+        x = torch.empty(s.N, s.C, *((s.H,) if s.ndim == 2 else ()), s.W, device="meta")
+        w = torch.empty(s.O, s.C // s.groups, *(s.k,) * s.ndim, device="meta")
+        conv = torch.nn.functional.conv2d if s.ndim == 2 else torch.nn.functional.conv1d
+        assert conv(x, w, stride=s.stride, padding=s.padding, groups=s.groups).numel() == \
+            s.output_numel(), s

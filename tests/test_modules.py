@@ -402,16 +402,23 @@ def test_torch_export_of_a_layer_matches_eager(parameterization):
 @pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
 def test_torch_func_grad_of_a_layer_matches_backward(parameterization):
     """``torch.func.grad`` over ``functional_call`` of a layer gives ``backward()``'s parameter
-    gradients (the Rohrer clamps run out of place under the transform, on the transform's
-    parameters; in range they change nothing) and leaves the stored parameters alone."""
+    gradients and leaves the stored parameters alone. Rohrer parameters out of their clamp
+    range too: under the transform the clamp acts on the values used, with the gradient
+    passed straight through, as the eager layer's in-place clamp gives it."""
     layer = scd_triton.SCD2d(3, 4, 3, padding=1, parameterization=parameterization)
+    if parameterization == "rohrer":
+        with torch.no_grad():
+            layer.weight[0, 0, 0, 0] = 3.0        # above w_max = 1
+            layer.p[0, 1, 0, 0] = 0.01            # below p_min = 0.1 (p is [1, O, 1, 1])
     x = torch.randn(2, 3, 8, 8)
     params = {name: t.detach().clone() for name, t in layer.named_parameters()}
     loss = lambda ps: torch.func.functional_call(layer, ps, (x,)).square().sum()
     grads = torch.func.grad(loss)(params)
     for name, t in layer.named_parameters():
         assert torch.equal(t, params[name])
-    layer(x).square().sum().backward()
+    layer(x).square().sum().backward()      # clamps the stored parameters first
+    if parameterization == "rohrer":
+        assert grads["weight"][0, 0, 0, 0] != 0 and grads["p"][0, 1, 0, 0] != 0
     for name, t in layer.named_parameters():
         torch.testing.assert_close(grads[name], t.grad, rtol=0, atol=0)
 
