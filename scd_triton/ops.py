@@ -136,14 +136,23 @@ def _(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, groups, eps, 
     return grad_x, torch.empty_like(weight), torch.empty_like(p), torch.empty_like(q)
 
 
+def _save(ctx, leaves, c, norm, args):
+    """Saves what the backward reads: the leaves (x, weight, p, q), ``c``, the norms and the
+    op's arguments but ``norm_eps`` (``args``: stride to backend, as :func:`forward` takes
+    them)."""
+    stride, padding, dilation, groups, eps, _, weight_norm, weight_norm_eps, backend = args
+    ctx.save_for_backward(*leaves, c, norm)
+    ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, p, q, stride, padding, dilation, groups, eps, _, weight_norm, weight_norm_eps, \
-        backend, _ = inputs
+    """The custom op's and ``_FuncSCD2d``'s: ``c`` and the norms are outputs, not
+    differentiated. ``inputs``: the leaves, then the op's arguments as :func:`forward` takes
+    them."""
     _y, c, norm = output
     ctx.mark_non_differentiable(c, norm)
     ctx.set_materialize_grads(False)   # no output-sized zero gradients for c and norm
-    ctx.save_for_backward(x, weight, p, q, c, norm)
-    ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
+    _save(ctx, inputs[:4], c, norm, inputs[4:13])
 
 
 def _backward(ctx, grad_y, _grad_c, _grad_norm):
@@ -183,11 +192,8 @@ class _EagerSCD2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, p, q, args):
-        stride, padding, dilation, groups, eps, norm_eps, weight_norm, weight_norm_eps, \
-            backend = args
         y, c, norm = forward(x, weight, p, q, *args, True)
-        ctx.save_for_backward(x, weight, p, q, c, norm)
-        ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
+        _save(ctx, (x, weight, p, q), c, norm, args)
         return y
 
     @staticmethod
@@ -208,13 +214,7 @@ class _FuncSCD2d(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, p, q, args = inputs
-        stride, padding, dilation, groups, eps, _, weight_norm, weight_norm_eps, backend = args
-        _y, c, norm = output
-        ctx.mark_non_differentiable(c, norm)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight, p, q, c, norm)
-        ctx.args = (stride, padding, dilation, groups, eps, weight_norm, weight_norm_eps, backend)
+        _setup_context(ctx, (*inputs[:4], *inputs[4]), output)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
