@@ -58,7 +58,7 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "tf32 or synchronises or capturable or autocast or nan or int64 or nchw or wide or "
              "fresh or padded or needs_no_grad or any_weight_layout or any_layout or python_float "
              "or c_memory or freed_graph or deterministic or eps_zero or in_place or "
-             "zero_input_channels or gpu_tile'")
+             "zero_input_channels or gpu_tile or shared_p_q or dgrad_goes_first or gpu_blocks'")
 
 
 def _run_processes(commands, envs, timeouts_s):

@@ -604,7 +604,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     dgrad_first = need_grad_x and (not need_grad_params or plan.dgrad_first)
     if dgrad_first:
         normalize_weight(weight, q, weight_norm, weight_norm_eps, out=w_hat,
-                         out_strides=out_strides, groups=G)
+                         out_strides=out_strides, groups=G, spread=cuda)
         dgrad()
         w_hat = None     # freed before the workspace (launches on one stream run in order)
     grads_w = (None,) * 3

@@ -246,6 +246,27 @@ def _grouping(O, K, groups, out_strides):
     return groups * cdiv(Og, BO), Og, BO, BK
 
 
+def _spread(n_groups, Og, BO, min_BO):
+    """(programs, BO): BO halved, down to ``min_BO``, until the ``n_groups`` groups of ``Og``
+    channels make ``TAP_MAJOR_PROGRAMS`` programs (a GPU launch: a program per few channels
+    streams its rows with one dependent memory round trip per chunk, so few programs leave
+    the SMs waiting)."""
+    while BO > min_BO and n_groups * cdiv(Og, BO) < TAP_MAJOR_PROGRAMS:
+        BO //= 2
+    return n_groups * cdiv(Og, BO), BO
+
+
+def _gpu_blocks(programs, Og, BO, K, along_channels):
+    """(programs, BO, BK) of a GPU launch that streams whole kernel rows (Σw², then the
+    writes): down to 4 channels a program where ŵ is stored along channels (8-byte stores in
+    16-bit), else 1, and rows in chunks of up to TILE / BO (K = 1152 in one chunk, not two), so
+    that more programs each wait on fewer dependent round trips: with 8 channels a program, a
+    128-channel layer's Jacobian made 16 programs and took 8 µs on an H200, beside a 27 µs
+    dgrad (docs/GPU_NOTES.md section 13)."""
+    programs, BO = _spread(programs // cdiv(Og, BO), Og, BO, 4 if along_channels else 1)
+    return programs, BO, max(16, min(TILE // BO, next_power_of_2(K)))
+
+
 def _dense(w_shape, w_strides):
     """Whether w is a contiguous [O, C/G, R, S] (the kernels then index it by the flat K)."""
     O, Cg, R, S = w_shape
@@ -257,7 +278,8 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
                    spread=False):
     """(grid, scalars, constexprs) of ``normalize_weight_kernel`` (and of ``normalize_rows``
     where another kernel runs it): computed once per layer. ``spread`` (a GPU launch): the
-    forward's B matrix over at least ``TAP_MAJOR_PROGRAMS`` programs where it can be."""
+    forward's B matrix over at least ``TAP_MAJOR_PROGRAMS`` programs where it can be, the
+    dgrad's ŵ in ``_gpu_blocks``."""
     O, Cg, R, S = w_shape
     CP, TP, ROWS = slots or (Cg, R * S, Cg * R * S)
     # blocks as the backward's where both group alike: the same Σw² order, the same scale bits
@@ -269,10 +291,9 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
         # channels per program cost no coalescing, and 64 programs of 8 channels (a 512-channel
         # layer) took ~15 µs on an H200. Same BK: the same Σw² order, the same bits. Not in the
         # interpreter, which runs programs one by one (it made the test suite 1.6× as long)
-        n_groups = programs // cdiv(Og, BO)
-        while BO > 1 and n_groups * cdiv(Og, BO) < TAP_MAJOR_PROGRAMS:
-            BO //= 2
-        programs = n_groups * cdiv(Og, BO)
+        programs, BO = _spread(programs // cdiv(Og, BO), Og, BO, 1)
+    elif spread and out_strides[1] == 1:     # the dgrad's ŵ, as the Jacobian writes it
+        programs, BO, BK = _gpu_blocks(programs, Og, BO, Cg * R * S, True)
     return ((programs,), (Og, Cg, CP, ROWS, q_stride, *w_strides, *out_strides, eps),
             dict(RS=R * S, S=S, TP=TP,
                  W_DENSE=_dense(w_shape, w_strides) and TP == R * S and CP * TP <= ROWS,
@@ -280,12 +301,13 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
                  BCP=max(16, min(BK, next_power_of_2(CP)))))
 
 
-def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slots=None):
+def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slots=None,
+                     spread=False):
     """ŵ written into ``out`` (default: a new tensor shaped like ``w``) at ``out_strides =
     (per group, per channel in group, per input channel, per tap)``. ``slots = (CP, TP,
     ROWS)``: ``out`` has CP channel slots per tap and TP tap slots, and its slots outside w
     with ``tap·CP + channel < ROWS`` are zeroed (a GEMM's padded K rows). Mode "none"
-    without ``out`` returns ``w`` itself (no launch)."""
+    without ``out`` returns ``w`` itself (no launch). ``spread``: see ``normalize_args``."""
     if mode == "none" and out is None:
         return w
     if out is None:
@@ -293,7 +315,7 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slot
         O, Cg, R, S = w.shape
         out_strides = (O // groups * Cg * R * S, Cg * R * S, R * S, 1)
     grid, scalars, constexprs = normalize_args(w.shape, w.stride(), q.stride(0), mode, eps,
-                                                groups, tuple(out_strides), slots)
+                                                groups, tuple(out_strides), slots, spread)
     launch(normalize_weight_kernel, grid, (w, q, out), scalars, constexprs, 4, 1)
     return out
 
@@ -325,7 +347,7 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
     grid, scalars, constexprs = _backward_args(
         w.shape, w.stride(), q.stride(0), mode, eps, has_partials,
         partials.shape[0] if has_partials else 0, groups,
-        None if w_hat is None else tuple(w_hat_strides))
+        None if w_hat is None else tuple(w_hat_strides), w.is_cuda)
     launch(normalize_weight_backward_kernel, grid,
            (grad_w_hat, w, q, grad_w, unused if grad_q is None else grad_q,
             partials if has_partials else unused, grad_p if has_partials else unused,
@@ -335,10 +357,16 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
 
 @functools.lru_cache(maxsize=4096)
 def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, groups,
-                   w_hat_strides):
-    """(grid, scalars, constexprs) of ``normalize_weight_backward_kernel``, once per layer."""
+                   w_hat_strides, spread=False):
+    """(grid, scalars, constexprs) of ``normalize_weight_backward_kernel``, once per layer;
+    ``spread`` (a GPU launch): ``_gpu_blocks``. The interpreter keeps the forward's blocks
+    (the same Σw² order, the same ŵ bits)."""
     O, Cg, R, S = w_shape
-    programs, Og, BO, BK = _grouping(O, Cg * R * S, groups, w_hat_strides)
+    K = Cg * R * S
+    programs, Og, BO, BK = _grouping(O, K, groups, w_hat_strides)
+    if spread:
+        programs, BO, BK = _gpu_blocks(programs, Og, BO, K, w_hat_strides is not None
+                                       and w_hat_strides[1] == 1)
     return ((programs,),
             (O, rows, Og, Cg, q_stride, *w_strides, *(w_hat_strides or (0, 0, 0, 0)), eps),
             dict(RS=R * S, S=S, W_DENSE=_dense(w_shape, w_strides), MODE=MODES[mode], BO=BO,
@@ -353,11 +381,12 @@ def report_jobs():
     ``kernels/report.py``."""
     O, Cg, RS = 128, 128, 9
     K = Cg * RS
-    BO, BK = _blocks(O, K)
-    shape = dict(RS=RS, S=3, W_DENSE=True, MODE=2, BO=BO, BK=BK)
     w = dict(sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1)
     fwd_b = normalize_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, 1,
                            (O * K, K, 1, Cg), (Cg, RS, K), True)[2]   # the forward's B on a GPU
+    # the Jacobian on a GPU, writing the dgrad's ŵ (channels contiguous)
+    bwd = _backward_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, True, 392, 1,
+                         (O * K, 1, O, O * Cg), True)[2]
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
@@ -368,10 +397,11 @@ def report_jobs():
                          constexprs=fwd_b,
                          pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
                          num_warps=4, num_stages=1))
-        jobs.append(dict(kernel=normalize_weight_backward_kernel, name=f"BO{BO}-BK{BK}-w8",
+        jobs.append(dict(kernel=normalize_weight_backward_kernel,
+                         name=f"BO{bwd['BO']}-BK{bwd['BK']}-w8",
                          dtype=dtype, ints=dict(O=O, ROWS=392, Og=O, Cg=Cg, s_g=O * K, s_j=1,
                                                 s_c=O, s_t=O * Cg, **w),
-                         constexprs=dict(shape, PARTIALS=True, BR=TILE // BO, W_HAT_OUT=True),
+                         constexprs=bwd,
                          pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
                                              PART="*fp32", GP="*fp32", W_HAT=dt),
                          num_warps=8, num_stages=1))

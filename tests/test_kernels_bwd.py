@@ -429,8 +429,8 @@ def test_the_dgrad_goes_first_when_the_workspace_is_beside_grad_x(monkeypatch):
     """A deep layer on a small image (the split-K workspace does not fit in grad_x, ŵ is larger
     than the output and 1 MiB or more): the dgrad runs first and nothing holds its ŵ once the workspace is
     allocated, so a training step's peak holds one of the two, not both (garbage collected
-    first: the interpreter keeps its arguments in reference cycles); the gradients are the
-    same bits as with the dgrad last."""
+    first: the interpreter keeps its arguments in reference cycles); the gradients are those
+    of the dgrad last (the same bits in the interpreter)."""
     import gc
     import weakref
     from scd_triton.kernels import bwd
@@ -467,8 +467,12 @@ def test_the_dgrad_goes_first_when_the_workspace_is_beside_grad_x(monkeypatch):
     monkeypatch.setattr(bwd, "_workspace", lambda *a: (*workspace(*a)[:3], False))
     bwd._plan.cache_clear()
     order.clear()
+    # the same bits in the interpreter; on a GPU the dgrad-first ŵ comes from the normalisation
+    # kernel (4 warps), the other from the Jacobian's (8 warps), whose Σw² trees differ: an H200
+    # gave grad_x 6.7e-5 (relative) apart
+    tol = dict(rtol=2e-4, atol=1e-8) if DEVICE == "cuda" else dict(rtol=0, atol=0)
     for got, want in zip(grads, step()):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want, **tol)
     assert order.index(bwd.scd2d_dgrad_kernel) > order.index(bwd.scd2d_wgrad_kernel)
     bwd._plan.cache_clear()
 

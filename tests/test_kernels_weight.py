@@ -154,3 +154,35 @@ def test_contiguous_kernels_take_the_dense_path():
     assert dense(w, False) and not dense(cl, False)
     narrow = torch.empty(32, 3, 3, 3)          # 27 (channel, tap) rows padded to 32: 11 slots
     assert not dense(narrow, True)
+
+
+@pytest.mark.parametrize("w_hat_out", [False, True])
+def test_gpu_blocks_of_the_jacobian_give_the_same_gradients(monkeypatch, w_hat_out):
+    """A GPU launch spreads the Jacobian over more programs (4 channels each where ŵ is stored
+    along channels, else 1) and takes a row of K = 1350 in one chunk instead of two: forced here,
+    it gives the interpreter's blocks' gradients and ŵ (up to the order of the sums)."""
+    from scd_triton.kernels import weight
+    O, Cg, R, S = 6, 150, 3, 3
+    w = torch.randn(O, Cg, R, S, device=DEVICE)
+    q = torch.rand(O, device=DEVICE)
+    grad = torch.randn(2, O, Cg, R, S, device=DEVICE)        # two split-K partial sums
+    partials = torch.randn(5, 2, O, device=DEVICE)
+    strides = (R * S * Cg * O, 1, O, Cg * O)                 # the dgrad's [1, R·S, C, O]
+
+    def run():
+        w_hat = torch.full((1, R * S, Cg, O), float("nan"), device=DEVICE) if w_hat_out else None
+        grads = normalize_weight_backward(grad.clone(), w, q, "norm_q", 1e-12, splits=2,
+                                          partials=partials, w_hat=w_hat,
+                                          w_hat_strides=strides if w_hat_out else None)
+        return (*grads, w_hat)
+
+    expected = run()
+    args = weight._backward_args.__wrapped__
+    blocks = args((O, Cg, R, S), w.stride(), 1, "norm_q", 1e-12, True, 5, 1,
+                  strides if w_hat_out else None, True)
+    assert (blocks[0], blocks[2]["BO"], blocks[2]["BK"]) == (((2,), 4, 2048) if w_hat_out else
+                                                             ((6,), 1, 2048))
+    monkeypatch.setattr(weight, "_backward_args", lambda *a: args(*a[:-1], True))
+    for got, want in zip(run(), expected):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
