@@ -217,7 +217,22 @@ def sum_splits_kernel(P, N, SPLITS, SB: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(P + o_i, acc.to(P.dtype.element_ty), mask=m_i)
 
 
-SUM_SPLITS_CONFIG = (16, 256, 4)     # (SB, BLOCK, num_warps)
+SUM_SPLITS_WARPS = 4
+
+
+def _sum_splits_blocks(n, splits, spread):
+    """(SB, BLOCK) of ``sum_splits_kernel`` for ``splits`` partial sums of ``n`` elements: 16
+    splits per load of 256 elements, and on a GPU (``spread``) programs of as few as 64
+    elements until there are ``TAP_MAJOR_PROGRAMS`` of them, each loading up to 4096 / BLOCK
+    splits at once. Each load is a dependent round trip: the 3-channel stem's 187 splits of
+    6000 elements took 24 programs of 12 loads each, 11.9 µs on an H200 (docs/GPU_NOTES.md
+    section 13); now 94 programs of 3 loads."""
+    if not spread:
+        return 16, 256
+    BLOCK = 256
+    while BLOCK > 64 and cdiv(n, BLOCK) < TAP_MAJOR_PROGRAMS:
+        BLOCK //= 2
+    return min(next_power_of_2(splits), 4096 // BLOCK), BLOCK
 
 
 TILE = 8192   # elements of a [BO, BK] (or [BO, BR]) tile of the weight kernels' loops
@@ -332,9 +347,9 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
     O = w.shape[0]
     grad_w_hat = grad_w_hat.contiguous()
     if splits > 1:
-        SB, BLOCK, warps = SUM_SPLITS_CONFIG
+        SB, BLOCK = _sum_splits_blocks(w.numel(), splits, w.is_cuda)
         launch(sum_splits_kernel, (cdiv(w.numel(), BLOCK),), (grad_w_hat,), (w.numel(), splits),
-               dict(SB=SB, BLOCK=BLOCK), warps, 1)
+               dict(SB=SB, BLOCK=BLOCK), SUM_SPLITS_WARPS, 1)
     grad_w = torch.empty_like(w)        # w's layout, as autograd's gradient layout contract asks
     if grad_w.stride() != w.stride():   # w not dense (a strided view): a dense copy, same strides
         w = torch.empty_like(w).copy_(w)
@@ -405,8 +420,11 @@ def report_jobs():
                          pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
                                              PART="*fp32", GP="*fp32", W_HAT=dt),
                          num_warps=8, num_stages=1))
-    SB, BLOCK, warps = SUM_SPLITS_CONFIG
-    jobs.append(dict(kernel=sum_splits_kernel, name=f"SB{SB}-BLOCK{BLOCK}-w{warps}", dtype="fp32",
-                     ints=dict(N=O * K, SPLITS=10), constexprs=dict(SB=SB, BLOCK=BLOCK),
-                     pointer_dtypes=dict(P="*fp32"), num_warps=warps, num_stages=1))
+    # on a GPU: this layer's 10 splits, and the 3-channel stem's 187 (5×5 3→80)
+    for n, splits in ((O * K, 10), (80 * 75, 187)):
+        SB, BLOCK = _sum_splits_blocks(n, splits, True)
+        jobs.append(dict(kernel=sum_splits_kernel, name=f"SB{SB}-BLOCK{BLOCK}-w{SUM_SPLITS_WARPS}",
+                         dtype="fp32", ints=dict(N=n, SPLITS=splits),
+                         constexprs=dict(SB=SB, BLOCK=BLOCK), pointer_dtypes=dict(P="*fp32"),
+                         num_warps=SUM_SPLITS_WARPS, num_stages=1))
     return jobs

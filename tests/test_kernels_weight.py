@@ -186,3 +186,18 @@ def test_gpu_blocks_of_the_jacobian_give_the_same_gradients(monkeypatch, w_hat_o
     for got, want in zip(run(), expected):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [3, 100])
+def test_gpu_blocks_of_the_split_sum(monkeypatch, splits):
+    """On a GPU the workspace's splits are summed in programs of 64 elements, up to 64 splits
+    a load (100 splits: two loads): forced here, the sum is the splits' sum."""
+    from scd_triton.kernels import weight
+    blocks = weight._sum_splits_blocks
+    assert blocks(135, 100, True) == (64, 64) and blocks(135, 100, False) == (16, 256)
+    monkeypatch.setattr(weight, "_sum_splits_blocks", lambda n, s, spread: blocks(n, s, True))
+    w = torch.randn(5, 3, 3, 3, device=DEVICE)
+    parts = torch.randn(splits, 5, 3, 3, 3, device=DEVICE)
+    grad_w, _, _ = normalize_weight_backward(parts.clone(), w, torch.zeros(5, device=DEVICE),
+                                             "none", 0.0, splits=splits)
+    torch.testing.assert_close(grad_w, parts.double().sum(0).float(), rtol=1e-5, atol=1e-5)
