@@ -353,13 +353,33 @@ def _dgrad_config(dtype, Cg, Og, cuda):
 
 def _prologue_config(per_image, positions, cuda):
     """(BP, largest BO, warps, stages) of the prologue; ``per_image`` tiles (NCHW grad_y) hold
-    no more of an image's ``positions`` than it has (at least 64)."""
+    no more of an image's ``positions`` than it has (at least 64), and as many more channels
+    (the same elements a tile)."""
     if not cuda:
         return 32, 64, 4, 1
     BP, BO, warps, stages = PROLOGUE_CONFIGS["nchw" if per_image else "channels_last"]
     if per_image:
-        BP = min(BP, max(64, next_power_of_2(positions)))
+        fewer = BP // min(BP, max(64, next_power_of_2(positions)))
+        BP, BO = BP // fewer, BO * fewer
     return BP, BO, warps, stages
+
+
+def _prologue_blocks(per_image, N, positions, G, Og, cuda, sms):
+    """(BP, BG, BO, tiles per image, rows, warps, stages) of the prologue's [BP, BG, BO] tiles
+    (``rows``: position tiles, one row of grad_p / grad_q partials each). A program loops over
+    its groups' channels in blocks of BO, one dependent round trip each, so where the config's
+    tiles give fewer than two waves on ``sms`` SMs (deep layers on small images: 3×3 512→512 7²
+    b32 made 7 programs of 32 blocks on channels_last), BP halves and BO doubles, down to 32
+    positions (the same 4096 elements a tile; SASS loops as short, no spills)."""
+    BP, BO_MAX, warps, stages = _prologue_config(per_image, positions, cuda)
+    while True:
+        BO = min(BO_MAX, next_power_of_2(Og))
+        BG = min(BO_MAX // BO, next_power_of_2(G))  # narrow groups: several per tile
+        tiles = cdiv(positions, BP)
+        rows = N * tiles if per_image else cdiv(N * positions, BP)
+        if BP <= 32 or rows * cdiv(G, BG) >= 2 * sms:
+            return BP, BG, BO, tiles, rows, warps, stages
+        BP, BO_MAX = BP // 2, BO_MAX * 2
 
 
 def _wgrad_config(dtype, Cg, Og, cuda, flat_cols=0, large=True):
@@ -438,11 +458,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     out_bytes = M * O * dtype.itemsize
     sms = _sm_count(device_index) if cuda else 0
 
-    BP, BO_MAX, warps, stages = _prologue_config(per_image, OH * OW, cuda)
-    BO = min(BO_MAX, next_power_of_2(Og))
-    BG = min(BO_MAX // BO, next_power_of_2(G))  # narrow groups: several per tile
-    tiles = cdiv(OH * OW, BP)
-    n_blk = N * tiles if per_image else cdiv(M, BP)
+    BP, BG, BO, tiles, n_blk, warps, stages = _prologue_blocks(per_image, N, OH * OW, G, Og,
+                                                               cuda, sms)
     prologue_ints = (M, tiles, G, Og, O, OH * OW)
     prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
@@ -699,6 +716,13 @@ def report_jobs():
             jobs.append(job(scd2d_bwd_prologue_kernel, f"BP{BP}-BG1-BO{BO}-w{warps}", dtype, layout,
                             ints(scd2d_bwd_prologue_kernel, lay),
                             dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs,
+                            warps, stages))
+            # the spread tiles of a deep layer on a small image (3×3 512→512 7², 132 SMs)
+            BP, BG, BO, _, _, warps, stages = _prologue_blocks(nchw, 32, 49, 1, 512, True, 132)
+            deep, _ = layer(layout, 512, 512, 1, BP, H=7, W=7)
+            jobs.append(job(scd2d_bwd_prologue_kernel, f"7^2 O512 BP{BP}-BG{BG}-BO{BO}-w{warps}",
+                            dtype, layout, ints(scd2d_bwd_prologue_kernel, deep),
+                            dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs,
                             warps, stages))
             if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
                 BC, BPX, _ = COPY_CONFIG

@@ -119,6 +119,31 @@ def test_gpu_tile_configs_match_oracle(case, dtype, channels_last, monkeypatch):
         bwd._plan.cache_clear()
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", params(CUDA_TILE_CASES))
+def test_spread_prologue_tiles_match_oracle(case, channels_last, monkeypatch):
+    """Where the CUDA prologue tiles would make few programs (deep layers on small images) they
+    shrink to 32 positions with more channels each: forced here (as for a GPU with very many
+    SMs), against the float64 oracle."""
+    from scd_triton.kernels import bwd
+    blocks, used = bwd._prologue_blocks, []
+
+    def spread(per_image, N, positions, G, Og, cuda, sms):
+        used.append(blocks(per_image, N, positions, G, Og, True, 10**6))
+        return used[-1]
+
+    monkeypatch.setattr(bwd, "_prologue_blocks", spread)
+    bwd._plan.cache_clear()
+    try:
+        run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE,
+                           channels_last=channels_last)
+    finally:
+        bwd._plan.cache_clear()
+    assert used and all(b[0] == 32 for b in used)
+    assert blocks(False, 32, 49, 1, 512, True, 132)[:5] == (32, 1, 128, 2, 49)  # 3×3 512→512 7²
+    assert blocks(False, 32, 49, 1, 512, False, 0)[:3] == (32, 1, 64)           # the interpreter's
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
