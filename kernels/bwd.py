@@ -718,12 +718,14 @@ def report_jobs():
                             dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs,
                             warps, stages))
             # the spread tiles of a deep layer on a small image (3×3 512→512 7², 132 SMs)
-            BP, BG, BO, _, _, warps, stages = _prologue_blocks(nchw, 32, 49, 1, 512, True, 132)
-            deep, _ = layer(layout, 512, 512, 1, BP, H=7, W=7)
-            jobs.append(job(scd2d_bwd_prologue_kernel, f"7^2 O512 BP{BP}-BG{BG}-BO{BO}-w{warps}",
-                            dtype, layout, ints(scd2d_bwd_prologue_kernel, deep),
-                            dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs,
-                            warps, stages))
+            dBP, dBG, dBO, _, _, dwarps, dstages = _prologue_blocks(nchw, 32, 49, 1, 512, True,
+                                                                    132)
+            deep, _ = layer(layout, 512, 512, 1, dBP, H=7, W=7)
+            jobs.append(job(scd2d_bwd_prologue_kernel,
+                            f"7^2 O512 BP{dBP}-BG{dBG}-BO{dBO}-w{dwarps}", dtype, layout,
+                            ints(scd2d_bwd_prologue_kernel, deep),
+                            dict(BP=dBP, BG=dBG, BO=dBO, PER_IMAGE=nchw, FAST=True),
+                            prologue_ptrs, dwarps, dstages))
             if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
                 BC, BPX, _ = COPY_CONFIG
                 xp_tiles, xc_tiles = copy_tiles((32, 64, 56, 56))
