@@ -202,3 +202,19 @@ def test_shapes_size_their_outputs_as_conv2d():
         conv = torch.nn.functional.conv2d if s.ndim == 2 else torch.nn.functional.conv1d
         assert conv(x, w, stride=s.stride, padding=s.padding, groups=s.groups).numel() == \
             s.output_numel(), s
+
+
+def test_sweep_variants_give_the_shipped_results_and_put_the_launchers_back():
+    """`python -m bench.sweep`: every variant runs a step, gives the shipped output and gradients
+    (only the blocks change), and leaves the launchers and their plans as they were."""
+    from bench import sweep
+    from scd_triton.kernels import bwd, fwd
+    originals = (bwd._prologue_blocks, bwd._splits, fwd.gemm_config)
+    shape = Shape("test", "tiny", 1, 16, 80, 5, 5, 3)     # BN 128 in the forward: narrowed
+    rows = sweep.run([shape], list(sweep.VARIANTS), torch.device("cpu"), log=lambda line: None)
+    assert [r["variant"] for r in rows] == list(sweep.VARIANTS)
+    for r in rows:
+        assert max(r["rel_err_y"], r["rel_err_grad_x"], r["rel_err_grad_w"]) < 1e-4, r
+        assert r["fwd_us"] > 0 and r["train_us"] > 0
+    assert (bwd._prologue_blocks, bwd._splits, fwd.gemm_config) == originals
+    assert bwd._plan.cache_info().currsize == 0

@@ -1,0 +1,155 @@
+"""A/B timings of the launchers' block choices, in one command of a few minutes on a lent GPU.
+
+    python -m bench.sweep [--shapes NAME ...] [--variants NAME ...] [--out-dir bench/results]
+
+Each variant puts one block choice of the launchers back to its earlier form, or tries a
+candidate, for whole steps: per shape (channels_last input; bfloat16 on CUDA, float32 in the
+CPU interpreter) it times the forward and the training step of the triton backend under CUDA
+graphs (``do_bench_cudagraph``, median; a host clock on CPU) and compares the output and the
+gradients of x and w with the shipped choices' (largest relative error). The first variants
+undo the choices a round without a GPU made from the SASS alone (docs/GPU_NOTES.md section
+13), so that the next lease times them first. Writes ``<out-dir>/<gpu>-sweep.json``. Needs
+torch with CUDA and the project installed; on the whole suite, expect a few minutes, most
+of them compiling each variant's kernels (``--shapes`` / ``--variants`` narrow it).
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import time
+
+import torch
+
+import scd_triton
+from bench import run as bench
+from bench.shapes import suite
+from scd_triton.kernels import bwd, fwd, weight
+from scd_triton.kernels.launch import next_power_of_2
+
+
+# the launchers work out their launches once per layer signature
+_PLAN_CACHES = (bwd._plan, fwd._plan, fwd.prepare_launch, fwd.gemm_config, weight.normalize_args,
+                weight._backward_args)
+
+
+def _clear_plans():
+    for cached in _PLAN_CACHES:
+        cached.cache_clear()
+
+
+def _patched(module, name, make):
+    """A variant: ``module.name`` replaced by ``make(original)`` while it is entered, with the
+    launch plans worked out anew on entry and exit."""
+    @contextlib.contextmanager
+    def variant():
+        original = getattr(module, name)
+        setattr(module, name, make(original))
+        _clear_plans()
+        try:
+            yield
+        finally:
+            setattr(module, name, original)
+            _clear_plans()
+    return variant
+
+
+def _unspread_weight_blocks(programs, Og, BO, K, along_channels):
+    """``weight._gpu_blocks`` before it: the interpreter's 8 channels a program, same chunks."""
+    return programs, BO, max(16, min(weight.TILE // BO, next_power_of_2(K)))
+
+
+def _narrow_forward(config):
+    """A forward GEMM config with output-channel tiles of at most 64 (more programs)."""
+    BM, BN, BK, flat_k, warps, stages = config
+    BN = min(BN, 64)
+    return BM, BN, BK, flat_k, 8 if BM * BN >= 128 * 128 else 4, stages
+
+
+VARIANTS = {
+    "shipped": contextlib.nullcontext,
+    "prologue tiles not spread": _patched(
+        bwd, "_prologue_blocks", lambda f: lambda *a: f(*a[:-1], 0)),
+    "split sum 16 splits x 256": _patched(
+        weight, "_sum_splits_blocks", lambda f: lambda n, splits, spread: f(n, splits, False)),
+    "weight kernels 8 channels a program": _patched(
+        weight, "_gpu_blocks", lambda f: _unspread_weight_blocks),
+    "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
+    "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
+    "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),
+}
+
+
+def _time_us(step, device):
+    if device.type == "cuda":
+        import triton.testing
+        step()
+        return triton.testing.do_bench_cudagraph(step, return_mode="median") * 1e3
+    start = time.perf_counter()
+    step()
+    return (time.perf_counter() - start) * 1e6
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run(shapes, variants, device, log=print):
+    """Rows (shape, variant, forward and training-step µs, relative errors against "shipped")
+    for each shape and each of ``variants`` (names of ``VARIANTS``; "shipped" always first)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for shape in shapes:
+        stride, padding = bench._conv_args(shape)
+        fn = lambda x, w, p, q: scd_triton.scd2d(x, w, p, q, stride, padding, 1, shape.groups,
+                                                 backend="triton")
+        torch.manual_seed(0)
+        x, w, p, q = bench.make_inputs(shape, dtype, device, "channels_last")
+        grad = torch.randn_like(fn(x, w, p, q))
+        reference = None
+        for name in ["shipped", *[v for v in variants if v != "shipped"]]:
+            with VARIANTS[name]():
+                xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+                y = fn(xg, wg, p, q)
+                results = (y.detach(), *torch.autograd.grad(y, (xg, wg), grad))
+                fwd_us = _time_us(torch.no_grad()(lambda: fn(x, w, p, q)), device)
+                train_us = _time_us(lambda: torch.autograd.grad(fn(xg, wg, p, q), (xg, wg), grad),
+                                    device)
+            if reference is None:
+                reference = results
+            row = dict(shape=shape.label, variant=name, fwd_us=round(fwd_us, 2),
+                       train_us=round(train_us, 2),
+                       **{f"rel_err_{k}": _rel(r, s) for k, r, s in
+                          zip(("y", "grad_x", "grad_w"), results, reference)})
+            rows.append(row)
+            log(f"{shape.label:36s} {name:36s} fwd {row['fwd_us']:9.2f} µs  train "
+                f"{row['train_us']:9.2f} µs  rel err y {row['rel_err_y']:.1e} grad_x "
+                f"{row['rel_err_grad_x']:.1e} grad_w {row['rel_err_grad_w']:.1e}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--out-dir", default=bench.RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.sweep needs a CUDA device (tests run `run` on CPU shapes)")
+    device = torch.device("cuda")
+    shapes = [s for s in suite(True, device.type)
+              if not args.shapes or any(f in s.label for f in args.shapes)]
+    name = bench.device_name(device)
+    rows = run(shapes, args.variants, device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, bench.slug(name) + "-sweep.json")
+    with open(path, "w") as f:
+        json.dump(dict(device=name, torch=torch.__version__, triton=bench._triton_version(),
+                       date=datetime.date.today().isoformat(), rows=rows), f, indent=1)
+    print(f"written: {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
