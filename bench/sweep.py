@@ -6,11 +6,12 @@ Each variant puts one block choice of the launchers back to its earlier form, or
 candidate, for whole steps: per shape (channels_last input; bfloat16 on CUDA, float32 in the
 CPU interpreter) it times the forward and the training step of the triton backend under CUDA
 graphs (``do_bench_cudagraph``, median; a host clock on CPU) and compares the output and the
-gradients of x and w with the shipped choices' (largest relative error). The first variants
-undo the choices a round without a GPU made from the SASS alone (docs/GPU_NOTES.md section
-13), so that the next lease times them first. Writes ``<out-dir>/<gpu>-sweep.json``. Needs
-torch with CUDA and the project installed; on the whole suite, expect a few minutes, most
-of them compiling each variant's kernels (``--shapes`` / ``--variants`` narrow it).
+gradients of x and w with the shipped choices' (``‖a − b‖ / ‖b‖``). The first three variants
+undo the GPU blocks of docs/GPU_NOTES.md section 13 (the prologue's and the split sum's were
+chosen from the SASS alone, untimed); the others try candidates for the deep layers on small
+images, whose GEMMs fill under one wave of SMs. Writes ``<out-dir>/<gpu>-sweep.json``. Needs
+torch with CUDA and the project installed; on the whole suite, expect a few minutes, most of
+them compiling each variant's kernels (``--shapes`` / ``--variants`` narrow it).
 """
 import argparse
 import contextlib
@@ -77,6 +78,11 @@ VARIANTS = {
     "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
     "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
     "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),
+    "dgrad small tiles": _patched(
+        bwd, "_dgrad_config", lambda f: lambda dtype, Cg, Og, cuda: f(dtype, min(Cg, 64), Og, cuda)),
+    "wgrad small tiles": _patched(
+        bwd, "_wgrad_config", lambda f: lambda dtype, Cg, Og, cuda, flat_cols=0, large=True:
+        f(dtype, Cg, Og, cuda, flat_cols, False)),
 }
 
 
