@@ -353,31 +353,34 @@ def _dgrad_config(dtype, Cg, Og, cuda):
 
 def _prologue_config(per_image, positions, cuda):
     """(BP, largest BO, warps, stages) of the prologue; ``per_image`` tiles (NCHW grad_y) hold
-    no more of an image's ``positions`` than it has (at least 64), and as many more channels
-    (the same elements a tile)."""
+    no more of an image's ``positions`` than it has (at least 64)."""
     if not cuda:
         return 32, 64, 4, 1
     BP, BO, warps, stages = PROLOGUE_CONFIGS["nchw" if per_image else "channels_last"]
     if per_image:
-        fewer = BP // min(BP, max(64, next_power_of_2(positions)))
-        BP, BO = BP // fewer, BO * fewer
+        BP = min(BP, max(64, next_power_of_2(positions)))
     return BP, BO, warps, stages
 
 
 def _prologue_blocks(per_image, N, positions, G, Og, cuda, sms):
     """(BP, BG, BO, tiles per image, rows, warps, stages) of the prologue's [BP, BG, BO] tiles
     (``rows``: position tiles, one row of grad_p / grad_q partials each). A program loops over
-    its groups' channels in blocks of BO, one dependent round trip each, so where the config's
-    tiles give fewer than two waves on ``sms`` SMs (deep layers on small images: 3×3 512→512 7²
-    b32 made 7 programs of 32 blocks on channels_last), BP halves and BO doubles, down to 32
-    positions (the same 4096 elements a tile; SASS loops as short, no spills)."""
+    its groups' channels in blocks of BO, one dependent round trip each. On a GPU (``sms`` SMs),
+    where a group's channels take several blocks, tiles of fewer positions take more channels
+    (the same elements a tile; SASS loops as short, no spills): NCHW tiles capped at an image's
+    positions, and tiles that give fewer than two waves (deep layers on small images: 3×3
+    512→512 7² b32 made 7 programs of 32 blocks on channels_last), down to 32 positions.
+    Narrow groups keep their tiles (more channels would only pack more groups a tile)."""
     BP, BO_MAX, warps, stages = _prologue_config(per_image, positions, cuda)
+    wide = next_power_of_2(Og)
+    if sms and per_image:
+        BO_MAX = max(BO_MAX, min(BO_MAX * PROLOGUE_CONFIGS["nchw"][0] // BP, wide))
     while True:
-        BO = min(BO_MAX, next_power_of_2(Og))
+        BO = min(BO_MAX, wide)
         BG = min(BO_MAX // BO, next_power_of_2(G))  # narrow groups: several per tile
         tiles = cdiv(positions, BP)
         rows = N * tiles if per_image else cdiv(N * positions, BP)
-        if BP <= 32 or rows * cdiv(G, BG) >= 2 * sms:
+        if BP <= 32 or BO_MAX >= wide or rows * cdiv(G, BG) >= 2 * sms:
             return BP, BG, BO, tiles, rows, warps, stages
         BP, BO_MAX = BP // 2, BO_MAX * 2
 

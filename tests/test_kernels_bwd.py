@@ -124,7 +124,7 @@ def test_gpu_tile_configs_match_oracle(case, dtype, channels_last, monkeypatch):
 def test_spread_prologue_tiles_match_oracle(case, channels_last, monkeypatch):
     """Where the CUDA prologue tiles would make few programs (deep layers on small images) they
     shrink to 32 positions with more channels each: forced here (as for a GPU with very many
-    SMs), against the float64 oracle."""
+    SMs), against the float64 oracle; narrow groups keep their tiles."""
     from scd_triton.kernels import bwd
     blocks, used = bwd._prologue_blocks, []
 
@@ -139,8 +139,13 @@ def test_spread_prologue_tiles_match_oracle(case, channels_last, monkeypatch):
                            channels_last=channels_last)
     finally:
         bwd._plan.cache_clear()
-    assert used and all(b[0] == 32 for b in used)
-    assert blocks(False, 32, 49, 1, 512, True, 132)[:5] == (32, 1, 128, 2, 49)  # 3×3 512→512 7²
+    wide = case.O // case.groups > 16        # several channel blocks a group: spread
+    assert used and all((b[0] == 32) == wide for b in used), used
+    # 3×3 512→512 7² b32 on 132 SMs, channels_last and NCHW: 49 and 64 programs of 4 blocks
+    assert blocks(False, 32, 49, 1, 512, True, 132)[:5] == (32, 1, 128, 2, 49)
+    assert blocks(True, 32, 49, 1, 512, True, 132)[:5] == (32, 1, 128, 2, 64)
+    # narrow groups keep their tiles (NCHW depthwise 512 at 7²: 32 groups a tile, 512 programs)
+    assert blocks(True, 32, 49, 512, 1, True, 132)[:5] == (64, 32, 1, 1, 32)
     assert blocks(False, 32, 49, 1, 512, False, 0)[:3] == (32, 1, 64)           # the interpreter's
 
 
