@@ -729,17 +729,22 @@ def report_jobs():
                             ints(scd2d_bwd_prologue_kernel, deep),
                             dict(BP=dBP, BG=dBG, BO=dBO, PER_IMAGE=nchw, FAST=True),
                             prologue_ptrs, dwarps, dstages))
-            if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles
+            if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles;
+                # the 56² layer's and the deep 7² one's
                 BC, BPX, _ = COPY_CONFIG
-                xp_tiles, xc_tiles = copy_tiles((32, 64, 56, 56))
-                copy_ints = dict(G_TILES=1, PROLOGUE_PROGRAMS=32 * cdiv(56 * 56, BP), C=64,
-                                 XP=56 * 56, XP_TILES=xp_tiles, XC_TILES=xc_tiles)
-                jobs.append(job(scd2d_bwd_prologue_copy_kernel,
-                                f"BP{BP}-BG1-BO{BO}-BC{BC}-BPX{BPX}-w{warps}", dtype, layout,
-                                ints(scd2d_bwd_prologue_copy_kernel, lay, **copy_ints),
-                                dict(BP=BP, BG=1, BO=BO, PER_IMAGE=True, FAST=True, BC=BC,
-                                     BPX=BPX),
-                                dict(prologue_ptrs, X=dt, X_CL=dt), warps, stages))
+                for pre, tile, C_, P_, lay_ in (
+                        ("", (BP, BO, warps, stages), 64, 56 * 56, lay),
+                        ("7^2 O512 ", (dBP, dBO, dwarps, dstages), 512, 49, deep)):
+                    tBP, tBO, twarps, tstages = tile
+                    xp_tiles, xc_tiles = copy_tiles((32, C_, 1, P_))
+                    copy_ints = dict(G_TILES=1, PROLOGUE_PROGRAMS=32 * cdiv(P_, tBP), C=C_,
+                                     XP=P_, XP_TILES=xp_tiles, XC_TILES=xc_tiles)
+                    jobs.append(job(scd2d_bwd_prologue_copy_kernel,
+                                    f"{pre}BP{tBP}-BG1-BO{tBO}-BC{BC}-BPX{BPX}-w{twarps}", dtype,
+                                    layout, ints(scd2d_bwd_prologue_copy_kernel, lay_, **copy_ints),
+                                    dict(BP=tBP, BG=1, BO=tBO, PER_IMAGE=True, FAST=True, BC=BC,
+                                         BPX=BPX),
+                                    dict(prologue_ptrs, X=dt, X_CL=dt), twarps, tstages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             dw, dw_cl = layer(layout, 128, 128, 128, BM)
             jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,
