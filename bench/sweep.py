@@ -26,7 +26,6 @@ import scd_triton
 from bench import run as bench
 from bench.shapes import suite
 from scd_triton.kernels import bwd, fwd, weight
-from scd_triton.kernels.launch import next_power_of_2
 
 
 # the launchers work out their launches once per layer signature
@@ -57,7 +56,7 @@ def _patched(module, name, make):
 
 def _unspread_weight_blocks(programs, Og, BO, K, along_channels):
     """``weight._gpu_blocks`` before it: the interpreter's 8 channels a program, same chunks."""
-    return programs, BO, max(16, min(weight.TILE // BO, next_power_of_2(K)))
+    return (programs, *weight._blocks(Og, K))
 
 
 def _narrow_forward(config):

@@ -712,39 +712,35 @@ def report_jobs():
                                 dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True,
                                      EVEN_O=False, EVEN_C=False, EVEN_M=stem["M"] % BK == 0),
                                 dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
-            BP, BO, warps, stages = PROLOGUE_CONFIGS[layout]
-            lay, _ = layer(layout, 64, 64, 1, BP)
             prologue_ptrs = dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
                                  GNS="*fp32", PART="*fp32")
-            jobs.append(job(scd2d_bwd_prologue_kernel, f"BP{BP}-BG1-BO{BO}-w{warps}", dtype, layout,
-                            ints(scd2d_bwd_prologue_kernel, lay),
-                            dict(BP=BP, BG=1, BO=BO, PER_IMAGE=nchw, FAST=True), prologue_ptrs,
-                            warps, stages))
-            # the spread tiles of a deep layer on a small image (3×3 512→512 7², 132 SMs)
+            # the config's tiles on a 64-channel 56² layer, and the spread tiles of a deep layer
+            # on a small image (3×3 512→512 7², 132 SMs); NCHW also with the copy of x (the
+            # prologue's tiles, then x's [BC, BPX] tiles)
+            BP, BO, warps, stages = PROLOGUE_CONFIGS[layout]
             dBP, dBG, dBO, _, _, dwarps, dstages = _prologue_blocks(nchw, 32, 49, 1, 512, True,
                                                                     132)
-            deep, _ = layer(layout, 512, 512, 1, dBP, H=7, W=7)
-            jobs.append(job(scd2d_bwd_prologue_kernel,
-                            f"7^2 O512 BP{dBP}-BG{dBG}-BO{dBO}-w{dwarps}", dtype, layout,
-                            ints(scd2d_bwd_prologue_kernel, deep),
-                            dict(BP=dBP, BG=dBG, BO=dBO, PER_IMAGE=nchw, FAST=True),
-                            prologue_ptrs, dwarps, dstages))
-            if nchw:   # with the copy of x: the prologue's tiles, then x's [BC, BPX] tiles;
-                # the 56² layer's and the deep 7² one's
-                BC, BPX, _ = COPY_CONFIG
-                for pre, tile, C_, P_, lay_ in (
-                        ("", (BP, BO, warps, stages), 64, 56 * 56, lay),
-                        ("7^2 O512 ", (dBP, dBO, dwarps, dstages), 512, 49, deep)):
-                    tBP, tBO, twarps, tstages = tile
-                    xp_tiles, xc_tiles = copy_tiles((32, C_, 1, P_))
-                    copy_ints = dict(G_TILES=1, PROLOGUE_PROGRAMS=32 * cdiv(P_, tBP), C=C_,
-                                     XP=P_, XP_TILES=xp_tiles, XC_TILES=xc_tiles)
-                    jobs.append(job(scd2d_bwd_prologue_copy_kernel,
-                                    f"{pre}BP{tBP}-BG1-BO{tBO}-BC{BC}-BPX{BPX}-w{twarps}", dtype,
-                                    layout, ints(scd2d_bwd_prologue_copy_kernel, lay_, **copy_ints),
-                                    dict(BP=tBP, BG=1, BO=tBO, PER_IMAGE=True, FAST=True, BC=BC,
-                                         BPX=BPX),
-                                    dict(prologue_ptrs, X=dt, X_CL=dt), twarps, tstages))
+            BC, BPX, _ = COPY_CONFIG
+            copies = []
+            for pre, C_, side, (tBP, tBG, tBO, twarps, tstages) in (
+                    ("", 64, 56, (BP, 1, BO, warps, stages)),
+                    ("7^2 O512 ", 512, 7, (dBP, dBG, dBO, dwarps, dstages))):
+                lay, _ = layer(layout, C_, C_, 1, tBP, H=side, W=side)
+                tile = dict(BP=tBP, BG=tBG, BO=tBO, PER_IMAGE=nchw, FAST=True)
+                name = f"{pre}BP{tBP}-BG{tBG}-BO{tBO}"
+                jobs.append(job(scd2d_bwd_prologue_kernel, f"{name}-w{twarps}", dtype, layout,
+                                ints(scd2d_bwd_prologue_kernel, lay), tile, prologue_ptrs,
+                                twarps, tstages))
+                if nchw:
+                    xp_tiles, xc_tiles = copy_tiles((32, C_, side, side))
+                    copy_ints = dict(G_TILES=1, PROLOGUE_PROGRAMS=32 * cdiv(side * side, tBP),
+                                     C=C_, XP=side * side, XP_TILES=xp_tiles, XC_TILES=xc_tiles)
+                    copies.append(job(scd2d_bwd_prologue_copy_kernel,
+                                      f"{name}-BC{BC}-BPX{BPX}-w{twarps}", dtype, layout,
+                                      ints(scd2d_bwd_prologue_copy_kernel, lay, **copy_ints),
+                                      dict(tile, BC=BC, BPX=BPX),
+                                      dict(prologue_ptrs, X=dt, X_CL=dt), twarps, tstages))
+            jobs += copies
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             dw, dw_cl = layer(layout, 128, 128, 128, BM)
             jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,

@@ -229,9 +229,7 @@ def _sum_splits_blocks(n, splits, spread):
     section 13); now 94 programs of 3 loads."""
     if not spread:
         return 16, 256
-    BLOCK = 256
-    while BLOCK > 64 and cdiv(n, BLOCK) < TAP_MAJOR_PROGRAMS:
-        BLOCK //= 2
+    _, BLOCK = _spread(1, n, 256, 64)      # n elements as one group's "channels"
     return min(next_power_of_2(splits), 4096 // BLOCK), BLOCK
 
 
@@ -246,7 +244,12 @@ def _blocks(Og, K):
     memory round trip per chunk: with chunks of 2048 / BO, the Jacobian took 20–25 µs on an
     H200 for weights of 37 K–2.4 M elements (docs/GPU_NOTES.md section 10's profile)."""
     BO = min(8, next_power_of_2(Og))
-    return BO, max(16, min(TILE // BO, next_power_of_2(K)))
+    return BO, _chunk(BO, K)
+
+
+def _chunk(BO, K):
+    """BK: a kernel row of K in chunks of up to TILE / BO (at least 16)."""
+    return max(16, min(TILE // BO, next_power_of_2(K)))
 
 
 def _grouping(O, K, groups, out_strides):
@@ -279,7 +282,7 @@ def _gpu_blocks(programs, Og, BO, K, along_channels):
     128-channel layer's Jacobian made 16 programs and took 8 µs on an H200, beside a 27 µs
     dgrad (docs/GPU_NOTES.md section 13)."""
     programs, BO = _spread(programs // cdiv(Og, BO), Og, BO, 4 if along_channels else 1)
-    return programs, BO, max(16, min(TILE // BO, next_power_of_2(K)))
+    return programs, BO, _chunk(BO, K)
 
 
 def _dense(w_shape, w_strides):
