@@ -113,13 +113,77 @@ def fast_divmod(n, d, mul, shift):
 def tap_offsets(o_k, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H, Wd, dh, dw, stride_h,
                 stride_w, sxn, sxh, sxw):
     """The input offsets (int64) that one tap, shifted by (dh, dw), reads for the flat output
-    positions ``o_k`` (below 2**31), and their mask: inside the input, not padding."""
+    positions ``o_k`` (below 2**31), and their mask: inside the input, not padding. (The direct
+    wgrad decodes every step: a ``position_cursor`` there, carried in registers, took its
+    sm_90 build from 126 to 255 registers.)"""
     o_t, o_ow = fast_divmod(o_k, OW, ow_mul, ow_shift)
     o_n, o_oh = fast_divmod(o_t, OH, oh_mul, oh_shift)
     o_ih = o_oh * stride_h + dh
     o_iw = o_ow * stride_w + dw
     m_x = (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
     return o_n.to(tl.int64) * sxn + o_ih * sxh + o_iw * sxw, m_x
+
+
+@triton.jit
+def position_cursor(o_k, OH, OW, dh, dw, stride_h, stride_w, sxn, sxh, sxw, sxg,
+                    WIDE: tl.constexpr):
+    """``(x offsets / sxg, ih, iw)`` that the flat output positions ``o_k`` (below 2**31) read
+    through a tap shifted by ``(dh, dw)`` from an input of strides ``sxn, sxh, sxw``, all
+    multiples of ``sxg``: int64 if ``WIDE``, else int32 (an input below 2**31 elements). The
+    wgrads decode their first K step's positions once, then move them on with
+    ``advance_cursor`` (decoding every step took two divisions and a 64-bit offset a row, ~25
+    SASS instructions of each row's ~37) and multiply by ``sxg`` as they load: the compiler
+    knows the offsets' divisibility from the stride's, not from a loop-carried value, and
+    keeps the 16-byte loads."""
+    o_t = o_k // OW
+    o_n = o_t // OH
+    o_ih = (o_t - o_n * OH) * stride_h + dh
+    o_iw = (o_k - o_t * OW) * stride_w + dw
+    if WIDE:
+        o_n = o_n.to(tl.int64)
+    return o_n * (sxn // sxg) + o_ih * (sxh // sxg) + o_iw * (sxw // sxg), o_ih, o_iw
+
+
+@triton.jit
+def cursor_step(STEP: tl.constexpr, OH, OW, stride_h, stride_w, sxn, sxh, sxw, sxg,
+                WIDE: tl.constexpr):
+    """The scalars of a ``STEP``-position move for ``advance_cursor``: ``STEP = images·OH·OW +
+    rows·OW + columns`` with ``rows < OH`` and ``columns < OW``, so that a column and a row each
+    carry at most once. Once per program."""
+    d_n = STEP // (OH * OW)
+    d_h = (STEP - d_n * OH * OW) // OW
+    d_w = STEP - d_n * OH * OW - d_h * OW
+    un, uh, uw = sxn // sxg, sxh // sxg, sxw // sxg
+    if WIDE:
+        d_n = d_n.to(tl.int64)
+        un = tl.cast(un, tl.int64)
+    step = d_n * un + (d_h * stride_h) * uh + (d_w * stride_w) * uw     # no carry
+    carry_w = stride_h * uh - (OW * stride_w) * uw                      # a column carry
+    carry_h = un - (OH * stride_h) * uh                                 # a row carry
+    return d_h * stride_h, d_w * stride_w, step, carry_w, carry_h
+
+
+@triton.jit
+def advance_cursor(o_u, o_ih, o_iw, d_ih, d_iw, step, carry_w, carry_h, OH, OW, dh, dw,
+                   stride_h, stride_w):
+    """A ``position_cursor`` moved on by the ``cursor_step`` whose scalars are ``d_ih, d_iw,
+    step, carry_w, carry_h``: compares and selects in place of divisions."""
+    o_iw = o_iw + d_iw
+    c_w = o_iw >= OW * stride_w + dw
+    o_iw = tl.where(c_w, o_iw - OW * stride_w, o_iw)
+    o_ih = o_ih + tl.where(c_w, d_ih + stride_h, d_ih)
+    c_h = o_ih >= OH * stride_h + dh
+    o_ih = tl.where(c_h, o_ih - OH * stride_h, o_ih)
+    o_u = o_u + (tl.where(c_w, carry_w, 0) + tl.where(c_h, carry_h, 0) + step)
+    return o_u, o_ih, o_iw
+
+
+@triton.jit
+def cursor_mask(o_ih, o_iw, H, Wd):
+    """Where a ``position_cursor`` is inside the input (not padding): one unsigned compare per
+    axis."""
+    return ((o_ih.to(tl.uint32, bitcast=True) < tl.cast(H, tl.uint32))
+            & (o_iw.to(tl.uint32, bitcast=True) < tl.cast(Wd, tl.uint32)))
 
 
 @triton.jit

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 
 from .shapes import memory_format
-from ._common import (dgrad_phase_taps, fast_div, fast_exp2, fast_log2, input_offsets,
-                      tap_offsets, tile_positions, with_sign_of)
+from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps, fast_div,
+                      fast_exp2, fast_log2, input_offsets, position_cursor, tile_positions,
+                      with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
@@ -231,17 +232,17 @@ def scd2d_dgrad_kernel(
 @triton.jit(do_not_specialize=["N", "M"])
 def scd2d_wgrad_kernel(
     GD, X, WS,
-    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT, oh_mul, oh_shift, ow_mul, ow_shift,
-    sxn, sxc, sxh, sxw,
+    N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT,
+    sxn, sxc, sxh, sxw, sxg,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
-    EVEN_O: tl.constexpr, EVEN_C: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_O: tl.constexpr, EVEN_C: tl.constexpr, EVEN_M: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Program (i_mn, tap, split·G + g): a [BM out channels, BN in channels] tile of one tap,
     reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S].
-    ``oh_*``, ``ow_*``: ``fast_divmod``'s magic for OH and OW (positions decoded per K step;
-    the FLAT loop divides).
+    The x rows of a K step come from a cursor over the positions, decoded once and moved on by
+    BK each step (``position_cursor``); the FLAT loop divides.
 
     ``FLAT`` (few channels per group, e.g. a 3-channel stem): the BN columns run over the flat
     (channel, tap) index instead and grid axis 1 is 1, so each ``grad_d`` tile is loaded once
@@ -275,6 +276,12 @@ def scd2d_wgrad_kernel(
     o_gd = (i_g * Og + o_o)[:, None] + tl.arange(0, BK)[None, :] * O      # [BM, BK]
     row_gd = tl.cast(O, tl.int64)   # not O.to: O = 1 arrives as a constexpr
 
+    if not FLAT:   # the cursor of the first step's positions, and the move of a step
+        o_u, o_ih, o_iw = position_cursor(k_lo + tl.arange(0, BK), OH, OW, dh, dw, stride_h,
+                                          stride_w, sxn, sxh, sxw, sxg, WIDE)  # [BK]
+        d_ih, d_iw, step, carry_w, carry_h = cursor_step(BK, OH, OW, stride_h, stride_w, sxn,
+                                                         sxh, sxw, sxg, WIDE)
+
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(k_lo, k_hi, BK):
         o_k = k + tl.arange(0, BK)                                       # [BK] output positions
@@ -287,10 +294,8 @@ def scd2d_wgrad_kernel(
             m_x = m_c[None, :] & (o_ih >= 0) & (o_ih < H) & (o_iw >= 0) & (o_iw < Wd)
             o_x = (o_t // OH).to(tl.int64)[:, None] * sxn + o_ih * sxh + o_iw * sxw
         else:
-            o_xk, m_xk = tap_offsets(o_k, OH, OW, oh_mul, oh_shift, ow_mul, ow_shift, H, Wd, dh,
-                                     dw, stride_h, stride_w, sxn, sxh, sxw)
-            o_x = o_xk[:, None]
-            m_x = m_xk[:, None]
+            o_x = (o_u * sxg)[:, None]
+            m_x = cursor_mask(o_ih, o_iw, H, Wd)[:, None]
             if not EVEN_C:
                 m_x = m_x & m_c[None, :]
         if not EVEN_M:
@@ -307,6 +312,9 @@ def scd2d_wgrad_kernel(
             b_gd = tl.load(GD + k * row_gd + o_gd, mask=m_gd, other=0.0)
         b_x = tl.load(p_x + o_x, mask=m_x, other=0.0)                    # [BK, BN]
         acc = tl.dot(b_gd, b_x, acc, input_precision=PRECISION)
+        if not FLAT:
+            o_u, o_ih, o_iw = advance_cursor(o_u, o_ih, o_iw, d_ih, d_iw, step, carry_w, carry_h,
+                                             OH, OW, dh, dw, stride_h, stride_w)
 
     o_ws = i_s.to(tl.int64) * O * Cg * R * S
     if FLAT:
@@ -447,7 +455,6 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     G, Og = groups, O // groups
     OH, OW = out_hw
     M = N * OH * OW
-    magic = (*divisor_magic(OH), *divisor_magic(OW))    # the wgrads decode positions per K step
     # the wgrads' K loops index up to a block (≤ 128) past N·OH·OW, in int32
     # (the wgrads' grad_d offsets within a K step reach O·128, also for small images)
     if max(M + 128, N * H * W) >= 2**31 or max(C * H * W, O * max(OH * OW, 128)) >= 2**31:
@@ -460,6 +467,9 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x
     out_bytes = M * O * dtype.itemsize
     sms = _sm_count(device_index) if cuda else 0
+    # the wgrads' x offsets in int64 where int32 could overflow: for the samples of up to a
+    # block (≤ 128 positions) past the last one too, whose loads are masked
+    wide = (cdiv(M + 128, OH * OW) + 1) * C * H * W >= 2**31
 
     BP, BG, BO, tiles, n_blk, warps, stages = _prologue_blocks(per_image, N, OH * OW, G, Og,
                                                                cuda, sms)
@@ -490,8 +500,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
         k_split = cdiv(cdiv(M, splits), BP) * BP
         splits = cdiv(M, k_split)
         wgrad = Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
-                        (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *magic), conv,
-                        dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
+                        (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *divisor_magic(OH),
+                         *divisor_magic(OW)), conv, dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
         w_layout = (w_shape, (Og * Cg * R * S, Cg * R * S, R * S, 1))   # [O, C/G, R, S]
         return _Plan(*prologues, w_layout, dgrad, planes, *_workspace(
             (splits, O, Cg, R, S), torch.float32, x_bytes, O * Cg * R * S * dtype.itemsize,
@@ -528,8 +538,8 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     k_split = cdiv(cdiv(M, splits), BK) * BK
     splits = cdiv(M, k_split)
     wgrad = Launch(scd2d_wgrad_kernel, (tiles, taps, G * splits),
-                    (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *magic), conv,
-                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat,
+                    (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
+                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat, WIDE=wide,
                          EVEN_O=Og % BM == 0, EVEN_C=not flat and Cg % BN == 0,
                          EVEN_M=M % BK == 0),
                     warps, stages)
@@ -638,7 +648,10 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                                                                plan.ws_shape)
         else:
             ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
-        plan.wgrad((grad_d, x_cl, ws), x_cl.stride())
+        sx = x_cl.stride()
+        if plan.wgrad.kernel is scd2d_wgrad_kernel:   # and the unit of its position cursor
+            sx = (*sx, math.gcd(sx[0], sx[2], sx[3]) or 1)
+        plan.wgrad((grad_d, x_cl, ws), sx)
         grads_w = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
                                             splits=ws.shape[0], partials=partials, w_hat=w_hat,
                                             w_hat_strides=out_strides, groups=G)
@@ -658,7 +671,7 @@ def report_jobs():
     def layer(layout, C, O, G, BM, N=32, H=56, W=56):
         Cg, Og, P = C // G, O // G, H * W
         nchw = layout == "nchw"
-        cl_x = dict(sxn=P * C, sxc=1, sxh=W * C, sxw=C)
+        cl_x = dict(sxn=P * C, sxc=1, sxh=W * C, sxw=C, sxg=C)
         x = dict(sxn=C * P, sxc=P, sxh=W, sxw=1) if nchw else cl_x
         gx = dict(sdn=C * P, sdc=P, sdh=W, sdw=1) if nchw else dict(sdn=P * C, sdc=1, sdh=W * C,
                                                                       sdw=C)
@@ -697,7 +710,7 @@ def report_jobs():
                               OB_SHIFT=exact_log2(cdiv(C, dcfg[2])))),
                         (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
                          dict(FLAT=False, EVEN_O=True, EVEN_C=True,
-                              EVEN_M=w_ints["M"] % wcfg[2] == 0))):
+                              EVEN_M=w_ints["M"] % wcfg[2] == 0, WIDE=False))):
                     k_split = cdiv(lay["M"], 44 * BK) * BK
                     jobs.append(job(fn, f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
                                     layout, ints(fn, lay, K_SPLIT=k_split),
@@ -710,7 +723,8 @@ def report_jobs():
                 jobs.append(job(scd2d_wgrad_kernel, f"flat-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
                                 dtype, layout, ints(scd2d_wgrad_kernel, stem, K_SPLIT=512),
                                 dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True,
-                                     EVEN_O=False, EVEN_C=False, EVEN_M=stem["M"] % BK == 0),
+                                     EVEN_O=False, EVEN_C=False, EVEN_M=stem["M"] % BK == 0,
+                                     WIDE=False),
                                 dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
             prologue_ptrs = dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
                                  GNS="*fp32", PART="*fp32")

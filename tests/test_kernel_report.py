@@ -19,8 +19,10 @@ import pytest
 LOOP_BOUND = {"sm_80": 400, "sm_90": 300}
 # the backward GEMMs' main configs, which are issue-bound: a large config's K step is 256
 # cycles of MMA on an H100 (the small ones' 128) against 290 (dgrad) and 382 (wgrad) SASS
-# instructions of 4 warps before this gate
-BACKWARD_LOOP_BOUND = {"sm_80": 330, "sm_90": 256}
+# instructions of 4 warps before this gate; the wgrad's position cursor took its loops from
+# 262-309 (sm_80) and 226-251 (sm_90) to 185-253 and 160-191 (Triton 3.6 and 3.9)
+BACKWARD_LOOP_BOUND = {"scd2d_dgrad_kernel": {"sm_80": 330, "sm_90": 256},
+                       "scd2d_wgrad_kernel": {"sm_80": 270, "sm_90": 200}}
 
 _SNIPPET = """
 import json, sys
@@ -52,7 +54,7 @@ def picked():
 def edge_jobs():
     # the wgrads with ints the JIT turns into constants (equal to 1: a fast_divmod shift for a
     # 2-pixel output side, one output channel) or types as 64-bit (a magic multiplier of
-    # 2**31 or more, for 10 pixels)
+    # 2**31 or more, for 10 pixels; the direct wgrad's), and the GEMM wgrad's int64 cursor
     jobs = []
     for j in bwd.report_jobs():
         if "wgrad" not in j["kernel"].__name__ or j["dtype"] != "bf16" or \
@@ -67,6 +69,9 @@ def edge_jobs():
             if channels == 1:
                 ints.update(O=1, Og=1)
             jobs.append((dict(j, name=f"{j['name']} edge {side}^2 O{channels}", ints=ints), 90))
+        if "direct" not in j["kernel"].__name__:   # int64 cursor offsets (inputs ≥ 2**31)
+            jobs.append((dict(j, name=f"{j['name']} edge int64",
+                              constexprs=dict(j["constexprs"], WIDE=True)), 90))
     return jobs
 
 def run(i):
@@ -123,7 +128,7 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
         for a in ("sm_80", "sm_90")}
     assert len({r["config"] for r in mine}) == 2, "a small and a large config"
     for r in mine:
-        assert r["loop_instructions"] <= BACKWARD_LOOP_BOUND[r["arch"]], r
+        assert r["loop_instructions"] <= BACKWARD_LOOP_BOUND[kernel][r["arch"]], r
     assert len(every) - len(mine) == (4 if kernel == "scd2d_wgrad_kernel" else 0)
     # NCHW grad_x stored along positions: the K loop no longer than channels_last's (before
     # per-image tiles, the NCHW dgrad spilled 744-1232 B; NCHW x tiles in the wgrad loop
@@ -139,9 +144,11 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
 def test_wgrads_compile_with_ints_the_jit_makes_constant_or_64_bit(rows):
     """A 2-pixel output side (fast_divmod's shift is then 1, which the JIT passes as a
     constant), one output channel, and a 10-pixel side (its magic multiplier passes as i64)
-    compile, without spills; ``.to`` on such a constant failed to compile."""
+    compile, without spills; ``.to`` on such a constant failed to compile. So does the GEMM
+    wgrad's int64 cursor (``WIDE``)."""
     edges = [r for r in rows if " edge " in r["config"]]
-    assert {r["config"].split(" edge ")[1] for r in edges} >= {"2^2 O128", "10^2 O128", "7^2 O1"}
+    assert {r["config"].split(" edge ")[1] for r in edges} >= {"2^2 O128", "10^2 O128", "7^2 O1",
+                                                                "int64"}
     assert {r["kernel"] for r in edges} == {"scd2d_wgrad_kernel", "scd2d_wgrad_direct_kernel"}
     assert all(r["spill_bytes"] == 0 and r["loop_instructions"] > 0 for r in edges), edges
 

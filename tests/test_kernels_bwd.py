@@ -149,6 +149,34 @@ def test_spread_prologue_tiles_match_oracle(case, channels_last, monkeypatch):
     assert blocks(False, 32, 49, 1, 512, False, 0)[:3] == (32, 1, 64)           # the interpreter's
 
 
+# the wgrad GEMM over 2 splits of 2 K steps (the interpreter's 64 positions a step): its
+# position cursor moves on in the kernel, over rows, images and (strided) columns
+CURSOR_CASES = [Case(2, 16, 10, 10, 32, (3, 3), padding=1),
+                Case(3, 16, 12, 11, 32, (3, 2), stride=(2, 1), padding=(2, 1), dilation=(1, 2)),
+                Case(11, 16, 4, 3, 16, (1, 1))]
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("case", params(CURSOR_CASES))
+def test_wgrad_cursor_over_several_steps_matches_oracle(case, wide, monkeypatch):
+    """The wgrad GEMM's position cursor, moved on over several K steps, in int32 and in the
+    int64 form (``WIDE``) that inputs of 2**31 elements or more take, forced here, against the
+    float64 oracle."""
+    from scd_triton.kernels import bwd
+    plan, used = bwd._plan, []
+
+    def plan_with(*args):
+        found = plan(*args)
+        used.append((found.wgrad.constexprs["WIDE"], found.wgrad.head[-1]))   # (WIDE, K_SPLIT)
+        return found._replace(wgrad=found.wgrad._replace(
+            constexprs=dict(found.wgrad.constexprs, WIDE=wide)))
+
+    monkeypatch.setattr(bwd, "_plan", plan_with)
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
+    # the shipped plan: int32 at this size; 2 K steps a split in the interpreter
+    assert used and all(w is False and (DEVICE == "cuda" or k == 128) for w, k in used), used
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])

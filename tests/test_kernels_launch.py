@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from scd_triton.kernels import launch as launch_mod
-from scd_triton.kernels._common import fast_divmod
+from scd_triton.kernels._common import advance_cursor, cursor_step, fast_divmod, position_cursor
 from scd_triton.kernels.launch import cdiv, divisor_magic, exact_log2, launch, next_power_of_2
 
 
@@ -159,3 +159,50 @@ def test_fast_divmod_in_a_kernel():
         expected = n.long().cpu()
         assert q.long().cpu().tolist() == (expected // d).tolist()
         assert r.long().cpu().tolist() == (expected % d).tolist()
+
+
+@triton.jit
+def _cursor_kernel(OUT, start, OH, OW, dh, dw, stride_h, stride_w, sxn, sxh, sxw, sxg,
+                   STEPS: tl.constexpr, STEP: tl.constexpr, WIDE: tl.constexpr):
+    """Writes the cursor's (offset, ih, iw) of positions start + arange(STEP) and of each of
+    STEPS - 1 moves by STEP: OUT [STEPS, 3, STEP]."""
+    o_u, o_ih, o_iw = position_cursor(start + tl.arange(0, STEP), OH, OW, dh, dw, stride_h,
+                                      stride_w, sxn, sxh, sxw, sxg, WIDE)
+    d_ih, d_iw, step, carry_w, carry_h = cursor_step(STEP, OH, OW, stride_h, stride_w, sxn, sxh,
+                                                     sxw, sxg, WIDE)
+    o = tl.arange(0, STEP)
+    for i in range(STEPS):
+        tl.store(OUT + i * 3 * STEP + o, (o_u * sxg).to(tl.int64))
+        tl.store(OUT + i * 3 * STEP + STEP + o, o_ih.to(tl.int64))
+        tl.store(OUT + i * 3 * STEP + 2 * STEP + o, o_iw.to(tl.int64))
+        o_u, o_ih, o_iw = advance_cursor(o_u, o_ih, o_iw, d_ih, d_iw, step, carry_w, carry_h,
+                                         OH, OW, dh, dw, stride_h, stride_w)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("OH, OW, stride, dh, dw, STEP, start", [
+    (7, 7, (1, 1), -1, -1, 16, 0),       # steps of 2 rows + 2 columns, row and image carries
+    (3, 5, (2, 1), 0, 2, 64, 17),        # several images a step (d_n = 4), a split's start
+    (56, 56, (1, 2), 2, -2, 32, 3100),   # columns only, no row move
+    (1, 9, (1, 1), 0, 0, 16, 5),         # one output row: every column carry is an image's
+    (9, 1, (3, 3), -1, 1, 16, 2),        # one output column
+    (4, 4, (1, 1), 1, 1, 16, 0),         # exactly one image a step
+])
+def test_position_cursor_moves_as_it_decodes(OH, OW, stride, dh, dw, STEP, start, wide):
+    """``_common.position_cursor`` moved on by ``advance_cursor`` gives each step's (offset,
+    ih, iw) as a fresh decode would, for NHWC-like strides with a common factor."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("runs a Triton kernel")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    H, W = OH * stride[0] + 2, OW * stride[1] + 3
+    sxg = 24                                       # channels: x strides are multiples of it
+    sxw, sxh, sxn = sxg, (W + 1) * sxg, (H * (W + 1) + 5) * sxg
+    steps = 12
+    out = torch.empty(steps, 3, STEP, dtype=torch.int64, device=device)
+    _cursor_kernel[(1,)](out, start, OH, OW, dh, dw, *stride, sxn, sxh, sxw, sxg, STEPS=steps,
+                         STEP=STEP, WIDE=wide)
+    k = start + torch.arange(steps * STEP).view(steps, STEP)
+    n, oh, ow = k // (OH * OW), k // OW % OH, k % OW
+    ih, iw = oh * stride[0] + dh, ow * stride[1] + dw
+    assert torch.equal(out[:, 1].cpu(), ih) and torch.equal(out[:, 2].cpu(), iw)
+    assert torch.equal(out[:, 0].cpu(), n * sxn + ih * sxh + iw * sxw)
