@@ -6,10 +6,11 @@ Each variant puts one block choice of the launchers back to its earlier form, or
 candidate, for whole steps: per shape (channels_last input; bfloat16 on CUDA, float32 in the
 CPU interpreter) it times the forward and the training step of the triton backend under CUDA
 graphs (``do_bench_cudagraph``, median; a host clock on CPU) and compares the output and the
-gradients of x and w with the shipped choices' (``‖a − b‖ / ‖b‖``). The first three variants
-undo the GPU blocks of docs/GPU_NOTES.md section 13 (the prologue's and the split sum's were
-chosen from the SASS alone, untimed); the others try candidates for the deep layers on small
-images, whose GEMMs fill under one wave of SMs. Writes ``<out-dir>/<gpu>-sweep.json``. Needs
+gradients of x and w with the shipped choices' (``‖a − b‖ / ‖b‖``). The first four variants
+undo GPU blocks chosen since the last lease or in it (docs/GPU_NOTES.md sections 13 and 14:
+the prologue's, the split sum's and the forward prepare's Σ_c x² tiles were chosen from the
+SASS alone, untimed); the others try candidates for the deep layers on small images, whose
+GEMMs fill under one wave of SMs. Writes ``<out-dir>/<gpu>-sweep.json``. Needs
 torch with CUDA and the project installed; on the whole suite, expect a few minutes, most of
 them compiling each variant's kernels (``--shapes`` / ``--variants`` narrow it).
 """
@@ -29,8 +30,8 @@ from scd_triton.kernels import bwd, fwd, weight
 
 
 # the launchers work out their launches once per layer signature
-_PLAN_CACHES = (bwd._plan, fwd._plan, fwd.prepare_launch, fwd.gemm_config, weight.normalize_args,
-                weight._backward_args)
+_PLAN_CACHES = (bwd._plan, fwd._plan, fwd.prepare_launch, fwd.gemm_config, fwd.sumsq_tiles,
+                weight.normalize_args, weight._backward_args)
 
 
 def _clear_plans():
@@ -74,6 +75,8 @@ VARIANTS = {
         weight, "_sum_splits_blocks", lambda f: lambda n, splits, spread: f(n, splits, False)),
     "weight kernels 8 channels a program": _patched(
         weight, "_gpu_blocks", lambda f: _unspread_weight_blocks),
+    "prepare sums of squares not spread": _patched(
+        fwd, "sumsq_tiles", lambda f: lambda Cg, P, images=0, along_channels=True: f(Cg, P)),
     "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
     "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
     "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),

@@ -41,7 +41,7 @@ from ._common import sharpen, tile_positions
 from .launch import Launch, cdiv, exact_log2, next_power_of_2
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
-from .weight import normalize_args, normalize_rows, normalize_weight
+from .weight import TAP_MAJOR_PROGRAMS, normalize_args, normalize_rows, normalize_weight
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -422,7 +422,8 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     # the prepare launch reads x, or torch's channels_last copy of it
     pix_flat = H == 1 or x_strides[2] == W * x_strides[3] or (transpose_x and not copy)
     prepare = prepare_launch(x_shape, w_shape, w_strides, q_stride, weight_norm, weight_norm_eps,
-                             groups, w_layout, copy, pix_flat, cuda)
+                             groups, w_layout, copy, pix_flat, cuda,
+                             x_strides[1] == 1 or (transpose_x and not copy))
     return _Plan(*shapes, w_layout, Launch(
         scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
                                  n_k * BK, w_layout[0][1]), (*y_strides, *conv),
@@ -478,11 +479,20 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
 
 
 @functools.lru_cache(maxsize=1024)
-def sumsq_tiles(Cg, P):
+def sumsq_tiles(Cg, P, images=0, channels_contiguous=True):
     """(BQ pixels, BCQ channels, pixel tiles per image) of ``pixel_sumsq``: 4096-element tiles,
-    channels up to 64 at a time."""
+    channels up to 64 at a time. On a GPU (``images``: the (sample, group) pairs; 0 in the
+    interpreter) tiles of fewer pixels take more channels, the same 4096 elements, while the
+    tiles would make fewer than ``TAP_MAJOR_PROGRAMS`` programs: down to 8 pixels where x's
+    channels are contiguous, 32 (64-byte runs in 16-bit) where its pixels are. A program waits
+    on one memory round trip per channel chunk: 3×3 512→512 7² b32 made 32 programs of 8 chunks
+    each (the prepare launch took 7.6 µs of a 35 µs forward on an H200), now 224 of one."""
     BCQ = pow2_between(Cg, 1, 64)
     BQ = min(4096 // BCQ, 1024)
+    least = 8 if channels_contiguous else 32
+    while (images and images * cdiv(P, BQ) < TAP_MAJOR_PROGRAMS and BQ > least
+           and BCQ < next_power_of_2(Cg)):
+        BQ, BCQ = BQ // 2, BCQ * 2
     return BQ, BCQ, cdiv(P, BQ)
 
 
@@ -491,11 +501,12 @@ SUM_IN_COPY_CHANNELS = 256   # NCHW copy tiles up to [256, 32] hold all of a pix
 
 @functools.lru_cache(maxsize=1024)
 def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_layout, copy,
-                   pix_flat, cuda):
+                   pix_flat, cuda, channels_contiguous=True):
     """The ``Launch`` of ``scd2d_fwd_prepare_kernel`` (tensors: x, the copy of x or x, the
     per-pixel Σ_c x² [N, G, H, W], weight, q, ŵ; strides: x's, whose pixels are ``pix_flat``
-    (``pixel_sumsq``)): ŵ in the GEMM's ``w_layout`` (normalisation ``mode``; its programs
-    spread for a ``cuda`` launch), the Σ_c x², and with ``copy`` x copied channels-contiguous."""
+    and whose channels are ``channels_contiguous`` (``pixel_sumsq``)): ŵ in the GEMM's
+    ``w_layout`` (normalisation ``mode``), the Σ_c x², and with ``copy`` x copied
+    channels-contiguous; the programs of ŵ and of Σ_c x² spread for a ``cuda`` launch."""
     N, C, H, W = x_shape
     _, out_strides, slots = w_layout
     (w_programs,), w_scalars, w_constexprs = normalize_args(
@@ -507,7 +518,8 @@ def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_l
         BP = max(16, min(1024, 8192 // BC))
     p_tiles, c_tiles = copy_tiles(x_shape, BC, BP)
     copy_programs = N * p_tiles * c_tiles if copy else 0
-    BQ, BCQ, q_tiles = sumsq_tiles(C // groups, H * W)
+    BQ, BCQ, q_tiles = sumsq_tiles(C // groups, H * W, N * groups if cuda else 0,
+                                   channels_contiguous)
     sum_programs = 0 if sum_in_copy else N * q_tiles * groups
     return Launch(scd2d_fwd_prepare_kernel, (w_programs + copy_programs + sum_programs,),
                   (C, H * W, W, groups, p_tiles, c_tiles, q_tiles, w_programs, copy_programs),
@@ -575,22 +587,24 @@ def report_jobs():
                     # p and q of shape [O] (the functional API with tensors): a reciprocal an element
                     jobs.append(dict(job, name=f"{job['name']} per-channel q", ints=dict(ints, sq=1),
                                      constexprs=dict(consts, Q_SHARED=False)))
-    # the preparation of the 3×3 128→128 56² b64 layer: B matrix, Σ_c x², NCHW: the copy of x
-    x_shape, w_shape = (64, 128, 56, 56), (128, 128, 3, 3)
-    BN, BK = gemm_config(128, 128, 3, 3, 1, 64 * 56 * 56, False)[1:3]
-    w_layout = _gemm_weight_layout(128, 128, 3, 3, 1, BN, BK, False)
-    for layout in ("nchw", "channels_last"):
-        nchw = layout == "nchw"
-        x_strides = (128 * 3136, 3136, 56, 1) if nchw else (128 * 3136, 1, 56 * 128, 128)
-        prep = prepare_launch(x_shape, w_shape, (1152, 9, 3, 1), 1, "norm_q", 1e-12, 1,
-                              w_layout, nchw, True, True)
+    # the preparation of the 3×3 128→128 56² b64 layer: B matrix, Σ_c x², NCHW: the copy of x;
+    # and of 3×3 512→512 7² b32 (channels_last), whose Σ_c x² tiles spread
+    for N, C, side, layout in ((64, 128, 56, "nchw"), (64, 128, 56, "channels_last"),
+                               (32, 512, 7, "channels_last")):
+        x_shape, w_shape, P, nchw = (N, C, side, side), (C, C, 3, 3), side * side, layout == "nchw"
+        BN, BK = gemm_config(C, C, 3, 3, 1, N * P, False)[1:3]
+        w_layout = _gemm_weight_layout(C, C, 3, 3, 1, BN, BK, False)
+        x_strides = (C * P, P, side, 1) if nchw else (C * P, 1, side * C, C)
+        prep = prepare_launch(x_shape, w_shape, (C * 9, 9, 3, 1), 1, "norm_q", 1e-12, 1,
+                              w_layout, nchw, True, True, not nchw)
         kernel, c = prep.kernel, prep.constexprs
         ints = {name: v for name, v in zip(kernel.arg_names[6:],
                                            (*prep.head, *x_strides, *prep.tail))
                 if isinstance(v, int)}                         # eps, a float, is last
+        name = ("" if side == 56 else f"{side}^2 O{C} ") + (
+            f"BC{c['BC']}-BP{c['BP']}-BQ{c['BQ']}-BCQ{c['BCQ']}-w{prep.warps}")
         for dtype in ("bf16", "fp32"):
-            jobs.append(dict(kernel=kernel, name=f"BC{c['BC']}-BP{c['BP']}-BQ{c['BQ']}-BCQ"
-                             f"{c['BCQ']}-w{prep.warps}", layout=layout, dtype=dtype, ints=ints,
+            jobs.append(dict(kernel=kernel, name=name, layout=layout, dtype=dtype, ints=ints,
                              constexprs=c,
                              pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", SQ="*fp32",
                                                  W=f"*{dtype}", Q="*fp32", W_HAT=f"*{dtype}"),

@@ -152,10 +152,11 @@ LAYERS = [(4, 6, 1), (32, 16, 1), (4, 8, 4)]   # flat-K GEMM, (tap, channel) GEM
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided"])
 def test_prepare_writes_each_pixels_sum_of_squares(layout, groups):
     """The prepare launch's Σ_c x² per (sample, group, pixel), the patch norms' only input, for
-    x of any strides (20 channels per group: a masked channel block), with NCHW x its
-    channels-contiguous copy for the GEMM, and the same ŵ bits whether the weight programs are
-    spread as for a GPU or not (the interpreter's)."""
-    N, C, O, H, W = 2, 40, 8, 5, 7
+    x of any strides (160 or 80 channels per group: masked channel blocks), with NCHW x its
+    channels-contiguous copy for the GEMM, and the same ŵ bits whether the programs are spread
+    as for a GPU or not (the interpreter's): on a GPU the Σ_c x² tiles of this small image take
+    fewer pixels and more channels."""
+    N, C, O, H, W = 2, 160, 8, 5, 7
     x = torch.randn(N, C, H, 2 * W, device=DEVICE)
     x = x[..., ::2] if layout == "strided" else x[..., :W].contiguous()
     if layout == "channels_last":
@@ -171,9 +172,15 @@ def test_prepare_writes_each_pixels_sum_of_squares(layout, groups):
         w_hat = torch.full(w_layout[0], float("nan"), device=DEVICE)
         sq = torch.full((N, groups, H, W), float("nan"), device=DEVICE)
         x_gemm = torch.empty_like(x, memory_format=torch.channels_last) if copy else x
+        along_channels = layout == "channels_last"
         launch = fwd.prepare_launch(x.shape, w.shape, w.stride(), q.stride(0), "norm_q", 1e-12,
-                                    groups, w_layout, copy, layout != "strided", spread)
+                                    groups, w_layout, copy, layout != "strided", spread,
+                                    along_channels)
         launch((x, x_gemm, sq, w, q, w_hat), x.stride())
+        BQ, BCQ = launch.constexprs["BQ"], launch.constexprs["BCQ"]
+        if not launch.constexprs["SUM_IN_COPY"]:   # 64 pixels, or spread: down to 8 / 32
+            assert BQ * BCQ == 4096 and (BQ == 64 if not spread else
+                                         (16 if along_channels and groups == 1 else 32) == BQ)
         torch.testing.assert_close(sq.double(), want, rtol=1e-6, atol=0)
         if copy:
             assert x_gemm.is_contiguous(memory_format=torch.channels_last)
