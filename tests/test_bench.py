@@ -218,3 +218,15 @@ def test_sweep_variants_give_the_shipped_results_and_put_the_launchers_back():
         assert r["fwd_us"] > 0 and r["train_us"] > 0
     assert (bwd._prologue_blocks, bwd._splits, fwd.gemm_config) == originals
     assert bwd._plan.cache_info().currsize == 0
+
+
+def test_aligned_patches_report_what_readme_says():
+    """`python -m bench.aligned_patches`: bfloat16 grad_x within SPEC's 1e-2 for loose matches,
+    past it once patches nearly equal their kernels (reference and simulated kernels, also
+    with c in float32); grad_w within 1e-2 from a float32 grad_ŵ, past it from a bfloat16 one."""
+    from bench import aligned_patches as ap
+    loose, tight = ap._layer(1.0, 0), ap._layer(0.01, 0)
+    assert max(ap.reference_bf16(*loose) + list(ap.kernel_roundings(*loose))) < 1e-2
+    ref_x, ref_w = ap.reference_bf16(*tight)
+    sim_x, sim_x_c32, sim_w, sim_w_bf16 = ap.kernel_roundings(*tight)
+    assert min(ref_x, sim_x, sim_x_c32, sim_w_bf16) > 2e-2 and max(ref_w, sim_w) < 1e-2
