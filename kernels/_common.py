@@ -129,7 +129,7 @@ def position_cursor(o_k, OH, OW, dh, dw, stride_h, stride_w, sxn, sxh, sxw, sxg,
                     WIDE: tl.constexpr):
     """``(x offsets / sxg, ih, iw)`` that the flat output positions ``o_k`` (below 2**31) read
     through a tap shifted by ``(dh, dw)`` from an input of strides ``sxn, sxh, sxw``, all
-    multiples of ``sxg``: int64 if ``WIDE``, else int32 (an input below 2**31 elements). The
+    multiples of ``sxg``: int64 if ``WIDE``, else int32 (offsets below 2**31). The
     wgrads decode their first K step's positions once, then move them on with
     ``advance_cursor`` (decoding every step took two divisions and a 64-bit offset a row, ~25
     SASS instructions of each row's ~37) and multiply by ``sxg`` as they load: the compiler

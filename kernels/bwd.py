@@ -467,9 +467,6 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x
     out_bytes = M * O * dtype.itemsize
     sms = _sm_count(device_index) if cuda else 0
-    # the wgrads' x offsets in int64 where int32 could overflow: for the samples of up to a
-    # block (≤ 128 positions) past the last one too, whose loads are masked
-    wide = (cdiv(M + 128, OH * OW) + 1) * C * H * W >= 2**31
 
     BP, BG, BO, tiles, n_blk, warps, stages = _prologue_blocks(per_image, N, OH * OW, G, Og,
                                                                cuda, sms)
@@ -539,7 +536,7 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     splits = cdiv(M, k_split)
     wgrad = Launch(scd2d_wgrad_kernel, (tiles, taps, G * splits),
                     (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
-                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat, WIDE=wide,
+                    dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat, WIDE=False,
                          EVEN_O=Og % BM == 0, EVEN_C=not flat and Cg % BN == 0,
                          EVEN_M=M % BK == 0),
                     warps, stages)
@@ -548,6 +545,14 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     return _Plan(*prologues, w_layout, dgrad, planes,
                  *_workspace((splits, O, Cg, R, S), ws_dtype, x_bytes,
                              math.prod(w_layout[0]) * dtype.itemsize, out_bytes), wgrad)
+
+
+def _wide_cursor(N, positions, H, W, x_strides):
+    """Whether the wgrad GEMM's position cursor needs int64 offsets: x's offsets (its
+    strides, any view) reach 2**31 for the samples of up to a K step (≤ 128 positions) past the
+    last one too, whose rows are masked."""
+    sxn, _, sxh, sxw = x_strides[:4]
+    return cdiv(N * positions + 128, positions) * sxn + H * sxh + W * sxw >= 2**31
 
 
 def _workspace(shape, ws_dtype, x_bytes, w_hat_bytes, out_bytes):
@@ -648,10 +653,12 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                                                                plan.ws_shape)
         else:
             ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
-        sx = x_cl.stride()
-        if plan.wgrad.kernel is scd2d_wgrad_kernel:   # and the unit of its position cursor
+        sx, wgrad = x_cl.stride(), plan.wgrad
+        if wgrad.kernel is scd2d_wgrad_kernel:   # and the unit of its position cursor
             sx = (*sx, math.gcd(sx[0], sx[2], sx[3]) or 1)
-        plan.wgrad((grad_d, x_cl, ws), sx)
+            if _wide_cursor(N, OH * OW, x.shape[2], x.shape[3], sx):
+                wgrad = wgrad._replace(constexprs=dict(wgrad.constexprs, WIDE=True))
+        wgrad((grad_d, x_cl, ws), sx)
         grads_w = normalize_weight_backward(ws, weight, q, weight_norm, weight_norm_eps,
                                             splits=ws.shape[0], partials=partials, w_hat=w_hat,
                                             w_hat_strides=out_strides, groups=G)

@@ -160,7 +160,7 @@ CURSOR_CASES = [Case(2, 16, 10, 10, 32, (3, 3), padding=1),
 @pytest.mark.parametrize("case", params(CURSOR_CASES))
 def test_wgrad_cursor_over_several_steps_matches_oracle(case, wide, monkeypatch):
     """The wgrad GEMM's position cursor, moved on over several K steps, in int32 and in the
-    int64 form (``WIDE``) that inputs of 2**31 elements or more take, forced here, against the
+    int64 form (``WIDE``) that inputs whose offsets reach 2**31 take, forced here, against the
     float64 oracle."""
     from scd_triton.kernels import bwd
     plan, used = bwd._plan, []
@@ -175,6 +175,21 @@ def test_wgrad_cursor_over_several_steps_matches_oracle(case, wide, monkeypatch)
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
     # the shipped plan: int32 at this size; 2 K steps a split in the interpreter
     assert used and all(w is False and (DEVICE == "cuda" or k == 128) for w, k in used), used
+
+
+def test_wgrad_cursor_goes_int64_by_the_strides_of_x():
+    """``WIDE`` follows x's offsets, not its size: a channels-last batch of 2**30 elements is
+    int32, every second sample of a batch twice as large (the same shape, twice the sample
+    stride) is int64, as are 2**31 elements; masked rows up to a K step past the end count."""
+    from scd_triton.kernels.bwd import _wide_cursor
+    N, C, H, W = 64, 256, 256, 256                 # 2**30 elements
+    dense = (C * H * W, 1, W * C, C)
+    every_second = (2 * C * H * W, 1, W * C, C)
+    assert not _wide_cursor(N, H * W, H, W, dense)
+    assert _wide_cursor(N, H * W, H, W, every_second)
+    assert _wide_cursor(2 * N, H * W, H, W, dense)
+    # 2**31 − 1 positions' worth of offsets with one pixel an image: the K step past the end
+    assert _wide_cursor(2**31 // 256 - 1, 1, 1, 1, (256, 1, 256, 256))
 
 
 @gpu
