@@ -378,6 +378,29 @@ class _Plan(NamedTuple):
     main: Launch              # its strides: x's
     prepare: Launch = None    # the GEMM's (``prepare_launch``); its strides: x's
     copy: bool = False        # the prepare launch copies x channels-contiguous
+    x_strides: tuple = None   # x viewed with these strides first (``_in_sample_strides``)
+
+
+def _in_sample_strides(x_shape, x_strides, out_hw, kernel, stride, padding, dilation):
+    """None when the kernels' int32 in-sample offsets of x (with the taps' reach past the image
+    into padding) stay below 2**31, else the strides to view x with: torch leaves a size-1
+    dimension's stride arbitrary (an ``as_strided`` view may give it 2**31 − 1), and there 0
+    serves. A ValueError when real strides put the offsets past int32."""
+    def reach(strides):
+        _, sc, sh, sw = strides
+        return ((x_shape[1] - 1) * sc
+                + (max(x_shape[2], (out_hw[0] - 1) * stride[0] + (kernel[0] - 1) * dilation[0]
+                       + 1) + padding[0]) * sh
+                + (max(x_shape[3], (out_hw[1] - 1) * stride[1] + (kernel[1] - 1) * dilation[1]
+                       + 1) + padding[2]) * sw)
+    if reach(x_strides) < 2**31:
+        return None
+    restrided = tuple(0 if n == 1 else st for n, st in zip(x_shape, x_strides))
+    if reach(restrided) >= 2**31:
+        raise ValueError(f"x's strides {tuple(x_strides)} put its offsets within a sample at "
+                         f"or past 2**31, which the kernels index in int32: pass a dense x "
+                         f"(x.clone(memory_format=...))")
+    return restrided
 
 
 @functools.lru_cache(maxsize=1024)
@@ -391,6 +414,9 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     OH, OW = output_hw((H, W), (R, S), stride, padding, dilation)
     P_img = OH * OW
     M = N * P_img
+    restrided = _in_sample_strides(x_shape, x_strides, (OH, OW), (R, S), stride, padding,
+                                   dilation)
+    x_strides = restrided or x_strides
     if M >= 2**31 or max(C * H * W, O * P_img) >= 2**31:
         raise ValueError(f"scd2d_fwd indexes positions and per-sample offsets in int32: needs "
                          f"N·OH·OW = {M} and per-sample sizes C·H·W = {C * H * W}, "
@@ -412,7 +438,8 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
         return _Plan(*shapes, None, Launch(
             scd2d_fwd_direct_kernel, grid, (H, W, G, OH, OW, P_img, M, tiles),
             (*y_strides, *conv), dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
-                                      X_ROWS=in_place, **flags), warps, stages))
+                                      X_ROWS=in_place, **flags), warps, stages),
+            x_strides=restrided)
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
     w_layout = _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k)
     n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
@@ -430,7 +457,7 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
              P_SHARED=p_stride == 0, Q_SHARED=q_stride == 0, **flags), warps, stages),
-        prepare, copy)
+        prepare, copy, restrided)
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -451,6 +478,8 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
                  x.dtype == torch.float32, x.is_cuda, x.is_cuda and FAST_MATH, tuple(stride),
                  tuple(padding), tuple(dilation), groups, eps, norm_eps, save_for_backward,
                  dot_precision(x.dtype))
+    if plan.x_strides is not None:   # a size-1 dimension's stride past int32: 0 serves
+        x = x.as_strided(x.shape, plan.x_strides)
     dev = x.device
     y = torch.empty(plan.y_shape, dtype=x.dtype, device=dev, memory_format=fmt)
     if save_for_backward:

@@ -324,3 +324,32 @@ def test_int64_offsets_past_2_pow_31():
     y = scd_triton.scd2d(x, w, 1.0, 0.0)
     tail = scd_triton.scd2d(x[-1:], w, 1.0, 0.0, backend="reference")
     torch.testing.assert_close(y[-1:], tail, rtol=2e-2, atol=2e-2)
+
+
+def test_a_size_one_dimension_with_a_stride_past_int32():
+    """torch leaves a size-1 dimension's stride arbitrary: a channels-last x of height 1 whose
+    H stride is 2**31 − 1 (an ``as_strided`` view), read by a 3×3 kernel through padding 2,
+    made the forward's int32 tap offsets wrap (the load faulted); the forward views it with
+    stride 0 there. Forward and gradients against the float64 reference."""
+    base = torch.randn(30 * 16 * 5, device=DEVICE)
+    x = torch.as_strided(base, (30, 16, 1, 5), (80, 1, 2**31 - 1, 16))
+    w = torch.randn(16, 16, 3, 3, device=DEVICE)
+    outs = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        xx, ww = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        y = scd_triton.scd2d(xx, ww, 2.0, 0.1, padding=(2, 1), backend=backend)
+        outs.append((y, *torch.autograd.grad(y, (xx, ww), torch.ones_like(y))))
+    for name, got, want in zip(("y", "grad_x", "grad_w"), *outs):
+        assert_close(name, got, want, torch.float32, grad=name != "y")
+
+
+def test_strides_past_int32_within_a_sample_are_refused():
+    """Strides of real dimensions that put offsets within a sample past int32 are refused with
+    an error naming them (pure arithmetic: such a view needs 2**31 elements of storage);
+    size-1 dimensions' strides are replaced, and ordinary strides are kept."""
+    args = ((4, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    assert fwd._in_sample_strides((2, 16, 4, 4), (256, 1, 64, 16), *args) is None
+    assert fwd._in_sample_strides((2, 16, 1, 4), (64, 1, 2**31 - 1, 16),
+                                  (1, 4), *args[1:]) == (64, 1, 0, 16)
+    with pytest.raises(ValueError, match=r"x's strides \(256, 1, 536870912, 16\)"):
+        fwd._in_sample_strides((2, 16, 4, 4), (256, 1, 2**29, 16), *args)
