@@ -76,7 +76,7 @@ VARIANTS = {
     "weight kernels 8 channels a program": _patched(
         weight, "_gpu_blocks", lambda f: _unspread_weight_blocks),
     "prepare sums of squares not spread": _patched(
-        fwd, "sumsq_tiles", lambda f: lambda Cg, P, images=0, along_channels=True: f(Cg, P)),
+        fwd, "sumsq_tiles", lambda f: lambda Cg, P, images=0, channels_contiguous=True: f(Cg, P)),
     "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
     "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
     "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),

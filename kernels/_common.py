@@ -139,11 +139,20 @@ def position_cursor(o_k, OH, OW, dh, dw, stride_h, stride_w, sxn, sxh, sxw, sxg,
     o_n = o_t // OH
     o_ih = (o_t - o_n * OH) * stride_h + dh
     o_iw = (o_k - o_t * OW) * stride_w + dw
-    un, uh, uw = sxn // sxg, sxh // sxg, sxw // sxg
-    if WIDE:   # every product in int64 (a stride alone may pass 2**31 / OH)
+    un, uh, uw = _cursor_units(sxn, sxh, sxw, sxg, WIDE)
+    if WIDE:
         o_n = o_n.to(tl.int64)
-        un, uh, uw = tl.cast(un, tl.int64), tl.cast(uh, tl.int64), tl.cast(uw, tl.int64)
     return o_n * un + o_ih * uh + o_iw * uw, o_ih, o_iw
+
+
+@triton.jit
+def _cursor_units(sxn, sxh, sxw, sxg, WIDE: tl.constexpr):
+    """x's position strides in units of ``sxg``, the cursor's offset unit; int64 if ``WIDE``,
+    so that every product with them is (a stride alone may pass 2**31 / OH)."""
+    un, uh, uw = sxn // sxg, sxh // sxg, sxw // sxg
+    if WIDE:
+        un, uh, uw = tl.cast(un, tl.int64), tl.cast(uh, tl.int64), tl.cast(uw, tl.int64)
+    return un, uh, uw
 
 
 @triton.jit
@@ -155,10 +164,9 @@ def cursor_step(STEP: tl.constexpr, OH, OW, stride_h, stride_w, sxn, sxh, sxw, s
     d_n = STEP // (OH * OW)
     d_h = (STEP - d_n * OH * OW) // OW
     d_w = STEP - d_n * OH * OW - d_h * OW
-    un, uh, uw = sxn // sxg, sxh // sxg, sxw // sxg
+    un, uh, uw = _cursor_units(sxn, sxh, sxw, sxg, WIDE)
     if WIDE:
         d_n = tl.cast(d_n, tl.int64)
-        un, uh, uw = tl.cast(un, tl.int64), tl.cast(uh, tl.int64), tl.cast(uw, tl.int64)
     step = d_n * un + (d_h * stride_h) * uh + (d_w * stride_w) * uw     # no carry
     carry_w = stride_h * uh - (OW * stride_w) * uw                      # a column carry
     carry_h = un - (OH * stride_h) * uh                                 # a row carry
