@@ -326,18 +326,23 @@ def test_int64_offsets_past_2_pow_31():
     torch.testing.assert_close(y[-1:], tail, rtol=2e-2, atol=2e-2)
 
 
-def test_a_size_one_dimension_with_a_stride_past_int32():
+@pytest.mark.parametrize("W, kernel, padding", [(5, 3, (2, 1)), (6, 1, (1, 0))],
+                         ids=["3x3-forward", "1x1-wgrad"])
+def test_a_size_one_dimension_with_a_stride_past_int32(W, kernel, padding):
     """torch leaves a size-1 dimension's stride arbitrary: a channels-last x of height 1 whose
-    H stride is 2**31 − 1 (an ``as_strided`` view), read by a 3×3 kernel through padding 2,
-    made the forward's int32 tap offsets wrap (the load faulted); the forward views it with
-    stride 0 there. Forward and gradients against the float64 reference."""
-    base = torch.randn(30 * 16 * 5, device=DEVICE)
-    x = torch.as_strided(base, (30, 16, 1, 5), (80, 1, 2**31 - 1, 16))
-    w = torch.randn(16, 16, 3, 3, device=DEVICE)
+    H stride is 2**31 − 1 (an ``as_strided`` view), read through padding rows. A 3×3 kernel
+    through padding 2 made the forward's int32 tap offsets wrap (the load faulted); the forward
+    views it with stride 0 there. The backward reads the original x: its wgrad GEMM's cursor
+    goes int64 (``WIDE``), where a 1×1 kernel through padding 1 had offsets 2**32 too large
+    while only the sample term was widened. Forward and gradients against the float64
+    reference."""
+    base = torch.randn(30 * 16 * W, device=DEVICE)
+    x = torch.as_strided(base, (30, 16, 1, W), (16 * W, 1, 2**31 - 1, 16))
+    w = torch.randn(16, 16, kernel, kernel, device=DEVICE)
     outs = []
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
         xx, ww = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-        y = scd_triton.scd2d(xx, ww, 2.0, 0.1, padding=(2, 1), backend=backend)
+        y = scd_triton.scd2d(xx, ww, 2.0, 0.1, padding=padding, backend=backend)
         outs.append((y, *torch.autograd.grad(y, (xx, ww), torch.ones_like(y))))
     for name, got, want in zip(("y", "grad_x", "grad_w"), *outs):
         assert_close(name, got, want, torch.float32, grad=name != "y")

@@ -177,23 +177,6 @@ def test_wgrad_cursor_over_several_steps_matches_oracle(case, wide, monkeypatch)
     assert used and all(w is False and (DEVICE == "cuda" or k == 128) for w, k in used), used
 
 
-def test_wgrad_cursor_with_a_stride_past_int32_matches_reference():
-    """A channels-last x whose size-1 H dimension has a stride of 2**31 − 1 (torch allows any
-    stride there): the padding rows the 1×1 kernel reads through (padding 1 on H) sit 2**31 − 1
-    elements away, masked. ``WIDE`` then holds every offset product in int64; with only the
-    sample term widened, offsets came out 2**32 too large and the load faulted."""
-    x = torch.as_strided(torch.randn(30 * 16 * 6, device=DEVICE), (30, 16, 1, 6),
-                         (96, 1, 2**31 - 1, 16))
-    w = torch.randn(16, 16, 1, 1, device=DEVICE)
-    grads = []
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
-        xx, ww = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
-        y = scd_triton.scd2d(xx, ww, 2.0, 0.1, padding=(1, 0), backend=backend)
-        grads.append(torch.autograd.grad(y, (xx, ww), torch.ones_like(y)))
-    for got, want in zip(*grads):
-        assert_close("grad", got, want, torch.float32, grad=True)
-
-
 def test_wgrad_cursor_goes_int64_by_the_strides_of_x():
     """``WIDE`` follows x's offsets, not its size: a channels-last batch of 2**30 elements is
     int32, every second sample of a batch twice as large (the same shape, twice the sample
