@@ -24,6 +24,17 @@ def test_channels_last_matches_oracle(case):
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "reference", channels_last=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("side", [8, 24], ids=["pow", "exp-ln"])
+def test_both_forms_of_the_power_match_oracle(side, dtype):
+    """The forward takes (|c|+eps)^p as one pow up to ``POW_MAX_ELEMENTS`` outputs (host time)
+    and as exp(p·ln(|c|+eps)) beyond (time per element): both match the oracle."""
+    from scd_triton.reference import POW_MAX_ELEMENTS
+    case = Case(2, 4, side, side, 4, (3, 3), padding=1)
+    assert (2 * 4 * side * side <= POW_MAX_ELEMENTS) == (side == 8)
+    run_against_oracle(scd_triton.scd2d, case, dtype, "reference")
+
+
 def test_float16_matches_oracle():
     run_against_oracle(scd_triton.scd2d, CASES_2D[0], torch.float16, "reference")
 
