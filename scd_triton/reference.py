@@ -57,9 +57,13 @@ def normalize_weight(weight, q, mode, eps):
         denom = torch.hypot(denom, torch.scalar_tensor(math.sqrt(eps), dtype=torch.float64))
     if mode == "norm_q":
         denom = denom.add_(q)
-    # 1/0 = inf -> 0 (an all-zero kernel); NaN stays NaN; adding 0·denom makes an infinite
-    # norm (an Inf in the kernel) NaN, not 0: the whole kernel is undefined, not only its Inf tap
-    scale = denom.reciprocal().nan_to_num_(nan=math.nan, posinf=0.0).add_(denom, alpha=0)
+    # 1/0 = inf -> 0 (an all-zero kernel; no zero denominator where sqrt(eps) is a normal
+    # number and q >= 0); NaN stays NaN; adding 0·denom makes an infinite norm (an Inf in the
+    # kernel) NaN, not 0: the whole kernel is undefined, not only its Inf tap
+    scale = denom.reciprocal()
+    if not math.sqrt(eps) >= torch.finfo(cdt).tiny:
+        scale = scale.nan_to_num_(nan=math.nan, posinf=0.0)
+    scale = scale.add_(denom, alpha=0)
     w_hat = weight * scale.view(O, *(1,) * (weight.dim() - 1))
     return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), scale
 
@@ -100,15 +104,17 @@ def _power(base, p):
     return base.log_().mul_(p).exp_()
 
 
-def _patch_sum_squares(xp, groups, kernel_size, stride, padding, dilation):
-    """Σ s² over each patch of each group's channels, ``[N, G, OH, OW]`` (conv2d's arguments)."""
+def _patch_sum_squares(xp, groups, kernel_size, stride, padding, dilation, norm_eps):
+    """Σ s² + norm_eps over each patch of each group's channels, ``[N, G, OH, OW]`` (conv2d's
+    arguments; norm_eps added as the convolution's bias: one op fewer)."""
     N, C, H, W = xp.shape
     sq = xp.square()
     # more than 3 channels per group: channel sums first, then an R×S box sum (faster on CPU
     # than a ones-kernel conv over all of them)
     if C // groups > 3:
         sq = sq.view(N, groups, C // groups, H, W).sum(2)
-    return F.conv2d(sq, _box_sum_weight(groups, sq.shape[1] // groups, kernel_size, sq), None,
+    bias = sq.new_full((groups,), norm_eps) if norm_eps else None
+    return F.conv2d(sq, _box_sum_weight(groups, sq.shape[1] // groups, kernel_size, sq), bias,
                     stride, padding, dilation, groups)
 
 
@@ -127,12 +133,12 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     if C:
         d = F.conv2d(xp, w_hat if w_hat.dtype == cdt else w_hat.to(cdt), None, stride, conv_pad,
                      dilation, groups)
-        ssq = _patch_sum_squares(xp, G, (R, S), stride, conv_pad, dilation)
+        ssq = _patch_sum_squares(xp, G, (R, S), stride, conv_pad, dilation, norm_eps)
     else:  # conv2d returns no output channels for an input without channels: all sums are 0
         OH, OW = output_hw(x.shape[-2:], (R, S), stride, padding, dilation)
-        d, ssq = xc.new_zeros(N, O, OH, OW), xc.new_zeros(N, G, OH, OW)
+        d, ssq = xc.new_zeros(N, O, OH, OW), xc.new_full((N, G, OH, OW), norm_eps)
     OH, OW = d.shape[-2:]
-    norm = ssq.add_(norm_eps).sqrt_()                                # [N, G, OH, OW]
+    norm = ssq.sqrt_()                                               # [N, G, OH, OW]
     # ‖s‖ + q per output channel (output-sized), then c in d's memory: fresh output-sized
     # buffers cost page faults on CPU
     if G == 1:

@@ -35,6 +35,20 @@ def test_both_forms_of_the_power_match_oracle(side, dtype):
     run_against_oracle(scd_triton.scd2d, case, dtype, "reference")
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-80], ids=["eps0", "sqrt-eps-subnormal"])
+def test_zero_kernel_norm_gives_scale_zero_where_sqrt_eps_is_not_a_normal_float(eps):
+    """An all-zero kernel with q = 0 and sqrt(eps) 0 or subnormal in float32 (1/denominator
+    inf or overflowing): scale 0 and ŵ = 0, not NaN; an Inf tap makes its kernel's scale NaN."""
+    from scd_triton.reference import normalize_weight
+    w = torch.randn(3, 2, 3, 3)
+    w[1] = 0
+    w[2, 0, 1, 1] = float("inf")
+    w_hat, scale = normalize_weight(w, torch.zeros(3), "norm", eps)
+    assert scale[1] == 0 and (w_hat[1] == 0).all()
+    assert scale[2].isnan() and w_hat[2].isnan().all()
+    assert torch.isfinite(w_hat[0]).all() and scale[0] > 0
+
+
 def test_float16_matches_oracle():
     run_against_oracle(scd_triton.scd2d, CASES_2D[0], torch.float16, "reference")
 
