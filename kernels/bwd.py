@@ -139,7 +139,8 @@ def prologue_tile(
         p_part = PART + i_m.to(tl.int64) * (2 * O) + o_glob              # [ROWS, 2, O]: p, q
         tl.store(p_part, tl.sum(b_gp, axis=0) * 0.6931471805599453, mask=m_go)
         tl.store(p_part + O, -tl.sum(b_gc, axis=0), mask=m_go)
-    tl.store(GNS + o_norm, -b_ns / b_norm, mask=m_pg)
+    # an all-zero patch with norm_eps = 0: ‖s‖ = 0 and Σ G·c/a = 0, so 0, not 0/0
+    tl.store(GNS + o_norm, -b_ns / tl.where(b_norm == 0, 1.0, b_norm), mask=m_pg)
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])

@@ -493,7 +493,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     if plan.transpose_x and not plan.copy:
         x = to_channels_last(x)
     if plan.w_layout is None:     # direct kernel: ŵ as [O, C/G, R, S]
-        w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps).contiguous()
+        w_hat = normalize_weight(weight, q, weight_norm, weight_norm_eps)
         x_sq = ()
     else:
         w_hat = torch.empty(plan.w_layout[0], dtype=weight.dtype, device=dev)

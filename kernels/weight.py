@@ -6,9 +6,10 @@ launch per call instead of a chain of small torch ops. Per output channel ``o``:
 
     n = sqrt(Σ w_o² + eps);  scale = 1 / (n + q_o) (MODE 2, "norm_q"), 1 / n (MODE 1, "norm"),
     1 (MODE 0, "none");  a zero denominator gives scale 0 (an all-zero kernel matches nothing),
-    an infinite one scale NaN
-    grad_w = scale · grad_ŵ − w · k · scale² / n,  grad_q = − k · scale²,  k = Σ grad_ŵ · w
-    (MODE 0: grad_w = grad_ŵ)
+    an infinite one scale NaN (MODE 0: an Inf tap, found as Σ w·0 = NaN, gives scale NaN)
+    grad_w = (grad_ŵ − w · k / n) · scale,  grad_q = − k · scale,  k = Σ grad_ŵ · ŵ
+    (MODE 0: grad_w = grad_ŵ; in this form no intermediate overflows for a tiny kernel, where
+    scale² would)
 
 A split-K workspace of grad_ŵ is first summed by ``sum_splits_kernel``, spread over the whole
 tensor: the Jacobian kernel has one program per few channels, too few to stream a workspace.
@@ -30,7 +31,7 @@ TAP_MAJOR_PROGRAMS = 264  # the forward's B matrix: programs enough for two wave
 
 @triton.jit
 def _scale(sumsq, q, eps, MODE: tl.constexpr):
-    """(scale, n) per channel from Σw² (see the module docstring)."""
+    """(scale, n) per channel from Σw² (MODE 0: from Σ w·0; see the module docstring)."""
     n = tl.sqrt(sumsq + eps)
     if MODE == 2:
         denom = n + q
@@ -40,7 +41,7 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
     scale = tl.where(zero, 0.0, 1.0 / tl.where(zero, 1.0, denom))
     scale = tl.where(denom == float("inf"), float("nan"), scale)   # an Inf in the kernel
     if MODE == 0:
-        scale = tl.full(sumsq.shape, 1.0, tl.float32)
+        scale = 1.0 + sumsq
     return scale, n
 
 
@@ -103,11 +104,13 @@ def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_
     o_k = tl.arange(0, BK)
     p_w = W + o_o.to(tl.int64)[:, None] * sw_o                           # [BO, 1]
     sumsq = tl.zeros((BO,), dtype=tl.float32)
-    if MODE != 0:
-        for k0 in range(0, K, BK):
-            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
-            m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-            b_w = tl.load(p_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
+    for k0 in range(0, K, BK):
+        o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
+        m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
+        b_w = tl.load(p_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
+        if MODE == 0:   # ŵ given: only an Inf tap matters, which makes w·0 NaN
+            sumsq += tl.sum(b_w * 0.0, axis=1)
+        else:
             sumsq += tl.sum(b_w * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, _ = _scale(sumsq, b_q, eps, MODE)
@@ -170,7 +173,8 @@ def normalize_weight_backward_kernel(
             dot += tl.sum(b_g * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
     b_scale, b_n = _scale(sumsq, b_q, eps, MODE)
-    b_coef = tl.where(b_n == 0, 0.0, dot * b_scale * b_scale / tl.where(b_n == 0, 1.0, b_n))
+    dot = dot * b_scale                                                  # Σ grad_ŵ · ŵ
+    b_coef = tl.where(b_n == 0, 0.0, dot / tl.where(b_n == 0, 1.0, b_n))
     b_gq = tl.zeros((BO,), dtype=tl.float32)
     if PARTIALS:
         b_gp = tl.zeros((BO,), dtype=tl.float32)
@@ -182,7 +186,7 @@ def normalize_weight_backward_kernel(
             b_gq += tl.sum(tl.load(p_part + O, mask=m, other=0.0), axis=1)
         tl.store(GP + o_o, b_gp, mask=m_o)
     if MODE == 2:
-        b_gq += -dot * b_scale * b_scale
+        b_gq += -dot * b_scale
     if PARTIALS or MODE == 2:
         tl.store(GQ + o_o, b_gq, mask=m_o)
     p_dst = W_HAT + i_g.to(tl.int64) * s_g + o_j[:, None] * s_j          # [BO, 1] in ŵ
@@ -195,7 +199,7 @@ def normalize_weight_backward_kernel(
         if MODE == 0:
             b_gw = b_g
         else:
-            b_gw = b_g * b_scale[:, None] - b_w * b_coef[:, None]
+            b_gw = (b_g - b_w * b_coef[:, None]) * b_scale[:, None]
         tl.store(GW + row_w + o_w[None, :], b_gw.to(GW.dtype.element_ty), mask=m)
         if W_HAT_OUT:
             tl.store(p_dst + (o_c * s_c + o_t * s_t)[None, :],
@@ -324,10 +328,8 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slot
     """ŵ written into ``out`` (default: a new tensor shaped like ``w``) at ``out_strides =
     (per group, per channel in group, per input channel, per tap)``. ``slots = (CP, TP,
     ROWS)``: ``out`` has CP channel slots per tap and TP tap slots, and its slots outside w
-    with ``tap·CP + channel < ROWS`` are zeroed (a GEMM's padded K rows). Mode "none"
-    without ``out`` returns ``w`` itself (no launch). ``spread``: see ``normalize_args``."""
-    if mode == "none" and out is None:
-        return w
+    with ``tap·CP + channel < ROWS`` are zeroed (a GEMM's padded K rows). Mode "none" copies
+    ``w``, with an Inf tap's kernel NaN. ``spread``: see ``normalize_args``."""
     if out is None:
         out = torch.empty_like(w, memory_format=torch.contiguous_format)
         O, Cg, R, S = w.shape

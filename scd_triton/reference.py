@@ -43,18 +43,22 @@ def normalize_weight(weight, q, mode, eps):
     """``(ŵ, scale)`` with ``ŵ = weight · scale`` per output channel (``scale [O]``, compute dtype).
 
     mode "norm_q": ``scale = 1 / (sqrt(Σw² + eps) + q)``; "norm": ``1 / sqrt(Σw² + eps)``;
-    "none": ŵ is ``weight`` itself (scale None). A zero denominator (an all-zero kernel with
+    "none": ŵ is ``weight`` (scale None). A zero denominator (an all-zero kernel with
     ``eps = q = 0``) gives scale 0: that kernel matches nothing (y = 0) and gets no gradient.
-    NaN in a kernel stays NaN, and an infinite norm (an Inf in the kernel) gives scale NaN.
+    NaN in a kernel stays NaN, and an infinite norm (an Inf in the kernel) gives scale NaN; in
+    mode "none" too, an Inf tap makes its whole kernel NaN.
     """
     if mode == "none":
-        return weight, None
+        # Σ w·0 per kernel is 0, or NaN where a tap is ±Inf (or NaN)
+        return weight + weight.mul(0).sum(tuple(range(1, weight.dim())), keepdim=True), None
     O, cdt = weight.shape[0], compute_dtype(weight.dtype)
     denom = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim())), dtype=cdt)
     if eps:
         # sqrt(Σw² + eps) in one op, not three (on a small layer an op's host time is its
-        # cost); a 0-dim CPU tensor serves as a scalar on any device
-        denom = torch.hypot(denom, torch.scalar_tensor(math.sqrt(eps), dtype=torch.float64))
+        # cost); a 0-dim CPU tensor serves as a scalar on any device (CPU whatever torch's
+        # default device is)
+        denom = torch.hypot(denom, torch.scalar_tensor(math.sqrt(eps), dtype=torch.float64,
+                                                       device="cpu"))
     if mode == "norm_q":
         denom = denom.add_(q)
     # 1/0 = inf -> 0 (an all-zero kernel; no zero denominator where sqrt(eps) is a normal
@@ -72,9 +76,9 @@ def normalize_weight_backward(grad_w_hat, weight, q, mode, eps, scale=None):
     """``(grad_weight, grad_q [O] or None)`` of :func:`normalize_weight` from ``grad_ŵ``.
 
     With ``n = sqrt(Σw² + eps)``, ``scale`` as in :func:`normalize_weight` (recomputed unless
-    given) and ``k = Σ grad_ŵ · w`` per channel: ``grad_w = scale · grad_ŵ − w · k · scale² / n``
-    and, for "norm_q", ``grad_q = −k · scale²`` (None for the other modes, where q does not
-    enter ŵ).
+    given) and ``k = Σ grad_ŵ · ŵ`` per channel: ``grad_w = (grad_ŵ − w · k / n) · scale``
+    and, for "norm_q", ``grad_q = −k · scale`` (None for the other modes, where q does not
+    enter ŵ). In this form no intermediate overflows for a tiny kernel, where scale² would.
     """
     if mode == "none":
         return grad_w_hat, None
@@ -82,11 +86,11 @@ def normalize_weight_backward(grad_w_hat, weight, q, mode, eps, scale=None):
         _, scale = normalize_weight(weight, q, mode, eps)
     O, cdt = weight.shape[0], scale.dtype
     w, g = weight.to(cdt).reshape(O, -1), grad_w_hat.to(cdt).reshape(O, -1)
-    k = (g * w).sum(1)
+    k = (g * w).sum(1).mul_(scale)                                    # Σ grad_ŵ · ŵ
     n = (w.square().sum(1) + eps).sqrt()
-    coef = torch.where(n == 0, 0.0, k * scale.square() / n)
-    grad_w = (g * scale[:, None] - w * coef[:, None]).view_as(weight).to(weight.dtype)
-    grad_q = (-k * scale.square()).to(q.dtype) if mode == "norm_q" else None
+    coef = torch.where(n == 0, 0.0, k / n)
+    grad_w = ((g - w * coef[:, None]) * scale[:, None]).view_as(weight).to(weight.dtype)
+    grad_q = (-k * scale).to(q.dtype) if mode == "norm_q" else None
     return grad_w, grad_q
 
 
@@ -202,8 +206,11 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         (need_grad_x, need_grad_params, False))
     grad_x = None
     if need_grad_x:
+        # an all-zero patch with norm_eps = 0 has ‖s‖ = 0 and grad_‖s‖ = 0: 0, not 0/0 (a norm,
+        # the root of a sum of squares, is 0 or far above tiny; NaN stays NaN)
         box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, 1, (R, S), xc),
-                           grad_norm / norm, stride, conv_pad, dilation, G)
+                           grad_norm / norm.clamp_min(torch.finfo(norm.dtype).tiny), stride,
+                           conv_pad, dilation, G)
         grad_xp.view(N, G, C // G, *xp.shape[-2:]).addcmul_(
             xp.view(N, G, C // G, *xp.shape[-2:]), box.unsqueeze(2))
         top, _, left, _ = padding   # asymmetric padding was applied explicitly: crop it off

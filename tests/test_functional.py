@@ -167,6 +167,78 @@ def test_eps_zero_with_all_zero_patches_gives_finite_p_gradient(backend):
     assert_close("grad_p", p.grad.cpu(), ref_grad_p, torch.float32, grad=True, reduce_dim=25)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_patches_with_norm_eps_zero_give_the_oracles_finite_gradients(backend):
+    """norm_eps = 0 with q > 0: an all-zero patch has ‖s‖ = 0 and c = 0, and its gradient
+    term grad_‖s‖/‖s‖ is 0, not 0/0 (which made the whole band of grad_x NaN)."""
+    x = torch.randn(1, 2, 6, 6)
+    x[..., 3:] = 0                             # all-zero patches in the right half
+    x, w, p, q = _leaves(x, torch.randn(3, 2, 3, 3), torch.full((3,), 2.0), torch.full((3,), 0.1))
+    y = scd_triton.scd2d(x, w, p, q, padding=1, norm_eps=0.0, backend=backend)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, p, q)]
+    # the oracle's sqrt needs a positive argument for a finite derivative at s = 0
+    ref = oracle.scd2d(*leaves, padding=(1, 1, 1, 1), norm_eps=1e-300)
+    ref.backward(grad_y.cpu().double())
+    assert_close("y", y.detach().cpu(), ref.detach(), torch.float32, reduce_dim=18)
+    for name, t, r in zip("xwpq", (x, w, p, q), leaves):
+        assert_close(f"grad_{name}", t.grad.cpu(), r.grad, torch.float32, grad=True, reduce_dim=36)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels", [3, 8], ids=["direct", "gemm"])
+def test_inf_in_a_given_normalised_kernel_gives_nan_in_every_output_of_its_channel(backend,
+                                                                                   channels):
+    """scd2d_normalized: an Inf tap makes its kernel NaN, as an infinite norm does under the
+    norms (without it d and c were ±inf); the corner tap falls on padding at the border."""
+    w = torch.randn(4, channels, 3, 3) * 0.2
+    w[1, 0, 0, 0] = float("inf")
+    x, w = _leaves(torch.randn(2, channels, 6, 6), w)
+    y = scd_triton.scd2d_normalized(x, w, 2.0, 0.1, padding=1, backend=backend)
+    assert torch.isnan(y[:, 1]).all(), "an Inf in a kernel must give NaN in its channel"
+    assert torch.isfinite(y[:, [0, 2, 3]]).all()
+    y.backward(torch.ones_like(y))
+    assert torch.isnan(w.grad[1]).all() and torch.isfinite(w.grad[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_kernel_gets_the_oracles_finite_gradient_under_the_plain_norm(backend):
+    """The Rohrer layer's norm (no eps, no q) of a kernel of ~1e-20 values: the Jacobian's
+    scale² (~4e38) overflowed float32 and made grad_w inf/NaN."""
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3) * 1e-20
+    x, w, p, q = _leaves(x, w, torch.full((4,), 2.0), torch.tensor(0.1))
+    y = scd_nd(x, w, p, q, 1, 1, 1, 1, 1e-6, 1e-6, backend, 2, weight_norm="norm",
+               weight_norm_eps=0.0)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, p, q)]
+    x64, w64, p64, q64 = leaves
+    w_hat = w64 / w64.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    ref = oracle.scd2d_normalized(x64, w_hat, p64, q64, padding=(1, 1, 1, 1), eps=1e-6,
+                                  norm_eps=1e-6)
+    ref.backward(grad_y.cpu().double())
+    for name, t, r in zip("xwpq", (x, w, p, q), leaves):
+        assert_close(f"grad_{name}", t.grad.cpu(), r.grad, torch.float32, grad=True, reduce_dim=27)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_call_ignores_torchs_default_device(backend):
+    """Inputs on one device, torch's default device another (here meta): the call, forward and
+    backward, runs on the inputs' device and gives the same values."""
+    x, w = _leaves(torch.randn(1, 3, 5, 5), torch.randn(2, 3, 3, 3))
+    expected = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend=backend)
+    expected.sum().backward()
+    expected_grad = w.grad.clone()
+    w.grad = None
+    with torch.device("meta"):
+        y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend=backend)
+        y.sum().backward()
+    assert y.device == x.device
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, expected_grad, rtol=0, atol=0)
+
+
 def test_python_float_p_q_are_filled_once_and_stay_usable_for_training(monkeypatch):
     """A Python-float p or q becomes a device tensor once per value (no fill per call); the
     tensor made under inference mode still serves a later call that saves it for backward,
