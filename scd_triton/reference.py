@@ -148,7 +148,8 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     if G == 1:
         a = norm + q.view(O, 1, 1)
     else:
-        a = (norm.view(N, G, 1, OH, OW) + q.view(1, G, O // G, 1, 1)).view(N, O, OH, OW)
+        # reshape: norm is channels-last when x is (conv2d's output follows its input)
+        a = (norm.unsqueeze(2) + q.view(1, G, O // G, 1, 1)).reshape(N, O, OH, OW)
     c = d.div_(a)
     # y in a tensor of its own, not a view: the caller may modify the output in place
     y = _signed(_power(c.abs().add_(eps), p.view(O, 1, 1)), c)

@@ -239,6 +239,25 @@ def test_a_call_ignores_torchs_default_device(backend):
     torch.testing.assert_close(w.grad, expected_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group_channels", [2, 3])
+def test_channels_last_groups_with_python_float_p_q_equal_nchw(backend, group_channels):
+    """Groups of 2–3 channels, channels-last x, a shared (expanded) q: the reference's
+    ``‖s‖ + q`` followed the patch norms' channels-last layout, which a view could not flatten
+    (a RuntimeError)."""
+    x, w = torch.randn(2, 2 * group_channels, 5, 5), torch.randn(4, group_channels, 3, 3)
+    x_cl, w = _leaves(x.to(memory_format=torch.channels_last), w)
+    y_cl = scd_triton.scd2d(x_cl, w, 2.0, 0.1, padding=1, groups=2, backend=backend)
+    y_cl.backward(torch.ones_like(y_cl))
+    x_nchw, w_nchw = _leaves(x, w.detach())
+    y = scd_triton.scd2d(x_nchw, w_nchw, 2.0, 0.1, padding=1, groups=2, backend=backend)
+    y.backward(torch.ones_like(y))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_cl.grad, x_nchw.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, w_nchw.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_python_float_p_q_are_filled_once_and_stay_usable_for_training(monkeypatch):
     """A Python-float p or q becomes a device tensor once per value (no fill per call); the
     tensor made under inference mode still serves a later call that saves it for backward,
