@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import reference
 from .kernels.shapes import compute_dtype, memory_format, output_hw, saved_c_format
@@ -178,12 +179,52 @@ def _graph_is_kept():
     return keep_graph is None or torch.compiler.is_compiling() or keep_graph()
 
 
+def _nested_transforms():
+    """Whether two differentiating ``torch.func`` transforms run (``grad`` of ``grad``; ``vmap``
+    of ``grad`` is not differentiation twice)."""
+    if torch._C._functorch.maybe_current_level() is None:
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+    return sum(i.key() in kinds for i in retrieve_all_functorch_interpreters()) > 1
+
+
+_NO_SECOND_DERIVATIVE = ("scd_triton's backward is analytic and has no derivative: second "
+                         "derivatives (double backward, gradient penalties, nested "
+                         "torch.func.grad, hessian) are not supported")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The backward's gradients under ``create_graph=True``: copies whose own backward raises.
+    The op's inputs are inputs here too, so that ``autograd.grad(gradient, x)`` meets it
+    (``torch.autograd.function.once_differentiable`` ties the gradients to ``grad_y`` only,
+    and ``y.sum()``'s needs no grad: the second derivative came out as zero)."""
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
+
+
 def _saved_backward(ctx, grad_y):
-    """The eager Functions' backward: the op's analytic backward on what the forward saved."""
+    """The eager Functions' backward: the op's analytic backward on what the forward saved,
+    which has no graph (see ``_FirstOrderOnly``)."""
+    if _nested_transforms():
+        raise RuntimeError(_NO_SECOND_DERIVATIVE)
     x, weight, p, q, c, norm = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    return (*backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4]),
-                      not _graph_is_kept()), None)
+    create_graph = torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
+    with torch.no_grad():
+        grads = backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4]),
+                         not _graph_is_kept())
+    if create_graph:
+        present = [g for g in grads if g is not None]
+        copies = iter(_FirstOrderOnly.apply(len(present), *present, x, weight, p, q))
+        grads = tuple(None if g is None else next(copies) for g in grads)
+    return (*grads, None)
 
 
 class _EagerSCD2d(torch.autograd.Function):
@@ -197,7 +238,6 @@ class _EagerSCD2d(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable   # the analytic backward has no graph
     def backward(ctx, grad_y):
         return _saved_backward(ctx, grad_y)
 
@@ -217,9 +257,14 @@ class _FuncSCD2d(torch.autograd.Function):
         _setup_context(ctx, (*inputs[:4], *inputs[4]), output)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, _grad_c, _grad_norm):
         return (None,) * 5 if grad_y is None else _saved_backward(ctx, grad_y)
+
+
+def _dual(*tensors):
+    """Whether a forward-mode AD level is open and one of ``tensors`` carries a tangent."""
+    return (getattr(forward_ad, "_current_level", -1) >= 0
+            and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
 
 
 def under_func_transform():
@@ -239,6 +284,10 @@ def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, wei
         return torch.ops.scd_triton.scd2d_core(x, weight, p, q, list(stride), list(padding),
                                                list(dilation), *args[3:], save)[0]
     transform = under_func_transform()
+    if backend == "triton" and _dual(x, weight, p, q):
+        raise NotImplementedError("forward-mode AD (dual tensors) runs the reference backend "
+                                  "only: the Triton kernels would drop the tangents; pass "
+                                  "backend='reference' (or set SCD_BACKEND=reference)")
     if transform and backend == "triton":
         raise NotImplementedError("torch.func transforms (grad, vjp, vmap, ...) run the "
                                   "reference backend only: they re-run a backward on wrapped "

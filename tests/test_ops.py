@@ -235,14 +235,56 @@ def test_tuple_subclasses_are_accepted_as_conv_arguments():
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
-def test_double_backward_is_refused_not_silently_wrong():
-    """The backward is analytic (no graph): a second derivative raises instead of being wrong."""
-    x, w = _args()
-    x.requires_grad_()
-    g, = torch.autograd.grad(scd_triton.scd2d(x, w, 2.0, 0.1, padding=1).sum(), x,
-                             create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        g.sum().backward()
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_second_derivatives_raise_and_first_derivatives_with_a_graph_do_not(backend):
+    """The analytic backward has no derivative. A gradient penalty, autograd.grad of a
+    gradient, hessian and grad of grad raise (torch's once_differentiable let the first two
+    through as a zero second derivative, y.sum()'s grad_y needing no grad); create_graph=True
+    alone still gives the plain gradient."""
+    if backend == "triton" and not _triton_runs():
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = (t.to(device) for t in _args(N=1, C=2, H=5, W=5, O=2))
+    scd = lambda x, w: scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend=backend)
+    leaf = lambda t: t.detach().clone().requires_grad_()
+    xl, wl = leaf(x), leaf(w)
+    y = scd(xl, wl)
+    g, = torch.autograd.grad(y.sum(), xl, create_graph=True)
+    plain, = torch.autograd.grad(scd(xl, wl).sum(), xl)
+    torch.testing.assert_close(g, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        (y.sum() + g.square().sum()).backward()          # a gradient penalty
+    xl = leaf(x)
+    g, = torch.autograd.grad(scd(xl, w).sum(), xl, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(g.sum(), xl)
+    if backend == "reference":   # the transforms run the reference backend only
+        with pytest.raises(RuntimeError, match="second derivatives"):
+            torch.autograd.functional.hessian(lambda a: scd(a, w).sum(), x)
+        inner = lambda a: torch.func.grad(lambda b: scd(b, w).square().sum())(a)
+        with pytest.raises(RuntimeError, match="second derivatives"):
+            torch.func.grad(lambda a: inner(a).square().sum())(x)
+
+
+def test_forward_mode_runs_the_reference_backend_and_the_triton_backend_refuses_it():
+    """Forward-mode AD: torch.func.jvp / jacfwd of a call that saves nothing for backward run
+    the reference backend's torch ops (tangents against finite differences); the Triton
+    kernels would drop the tangents of dual tensors, so that backend raises."""
+    import torch.autograd.forward_ad as fwAD
+    x, w = _args(N=1, C=2, H=5, W=5, O=2, dtype=torch.float64)
+    v = torch.randn_like(x)
+    scd = lambda a, backend="reference": scd_triton.scd2d(a, w, 2.0, 0.1, padding=1,
+                                                           backend=backend)
+    _, tangent = torch.func.jvp(scd, (x,), (v,))
+    finite_difference = (scd(x + 1e-6 * v) - scd(x - 1e-6 * v)) / 2e-6
+    torch.testing.assert_close(tangent, finite_difference, rtol=1e-5, atol=1e-7)
+    assert torch.func.jacfwd(scd)(x).shape == (1, 2, 5, 5, 1, 2, 5, 5)
+    if _triton_runs():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x.float().to(device), v.float().to(device))
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                scd_triton.scd2d(dual, w.float().to(device), 2.0, 0.1, backend="triton")
 
 
 def test_torch_func_grad_and_vjp_match_autograd():
