@@ -20,6 +20,7 @@ from triton.runtime import driver
 
 _COMPILED = {}   # key -> (kernel, its launcher, function handle, packed metadata, constexprs)
 _MAX_ENTRIES = 4096       # a bound for programs that call with ever new sizes
+MAX_GRID_YZ = 65535       # CUDA's limit on a grid's second and third dimensions
 
 
 def cdiv(a: int, b: int) -> int:
@@ -67,6 +68,11 @@ def launch(kernel, grid, tensors, scalars, constexprs, num_warps, num_stages):
     if _ordinary(tensors[0], runtime):
         kernel[grid](*tensors, *scalars, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
+    if len(grid) > 1 and max(grid[1:]) > MAX_GRID_YZ:
+        raise NotImplementedError(
+            f"{getattr(kernel, '__name__', kernel)} would launch {grid} programs: CUDA allows at "
+            f"most {MAX_GRID_YZ} along grid axes 1 and 2 (e.g. the input gradient's axis 2 is "
+            f"groups × stride_h × stride_w); not supported")
     compilation = knobs.compilation
     device = driver.active.get_current_device()
     key = (id(kernel), device, num_warps, num_stages, runtime.debug,

@@ -61,6 +61,18 @@ def test_second_call_launches_the_cached_kernel_directly(kernel):
     assert kernel.fast == [(3, 2, 1, 77, "fn1", "meta", None, None, None, x, y, 10, 0.5, 64, True)]
 
 
+@pytest.mark.parametrize("grid", [(1, 65536), (2, 1, 65536)])
+def test_a_grid_past_cudas_limit_raises_before_any_launch(kernel, grid):
+    """CUDA allows at most 65535 programs along grid axes 1 and 2 (the input gradient's axis 2
+    is groups × stride_h × stride_w): an error that says so, not a failed launch."""
+    args = ((FakeTensor(1024), FakeTensor(2048)), (16, 0.5), dict(BLOCK=64, FLAG=True), 4, 1)
+    with pytest.raises(NotImplementedError, match="65535"):
+        launch(kernel, grid, *args)
+    assert not kernel.slow and not kernel.fast
+    launch(kernel, (70000, 65535, 65535), *args)     # axis 0 has no such limit
+    assert len(kernel.slow) == 1
+
+
 def test_the_current_device_picks_the_compiled_kernel_and_the_stream(kernel, monkeypatch):
     args = ((FakeTensor(1024), FakeTensor(2048)), (16, 0.5), dict(BLOCK=64, FLAG=True), 4, 1)
     launch(kernel, (1,), *args)
