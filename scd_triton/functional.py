@@ -107,8 +107,22 @@ def _check_scalar(value, name, positive=False, expected="a float or a tensor"):
     if type(value) is not float and (isinstance(value, bool)   # a float skips the ABC check
                                      or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:     # an int past float's range
+        finite = False
+    if not finite or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
+
+
+_LARGEST = {dtype: torch.finfo(dtype).max for dtype in (torch.float32, torch.float64)}
+
+
+def _check_fits(value, name, dtype):
+    """A validated Python float that the op holds in the compute ``dtype`` must not overflow."""
+    if value > _LARGEST[dtype]:
+        raise ValueError(f"{name} must fit in {dtype}, the compute dtype of x's dtype, "
                          f"got {value!r}")
 
 
@@ -154,7 +168,9 @@ def _effective(value, name, x, out_channels, traced):
     dtype = compute_dtype(x.dtype)
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
-        return _filled(float(value), out_channels, dtype, x, traced)
+        value = float(value)
+        _check_fits(value, name, dtype)
+        return _filled(value, out_channels, dtype, x, traced)
     if value.device != x.device:
         raise RuntimeError(f"{name} is on {value.device} but x is on {x.device}")
     if value.dtype not in (torch.float32, x.dtype):
@@ -228,6 +244,8 @@ def _geometry(key):
         raise ValueError(f"weight must have a non-empty kernel and out_channels, got {w_shape}")
     _check_scalar(eps, "eps", expected="a Python float")
     _check_scalar(norm_eps, "norm_eps", expected="a Python float")
+    _check_fits(eps, "eps", compute_dtype(x_dtype))
+    _check_fits(norm_eps, "norm_eps", compute_dtype(x_dtype))
     stride = _positive(stride, ndim, "stride")
     dilation = _positive(dilation, ndim, "dilation")
     kernel = tuple(w_shape[2:])
@@ -269,6 +287,7 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
         weight_norm_eps = norm_eps
     else:
         _check_scalar(weight_norm_eps, "weight_norm_eps", expected="a Python float")
+        _check_fits(weight_norm_eps, "weight_norm_eps", compute_dtype(x.dtype))
     O = weight.shape[0]
     p_eff, q_eff = _effective(p, "p", x, O, traced), _effective(q, "q", x, O, traced)
     backend = resolve_backend(backend, x.device, x.dtype)

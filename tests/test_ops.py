@@ -158,6 +158,12 @@ BAD_CALLS = [
     ("q negative", dict(q=-0.1), ValueError, "q must be a finite float >= 0"),
     ("q inf", dict(q=float("inf")), ValueError, "q must be a finite float >= 0"),
     ("eps tensor", dict(eps=torch.tensor(1e-6)), TypeError, "eps must be a Python float"),
+    # finite Python numbers past float32, the compute dtype of float32 x
+    ("p past float32", dict(p=1e39), ValueError, "p must fit in torch.float32"),
+    ("q past float32", dict(q=1e300), ValueError, "q must fit in torch.float32"),
+    ("eps past float32", dict(eps=1e300), ValueError, "eps must fit in torch.float32"),
+    ("norm_eps past float32", dict(norm_eps=1e300), ValueError, "norm_eps must fit"),
+    ("p int past float", dict(p=10 ** 400), ValueError, "p must be a finite float > 0"),
 ]
 
 
