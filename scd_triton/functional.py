@@ -191,7 +191,8 @@ def _check_tensors(x, weight, ndim):
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if x.dim() != ndim + 2:
         layout = "[N, C, H, W]" if ndim == 2 else "[N, C, L]"
-        raise ValueError(f"x must be {ndim + 2}-D {layout}, got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be {ndim + 2}-D {layout} (or {ndim + 1}-D, one unbatched "
+                         f"sample), got shape {tuple(x.shape)}")
     if weight.dim() != ndim + 2:
         raise ValueError(f"weight must be {ndim + 2}-D [O, C/groups, *kernel], got shape "
                          f"{tuple(weight.shape)}")
@@ -279,6 +280,9 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
     weight_norm_eps)`` (the Rohrer layer), "none" takes it as given (scd2d_normalized).
     ``weight_norm_eps`` defaults to ``norm_eps``.
     """
+    if isinstance(x, Tensor) and x.dim() == ndim + 1:   # one unbatched sample, as conv2d takes
+        return scd_nd(x.unsqueeze(0), weight, p, q, stride, padding, dilation, groups, eps,
+                      norm_eps, backend, ndim, weight_norm, weight_norm_eps).squeeze(0)
     _check_tensors(x, weight, ndim)
     x, weight = _autocast(x, weight)
     traced = torch.compiler.is_compiling()
@@ -319,7 +323,8 @@ def scd2d(x, weight, p, q, stride=1, padding=0, dilation=1, groups=1, eps=1e-12,
     """Sharpened cosine similarity of each patch of ``x`` with each kernel of ``weight``.
 
     Args:
-        x: ``[N, C, H, W]`` float16 / bfloat16 / float32 / float64 (NCHW or channels_last).
+        x: ``[N, C, H, W]`` float16 / bfloat16 / float32 / float64 (NCHW or channels_last),
+            or one unbatched sample ``[C, H, W]`` (as conv2d takes it).
         weight: ``[O, C/groups, R, S]``, same dtype and device as ``x``.
         p: sharpening exponent, ``> 0``: a float or a tensor of shape ``()`` or ``[O]``.
         q: norm offset, ``>= 0``, added to both the patch and the kernel norms; same shapes.

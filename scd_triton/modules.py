@@ -137,6 +137,8 @@ class _SCDNd(nn.Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must "
                              f"be divisible by groups ({groups})")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.param = PARAMETERIZATIONS[parameterization]()
         unknown = set(options) - set(self.param.defaults)
         if unknown:
@@ -161,9 +163,12 @@ class _SCDNd(nn.Module):
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() == self.ndim + 1:   # one unbatched sample, as nn.Conv2d takes it
+            return self(x.unsqueeze(0)).squeeze(0)
         if x.dim() != self.ndim + 2:
             layout = "[N, C, H, W]" if self.ndim == 2 else "[N, C, L]"
-            raise ValueError(f"x must be {self.ndim + 2}-D {layout}, got shape {tuple(x.shape)}")
+            raise ValueError(f"x must be {self.ndim + 2}-D {layout} (or {self.ndim + 1}-D, one "
+                             f"unbatched sample), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels, this layer expects {self.in_channels} "
                              f"(x shape {tuple(x.shape)})")
@@ -178,11 +183,14 @@ class _SCDNd(nn.Module):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
-        return s + f", parameterization={self.parameterization!r}"
+        s += f", parameterization={self.parameterization!r}"
+        changed = {k: v for k, v in self.options.items() if v != self.param.defaults[k]}
+        return s + "".join(f", {k}={v!r}" for k, v in changed.items())
 
 
 class SCD2d(_SCDNd):
-    """Sharpened cosine similarity layer, a drop-in for ``nn.Conv2d`` (input ``[N, C, H, W]``).
+    """Sharpened cosine similarity layer, a drop-in for ``nn.Conv2d`` (input ``[N, C, H, W]``
+    or one unbatched ``[C, H, W]``).
 
     ``parameterization`` is "rohrer" (default) or "pisoni"; ``**options`` are its own
     (rohrer: shared_weights, w_max, p_min, q_init, eps; pisoni: eps).
@@ -203,8 +211,11 @@ class _MaxAbsPoolNd(nn.Module):
 
     def forward(self, x):
         pool = F.max_pool2d if self.ndim == 2 else F.max_pool1d
+        if x.dim() == self.ndim + 1:   # one unbatched sample, as nn.MaxPool2d takes it
+            return self(x.unsqueeze(0)).squeeze(0)
         if x.dim() != self.ndim + 2:
-            raise ValueError(f"x must be {self.ndim + 2}-D, got shape {tuple(x.shape)}")
+            raise ValueError(f"x must be {self.ndim + 2}-D (or {self.ndim + 1}-D, one unbatched "
+                             f"sample), got shape {tuple(x.shape)}")
         _, index = pool(x.detach().abs(), self.kernel_size, self.stride, self.padding,
                         self.dilation, self.ceil_mode, return_indices=True)
         if self.ndim == 2 and not x.is_contiguous() and x.is_contiguous(

@@ -258,6 +258,26 @@ def test_channels_last_groups_with_python_float_p_q_equal_nchw(backend, group_ch
     torch.testing.assert_close(w.grad, w_nchw.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_unbatched_sample_runs_as_a_batch_of_one(backend):
+    """x [C, H, W] (or [C, L] for scd1d), as conv2d / conv1d take it: the batched call's
+    sample, forward and backward."""
+    x, w = _leaves(torch.randn(3, 6, 7), torch.randn(4, 3, 3, 3))
+    y = scd_triton.scd2d(x, w, 2.0, 0.1, padding=1, backend=backend)
+    y.sum().backward()
+    xb, wb = _leaves(x.detach()[None], w.detach())
+    yb = scd_triton.scd2d(xb, wb, 2.0, 0.1, padding=1, backend=backend)
+    yb.sum().backward()
+    assert y.shape == (4, 6, 7)
+    torch.testing.assert_close(y, yb[0], rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, xb.grad[0], rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, wb.grad, rtol=0, atol=0)
+    x1, w1 = torch.randn(3, 9, device=DEVICE), torch.randn(2, 3, 3, device=DEVICE)
+    torch.testing.assert_close(scd_triton.scd1d(x1, w1, 2.0, 0.1, backend=backend),
+                               scd_triton.scd1d(x1[None], w1, 2.0, 0.1, backend=backend)[0],
+                               rtol=0, atol=0)
+
+
 def test_python_float_p_q_are_filled_once_and_stay_usable_for_training(monkeypatch):
     """A Python-float p or q becomes a device tensor once per value (no fill per call); the
     tensor made under inference mode still serves a later call that saves it for backward,

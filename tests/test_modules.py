@@ -119,6 +119,11 @@ def test_layer_options_and_repr():
         scd_triton.SCD2d(4, 8, 0)
     layer = scd_triton.SCD2d(2, 3, 3, dtype=torch.float64)
     assert layer(torch.randn(1, 2, 5, 5, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(TypeError, match="dtype must be a floating-point"):
+        scd_triton.SCD2d(2, 3, 3, dtype=torch.complex64)
+    # options away from their defaults show in the repr
+    layer = scd_triton.SCD2d(4, 8, 3, groups=2, shared_weights=True, q_init=0.01)
+    assert repr(layer).endswith("parameterization='rohrer', shared_weights=True, q_init=0.01)")
 
 
 def test_maxabspool2d_keeps_signed_largest_magnitude():
@@ -145,8 +150,9 @@ def test_maxabspool_matches_brute_force():
     y1 = scd_triton.MaxAbsPool1d(4)(x1)
     w1 = x1.unfold(2, 4, 4)
     torch.testing.assert_close(y1, w1.gather(-1, w1.abs().argmax(-1, keepdim=True)).squeeze(-1))
+    torch.testing.assert_close(scd_triton.MaxAbsPool2d(2)(x1), scd_triton.MaxAbsPool2d(2)(x1[None])[0])
     with pytest.raises(ValueError, match="x must be 4-D"):
-        scd_triton.MaxAbsPool2d(2)(x1)
+        scd_triton.MaxAbsPool2d(2)(x1[0])
 
 
 def _rohrer_layer_and_oracle_leaves(channels=3):
@@ -253,13 +259,19 @@ def test_layer_names_channel_and_rank_mismatch(parameterization):
     layer = scd_triton.SCD2d(3, 4, 3, parameterization=parameterization)
     with pytest.raises(ValueError, match=r"x has 4 channels, this layer expects 3"):
         layer(torch.randn(1, 4, 6, 6))
-    with pytest.raises(ValueError, match=r"x must be 4-D \[N, C, H, W\], got shape \(3, 6, 6\)"):
-        layer(torch.randn(3, 6, 6))
+    with pytest.raises(ValueError, match=r"x must be 4-D \[N, C, H, W\] \(or 3-D, one unbatched "
+                                         r"sample\), got shape \(6, 6\)"):
+        layer(torch.randn(6, 6))
+    x = torch.randn(3, 6, 6)   # one unbatched sample, as nn.Conv2d takes it
+    torch.testing.assert_close(layer(x), layer(x[None])[0], rtol=0, atol=0)
     layer1d = scd_triton.SCD1d(3, 4, 3, parameterization=parameterization)
     with pytest.raises(ValueError, match=r"x has 2 channels, this layer expects 3"):
         layer1d(torch.randn(1, 2, 9))
-    with pytest.raises(ValueError, match=r"x must be 3-D \[N, C, L\], got shape \(1, 3, 1, 9\)"):
+    with pytest.raises(ValueError, match=r"x must be 3-D \[N, C, L\] \(or 2-D, one unbatched "
+                                         r"sample\), got shape \(1, 3, 1, 9\)"):
         layer1d(torch.randn(1, 3, 1, 9))
+    x = torch.randn(3, 9)
+    torch.testing.assert_close(layer1d(x), layer1d(x[None])[0], rtol=0, atol=0)
 
 
 def _maxabs_brute_force_2d(x, k, stride, padding):

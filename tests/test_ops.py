@@ -127,7 +127,7 @@ def test_bfloat16_in_the_interpreter_is_refused(monkeypatch):
 
 BAD_CALLS = [
     # (description, kwargs overriding a valid call, exception, message fragment)
-    ("x rank", dict(x=torch.randn(4, 6, 6)), ValueError, "x must be 4-D"),
+    ("x rank", dict(x=torch.randn(6, 6)), ValueError, "x must be 4-D"),
     ("weight rank", dict(weight=torch.randn(6, 4, 3)), ValueError, "weight must be 4-D"),
     ("int x", dict(x=torch.ones(2, 4, 6, 6, dtype=torch.int64)), TypeError, "x must be float"),
     ("dtype mismatch", dict(weight=torch.randn(6, 4, 3, 3, dtype=torch.float64)), TypeError,
