@@ -179,30 +179,26 @@ def _graph_is_kept():
     return keep_graph is None or torch.compiler.is_compiling() or keep_graph()
 
 
-def _nested_transforms():
-    """Whether two differentiating ``torch.func`` transforms run (``grad`` of ``grad``; ``vmap``
-    of ``grad`` is not differentiation twice)."""
-    if torch._C._functorch.maybe_current_level() is None:
-        return False
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    kinds = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
-    return sum(i.key() in kinds for i in retrieve_all_functorch_interpreters()) > 1
-
-
 _NO_SECOND_DERIVATIVE = ("scd_triton's backward is analytic and has no derivative: second "
                          "derivatives (double backward, gradient penalties, nested "
                          "torch.func.grad, hessian) are not supported")
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """The backward's gradients under ``create_graph=True``: copies whose own backward raises.
-    The op's inputs are inputs here too, so that ``autograd.grad(gradient, x)`` meets it
+    """The backward's gradients where a graph is being built (``create_graph=True``, a
+    ``torch.func`` transform): copies whose own backward raises. ``grad_y`` and the op's
+    inputs are inputs here too, so that differentiating a gradient by any of them meets it
     (``torch.autograd.function.once_differentiable`` ties the gradients to ``grad_y`` only,
-    and ``y.sum()``'s needs no grad: the second derivative came out as zero)."""
+    and ``y.sum()``'s needs no grad: the second derivative came out as zero). In the form
+    ``torch.func`` takes (no ``ctx`` in ``forward``)."""
 
     @staticmethod
-    def forward(ctx, count, *tensors):
+    def forward(count, *tensors):
         return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
@@ -212,17 +208,15 @@ class _FirstOrderOnly(torch.autograd.Function):
 def _saved_backward(ctx, grad_y):
     """The eager Functions' backward: the op's analytic backward on what the forward saved,
     which has no graph (see ``_FirstOrderOnly``)."""
-    if _nested_transforms():
-        raise RuntimeError(_NO_SECOND_DERIVATIVE)
     x, weight, p, q, c, norm = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    create_graph = torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
+    building_graph = torch.is_grad_enabled()
     with torch.no_grad():
         grads = backward(grad_y, x, weight, p, q, c, norm, *ctx.args, needs[0], any(needs[1:4]),
                          not _graph_is_kept())
-    if create_graph:
+    if building_graph:
         present = [g for g in grads if g is not None]
-        copies = iter(_FirstOrderOnly.apply(len(present), *present, x, weight, p, q))
+        copies = iter(_FirstOrderOnly.apply(len(present), *present, grad_y, x, weight, p, q))
         grads = tuple(None if g is None else next(copies) for g in grads)
     return (*grads, None)
 

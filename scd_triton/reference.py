@@ -167,7 +167,10 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     through the kernel normalisation's Jacobian (:func:`normalize_weight_backward`); grad_x is
     None unless ``need_grad_x``, the other three None unless ``need_grad_params``.
     ``c_is_free``: nothing reads ``c`` after this call, so a product is formed in its memory."""
-    w_hat, scale = normalize_weight(weight, q, weight_norm, weight_norm_eps)
+    # mode "none": ŵ = weight, without the forward's NaN for a kernel with an Inf tap (that
+    # channel's c is NaN already, and so are its gradients)
+    w_hat, scale = ((weight, None) if weight_norm == "none" else
+                    normalize_weight(weight, q, weight_norm, weight_norm_eps))
     cdt = compute_dtype(x.dtype)
     N, C, H, W = x.shape
     O, _, R, S = w_hat.shape

@@ -244,9 +244,10 @@ def test_tuple_subclasses_are_accepted_as_conv_arguments():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_second_derivatives_raise_and_first_derivatives_with_a_graph_do_not(backend):
     """The analytic backward has no derivative. A gradient penalty, autograd.grad of a
-    gradient, hessian and grad of grad raise (torch's once_differentiable let the first two
-    through as a zero second derivative, y.sum()'s grad_y needing no grad); create_graph=True
-    alone still gives the plain gradient."""
+    gradient by x or by the cotangent, hessian and grad of grad raise (torch's
+    once_differentiable let the first two through as a zero second derivative, y.sum()'s
+    grad_y needing no grad); create_graph=True alone still gives the plain gradient, and an
+    outer grad that takes an inner gradient as a constant its value."""
     if backend == "triton" and not _triton_runs():
         pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -264,12 +265,24 @@ def test_second_derivatives_raise_and_first_derivatives_with_a_graph_do_not(back
     g, = torch.autograd.grad(scd(xl, w).sum(), xl, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivatives"):
         torch.autograd.grad(g.sum(), xl)
+    y = scd(xl, w)
+    cotangent = torch.randn_like(y, requires_grad=True)   # jvp by double backward differentiates
+    g, = torch.autograd.grad((y * cotangent).sum(), xl, create_graph=True)   # by the cotangent
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(g.sum(), cotangent)
     if backend == "reference":   # the transforms run the reference backend only
         with pytest.raises(RuntimeError, match="second derivatives"):
             torch.autograd.functional.hessian(lambda a: scd(a, w).sum(), x)
         inner = lambda a: torch.func.grad(lambda b: scd(b, w).square().sum())(a)
         with pytest.raises(RuntimeError, match="second derivatives"):
             torch.func.grad(lambda a: inner(a).square().sum())(x)
+        # a gradient used as a constant by an outer grad (a learning rate's): no error
+        step = lambda lr: (w - lr * torch.func.grad(lambda b: scd(x, b).sum())(w)).square().sum()
+        wl = leaf(w)
+        grad_w, = torch.autograd.grad(scd(x, wl).sum(), wl)
+        lr = torch.tensor(0.5)
+        torch.testing.assert_close(torch.func.grad(step)(lr),
+                                   -2 * ((w - lr * grad_w) * grad_w).sum())
 
 
 def test_forward_mode_runs_the_reference_backend_and_the_triton_backend_refuses_it():
