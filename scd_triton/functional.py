@@ -6,9 +6,9 @@ norm_eps) + q)`` for ``scd2d``, none for ``scd2d_normalized``). ``scd1d`` is the
 ``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU.
 """
 import functools
-import math
 import numbers
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -107,11 +107,9 @@ def _check_scalar(value, name, positive=False, expected="a float or a tensor"):
     if type(value) is not float and (isinstance(value, bool)   # a float skips the ABC check
                                      or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:     # an int past float's range
-        finite = False
-    if not finite or value < 0 or (positive and value == 0):
+    # comparisons, which NaN, Inf and ints past float's range fail (not math.isfinite, which
+    # torch.compile cannot trace on a float it made dynamic)
+    if not ((value > 0 if positive else value >= 0) and value <= sys.float_info.max):
         raise ValueError(f"{name} must be a finite float {'>' if positive else '>='} 0, "
                          f"got {value!r}")
 
@@ -168,7 +166,8 @@ def _effective(value, name, x, out_channels, traced):
     dtype = compute_dtype(x.dtype)
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
-        value = float(value)
+        if type(value) is not float:     # an int, a numpy scalar
+            value = float(value)
         _check_fits(value, name, dtype)
         return _filled(value, out_channels, dtype, x, traced)
     if value.device != x.device:

@@ -87,6 +87,16 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(got, want)
 
 
+def test_compile_fullgraph_with_a_python_float_p_that_changes():
+    """torch.compile makes a Python float that changes between calls dynamic; its validation
+    (comparisons, no math.isfinite) traces, and each value gives eager's output."""
+    x, w = _args(N=1, C=3, H=6, W=6, O=2)
+    compiled = torch.compile(lambda x, w, p: scd_triton.scd2d(x, w, p, 0.1, padding=1),
+                             backend="aot_eager", fullgraph=True)
+    for p in (2.0, 3.0, 2.5):
+        torch.testing.assert_close(compiled(x, w, p), scd_triton.scd2d(x, w, p, 0.1, padding=1))
+
+
 def test_backend_resolution(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("SCD_BACKEND", raising=False)
