@@ -173,7 +173,8 @@ def _effective(value, name, x, out_channels, traced):
     if value.device != x.device:
         raise RuntimeError(f"{name} is on {value.device} but x is on {x.device}")
     if value.dtype not in (torch.float32, x.dtype):
-        raise TypeError(f"{name} must be float32 or x's dtype ({x.dtype}), got {value.dtype}")
+        cast = ", x's dtype under autocast" if ops.autocast_on(x.device.type) else ""
+        raise TypeError(f"{name} must be float32 or x's dtype ({x.dtype}{cast}), got {value.dtype}")
     if value.shape not in ((), (out_channels,)):
         raise ValueError(f"{name} must have shape () or ({out_channels},) (out_channels), "
                          f"got {tuple(value.shape)}")
@@ -253,6 +254,8 @@ def _geometry(key):
     if ndim == 1:  # the 2-D case with H = R = 1
         stride, dilation, kernel, pads = (1, *stride), (1, *dilation), (1, *kernel), (0, 0, *pads)
     x_hw = x_shape[-2:] if ndim == 2 else (1, x_shape[-1])
+    if min(x_hw) < 1:   # (conv2d pads it, then refuses it)
+        raise ValueError(f"x must have non-empty spatial dimensions, got shape {x_shape}")
     out_hw = output_hw(x_hw, kernel, stride, pads, dilation)
     if min(out_hw) < 1:
         raise ValueError(f"output size {out_hw} is < 1 for input {x_shape}, kernel {kernel}, "

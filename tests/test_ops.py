@@ -174,6 +174,8 @@ BAD_CALLS = [
     ("eps past float32", dict(eps=1e300), ValueError, "eps must fit in torch.float32"),
     ("norm_eps past float32", dict(norm_eps=1e300), ValueError, "norm_eps must fit"),
     ("p int past float", dict(p=10 ** 400), ValueError, "p must be a finite float > 0"),
+    ("empty image", dict(x=torch.randn(2, 4, 0, 6), padding=2), ValueError,
+     "x must have non-empty spatial dimensions"),
 ]
 
 
