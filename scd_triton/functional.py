@@ -3,9 +3,9 @@
 Every public function and layer goes through ``scd_nd``, which validates the call and runs the
 core op once (``ops.scd2d``); the op also normalises the kernels (``ŵ = w / (sqrt(Σw² +
 norm_eps) + q)`` for ``scd2d``, none for ``scd2d_normalized``). ``scd1d`` is the 2-D case with
-``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU.
+``H = R = 1``. No check here reads a tensor's values, so none synchronises a GPU; a call runs
+them once per signature (``scd_nd``).
 """
-import functools
 import numbers
 import os
 import sys
@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import Tensor
 
-from . import ops
+from . import constants, ops
 from .kernels.shapes import compute_dtype, output_hw
 
 BACKENDS = ("auto", "reference", "triton")
@@ -124,52 +124,15 @@ def _check_fits(value, name, dtype):
                          f"got {value!r}")
 
 
-_FILLED = {}   # (value, O, dtype, device, CUDA stream) -> the [O] tensor of a Python-float p or q
-_FILLED_MAX = 64
-
-
-def _filled(value, n, dtype, x, traced):
-    """``value`` as an [n] tensor on x's device: one element expanded (stride 0, which the
-    forward kernel reads as one value for every channel), made once per (value, n, dtype, device,
-    current CUDA stream): a Python-float p or q then costs no allocation and no fill launch per
-    call. The op only reads it. Kept only for plain eager calls: not while ``traced`` by
-    torch.compile or tracing otherwise (tensor subclasses such as fake tensors, symbolic
-    sizes, dispatch modes, functorch transforms), and not when made during CUDA-graph capture
-    (the fill has not run outside the graph); made outside inference mode, so that a later
-    training call can save it for backward. The stream is in the key: a call on another stream
-    must not read it before the fill on the first one has run."""
-    device = x.device
-    plain = (not traced and type(x) is Tensor and isinstance(n, int)
-             and not torch._C._len_torch_dispatch_stack() and not ops.under_func_transform())
-    if not plain:
-        return torch.full((1,), value, dtype=dtype, device=device).expand(n)
-    cuda = device.type == "cuda"
-    key = (value, n, dtype, device, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
-    t = _FILLED.get(key)
-    if t is None:
-        with torch.inference_mode(False):
-            t = torch.full((1,), value, dtype=dtype, device=device).expand(n)
-        if not (cuda and torch.cuda.is_current_stream_capturing()):
-            if len(_FILLED) >= _FILLED_MAX:   # ever new values (a schedule): start over
-                _FILLED.clear()
-            _FILLED[key] = t
-    return t
-
-
-def _effective(value, name, x, out_channels, traced):
-    """p or q as a float tensor of shape [O] on x's device (a shared value is expanded).
-
-    A Python float is validated here and filled on the device (no host-to-device copy, so no
-    synchronisation; once per value, see ``_filled``, unless ``traced`` by torch.compile); the
-    values of a tensor are the caller's job (reading them would sync).
-    """
-    dtype = compute_dtype(x.dtype)
+def _check_param(value, name, x, out_channels):
+    """Validates p or q; returns a Python float's value as a float (the op fills it on the
+    device), None for a tensor, whose values are the caller's job (reading
+    them would sync)."""
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
-        if type(value) is not float:     # an int, a numpy scalar
-            value = float(value)
-        _check_fits(value, name, dtype)
-        return _filled(value, out_channels, dtype, x, traced)
+        value = float(value)             # an int, a numpy scalar
+        _check_fits(value, name, compute_dtype(x.dtype))
+        return value
     if value.device != x.device:
         raise RuntimeError(f"{name} is on {value.device} but x is on {x.device}")
     if value.dtype not in (torch.float32, x.dtype):
@@ -178,9 +141,28 @@ def _effective(value, name, x, out_channels, traced):
     if value.shape not in ((), (out_channels,)):
         raise ValueError(f"{name} must have shape () or ({out_channels},) (out_channels), "
                          f"got {tuple(value.shape)}")
-    if value.dtype != dtype:
-        value = value.to(dtype)
-    return value if value.dim() else value.expand(out_channels)
+    return None
+
+
+def _effective(p, q, p_value, q_value, x, out_channels):
+    """Validated p and q as float tensors of shape [O] on x's device in the compute dtype (a
+    shared value expanded): a Python float's value (``_check_param``) made into a tensor once
+    per value (``constants.constant``: no allocation and no fill launch per call), a tensor
+    converted."""
+    dtype = compute_dtype(x.dtype)
+    if p_value is not None or q_value is not None:
+        def fill():   # one element expanded: the kernels read stride 0 as one value
+            return [None if v is None else torch.full((1,), v, dtype=dtype, device=x.device)
+                    .expand(out_channels) for v in (p_value, q_value)]
+        filled = constants.constant(("p, q", p_value, q_value, out_channels, dtype), fill, x)
+    params = [p, q]
+    for k, value in enumerate((p_value, q_value)):
+        if value is not None:
+            params[k] = filled[k]
+        else:
+            t = params[k] if params[k].dtype == dtype else params[k].to(dtype)
+            params[k] = t if t.dim() else t.expand(out_channels)
+    return params
 
 
 def _check_tensors(x, weight, ndim):
@@ -200,20 +182,6 @@ def _check_tensors(x, weight, ndim):
         raise RuntimeError(f"weight is on {weight.device} but x is on {x.device}")
 
 
-def _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim, traced):
-    """Validates shapes and conv arguments; returns the 2-D ``(stride, padding, dilation,
-    groups)`` of the core op. Cached per distinct call signature: a layer validates its
-    arguments once, later calls cost one dictionary lookup."""
-    key = (tuple(x.shape), tuple(weight.shape), x.dtype, weight.dtype, _typed(stride),
-           _typed(padding), _typed(dilation), _typed(groups), _typed(eps), _typed(norm_eps), ndim)
-    if traced:   # by torch.compile, once per graph: no cache needed
-        return _geometry.__wrapped__(key)
-    try:
-        return _geometry(key)
-    except TypeError:      # an unhashable argument: validate without the cache
-        return _geometry.__wrapped__(key)
-
-
 def _typed(value):
     """A hashable key that tells 1 from True and 1.0 (lists become tuples)."""
     if isinstance(value, (list, tuple)):   # tuple subclasses (torch.Size, ...) as tuples
@@ -221,16 +189,10 @@ def _typed(value):
     return (type(value), value)
 
 
-def _untyped(key):
-    kind, value = key
-    return kind(_untyped(v) for v in value) if kind in (list, tuple) else value
-
-
-@functools.lru_cache(maxsize=4096)
-def _geometry(key):
-    x_shape, w_shape, x_dtype, w_dtype, stride, padding, dilation, groups, eps, norm_eps, ndim = key
-    stride, padding, dilation, groups, eps, norm_eps = map(
-        _untyped, (stride, padding, dilation, groups, eps, norm_eps))
+def _core_args(x_shape, w_shape, x_dtype, w_dtype, stride, padding, dilation, groups, eps,
+               norm_eps, ndim):
+    """Validates shapes and conv arguments; returns the 2-D ``(stride, padding, dilation,
+    groups)`` of the core op."""
     if w_dtype != x_dtype:
         raise TypeError(f"weight dtype {w_dtype} does not match x dtype {x_dtype}")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
@@ -263,14 +225,45 @@ def _geometry(key):
     return stride, pads, dilation, int(groups)
 
 
-def _autocast(x, weight):
-    """Casts to the autocast dtype, as conv2d does under ``torch.autocast`` (float64 stays)."""
-    device_type = x.device.type
-    if ops.autocast_on(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        cast = lambda t: t if t.dtype == torch.float64 else t.to(dtype)
-        return cast(x), cast(weight)
-    return x, weight
+def _autocast_dtype(device_type):
+    """The dtype ``torch.autocast`` casts to on ``device_type``; None where it is off."""
+    return torch.get_autocast_dtype(device_type) if ops.autocast_on(device_type) else None
+
+
+def _cast(t, dtype):
+    """``t`` in the autocast ``dtype`` (None: off), as conv2d takes it (float64 stays)."""
+    return t if dtype is None or t.dtype in (dtype, torch.float64) else t.to(dtype)
+
+
+def _param_key(value):
+    return (Tensor, value.dtype, value.shape, value.device) if isinstance(value, Tensor) \
+        else _typed(value)
+
+
+def _plan(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, ndim,
+          weight_norm, weight_norm_eps):
+    """Validates a call (``x``, ``weight``: checked tensors, cast as autocast casts them); returns
+    ``(op args, p's value, q's value)``: the arguments of ``ops.scd2d`` from stride to the
+    resolved backend, and the values of a Python-float p and q (None for tensors, see
+    ``_check_param``). It reads metadata only, never a tensor's values."""
+    args = _core_args(x.shape, weight.shape, x.dtype, weight.dtype, stride, padding, dilation,
+                      groups, eps, norm_eps, ndim)
+    if weight_norm_eps is None:
+        weight_norm_eps = norm_eps
+    else:
+        _check_scalar(weight_norm_eps, "weight_norm_eps", expected="a Python float")
+        _check_fits(weight_norm_eps, "weight_norm_eps", compute_dtype(x.dtype))
+    O = weight.shape[0]
+    p_value, q_value = _check_param(p, "p", x, O), _check_param(q, "q", x, O)
+    backend = resolve_backend(backend, x.device, x.dtype)
+    if x.shape[1] == 0:   # no input channels: every sum is 0; the kernels have no K to tile
+        backend = "reference"
+    return ((*args, float(eps), float(norm_eps), weight_norm, float(weight_norm_eps), backend),
+            p_value, q_value)
+
+
+_PLANS = {}   # a call's signature (everything _plan reads) -> its plan
+_PLANS_MAX = 1024
 
 
 def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, ndim,
@@ -281,28 +274,46 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
     divides by ``sqrt(Σw² + weight_norm_eps) + q`` (scd2d), "norm" by ``sqrt(Σw² +
     weight_norm_eps)`` (the Rohrer layer), "none" takes it as given (scd2d_normalized).
     ``weight_norm_eps`` defaults to ``norm_eps``.
+
+    A call validates once per signature (the tensors' types, shapes, dtypes and devices, the
+    other arguments by type and value, ``$SCD_BACKEND`` and the autocast state): later calls
+    alike cost one dictionary lookup (on a small layer the checks cost as much as the op).
     """
     if isinstance(x, Tensor) and x.dim() == ndim + 1:   # one unbatched sample, as conv2d takes
         return scd_nd(x.unsqueeze(0), weight, p, q, stride, padding, dilation, groups, eps,
                       norm_eps, backend, ndim, weight_norm, weight_norm_eps).squeeze(0)
-    _check_tensors(x, weight, ndim)
-    x, weight = _autocast(x, weight)
-    traced = torch.compiler.is_compiling()
-    args = _core_args(x, weight, stride, padding, dilation, groups, eps, norm_eps, ndim, traced)
-    if weight_norm_eps is None:
-        weight_norm_eps = norm_eps
-    else:
-        _check_scalar(weight_norm_eps, "weight_norm_eps", expected="a Python float")
-        _check_fits(weight_norm_eps, "weight_norm_eps", compute_dtype(x.dtype))
+    key = plan = None
+    if not torch.compiler.is_compiling():   # (a traced call is validated once per graph)
+        try:
+            cast = _autocast_dtype(x.device.type)
+            # (scalars typed at the top only: a container there never validates)
+            key = (type(x), type(weight), x.shape, weight.shape, x.dtype, weight.dtype, x.device,
+                   weight.device, cast, _param_key(p), _param_key(q), _typed(stride),
+                   _typed(padding), _typed(dilation), type(groups), groups, type(eps), eps,
+                   type(norm_eps), norm_eps, type(weight_norm_eps), weight_norm_eps, weight_norm,
+                   backend, os.environ.get("SCD_BACKEND"), ndim)
+            plan = _PLANS.get(key)
+        except (AttributeError, TypeError):   # not a tensor, an unhashable argument
+            key = None
+    if plan is None:
+        _check_tensors(x, weight, ndim)
+        cast = _autocast_dtype(x.device.type)
+        plan = _plan(_cast(x, cast), _cast(weight, cast), p, q, stride, padding, dilation,
+                     groups, eps, norm_eps, backend, ndim, weight_norm, weight_norm_eps)
+        if key is not None:
+            if len(_PLANS) >= _PLANS_MAX:   # ever new signatures (a p schedule): start over
+                _PLANS.clear()
+            _PLANS[key] = plan
+    args, p_value, q_value = plan
+    if cast is not None:
+        x, weight = _cast(x, cast), _cast(weight, cast)
+    if args[-1] == "triton" and x.device.type == "cpu":   # TRITON_INTERPRET, read as Triton does
+        resolve_backend("triton", x.device, x.dtype)
     O = weight.shape[0]
-    p_eff, q_eff = _effective(p, "p", x, O, traced), _effective(q, "q", x, O, traced)
-    backend = resolve_backend(backend, x.device, x.dtype)
-    if x.shape[1] == 0:   # no input channels: every sum is 0; the kernels have no K to tile
-        backend = "reference"
+    p_eff, q_eff = _effective(p, q, p_value, q_value, x, O)
     if ndim == 1:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
-    y = ops.scd2d(x, weight, p_eff, q_eff, *args, float(eps), float(norm_eps), weight_norm,
-                  float(weight_norm_eps), backend)
+    y = ops.scd2d(x, weight, p_eff, q_eff, args)
     if ndim == 1:   # contiguous as conv1d's, also when x's channels were contiguous
         y = y.squeeze(2)
         return y if y.is_contiguous() else y.contiguous()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import _positive, resolve_padding, scd_nd
-from .ops import under_func_transform
+from .constants import under_func_transform
 
 
 def _check_real(options, name, low, strict):

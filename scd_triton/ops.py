@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import reference
+from .constants import under_func_transform
 from .kernels.shapes import compute_dtype, memory_format, output_hw, saved_c_format
 
 WEIGHT_NORMS = ("none", "norm", "norm_q")
@@ -261,22 +262,16 @@ def _dual(*tensors):
             and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
 
 
-def under_func_transform():
-    """Whether a ``torch.func`` transform (grad, vjp, vmap, ...) is running."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def scd2d(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_norm,
-          weight_norm_eps, backend):
-    """``y`` of the core op on validated arguments (p, q of shape [O]), through the path that
-    fits the call: the custom op under torch.compile, else an autograd.Function or the bare
-    forward."""
-    args = (stride, padding, dilation, groups, eps, norm_eps, weight_norm, weight_norm_eps, backend)
+def scd2d(x, weight, p, q, args):
+    """``y`` of the core op on validated arguments (p, q of shape [O]; ``args``: stride to
+    backend, as :func:`forward` takes them), through the path that fits the call: the custom
+    op under torch.compile, else an autograd.Function or the bare forward."""
     save = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or p.requires_grad or q.requires_grad)
     if torch.compiler.is_compiling():
-        return torch.ops.scd_triton.scd2d_core(x, weight, p, q, list(stride), list(padding),
-                                               list(dilation), *args[3:], save)[0]
+        return torch.ops.scd_triton.scd2d_core(x, weight, p, q, *map(list, args[:3]), *args[3:],
+                                               save)[0]
+    backend = args[-1]
     transform = under_func_transform()
     if backend == "triton" and _dual(x, weight, p, q):
         raise NotImplementedError("forward-mode AD (dual tensors) runs the reference backend "

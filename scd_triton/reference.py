@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 
+from .constants import constant
 from .kernels.shapes import compute_dtype, memory_format, output_hw
 
 
@@ -34,19 +35,46 @@ def _box_sum_weight(groups, channels, kernel_size, like):
     return like.new_ones(groups, channels, *kernel_size)
 
 
+def _scalar(value, dtype):
+    """``value`` as a 0-dim CPU tensor of ``dtype``, which serves as a scalar operand on any
+    device (a Python float operand costs a conversion op per call on CPU)."""
+    return torch.scalar_tensor(value, dtype=dtype, device="cpu")
+
+
+def _box_channels(channels, groups):
+    """The channels a group's patch-norm box sum convolves: all of them for up to 3, else 1
+    (their sum, taken first: faster on CPU than a ones-kernel conv over all of them)."""
+    return channels // groups if channels // groups <= 3 else 1
+
+
+def _forward_constants(x, groups, kernel_size, eps, norm_eps, weight_norm_eps):
+    """The forward's constant tensors: the box sum's ones kernel, its ``norm_eps`` bias (None
+    for 0), ``eps`` and ``sqrt(weight_norm_eps)`` as scalars (see ``_scalar``); made once per
+    call signature (``constants.constant``): on a small layer each costs as much as an op."""
+    cdt, channels = compute_dtype(x.dtype), _box_channels(x.shape[1], groups)
+
+    def make():
+        ones = x.new_ones((groups, channels, *kernel_size), dtype=cdt)
+        bias = x.new_full((groups,), norm_eps, dtype=cdt) if norm_eps else None
+        return ones, bias, _scalar(eps, cdt), _scalar(math.sqrt(weight_norm_eps), cdt)
+    return constant(("forward", groups, channels, *kernel_size, eps, norm_eps, weight_norm_eps,
+                     cdt), make, x)
+
+
 def _signed(magnitude, c):
     """sign(c) · magnitude with sign(0) = 0, in place on ``magnitude``."""
     return magnitude.mul_(c.sign())
 
 
-def normalize_weight(weight, q, mode, eps):
+def normalize_weight(weight, q, mode, eps, sqrt_eps=None):
     """``(ŵ, scale)`` with ``ŵ = weight · scale`` per output channel (``scale [O]``, compute dtype).
 
     mode "norm_q": ``scale = 1 / (sqrt(Σw² + eps) + q)``; "norm": ``1 / sqrt(Σw² + eps)``;
     "none": ŵ is ``weight`` (scale None). A zero denominator (an all-zero kernel with
     ``eps = q = 0``) gives scale 0: that kernel matches nothing (y = 0) and gets no gradient.
     NaN in a kernel stays NaN, and an infinite norm (an Inf in the kernel) gives scale NaN; in
-    mode "none" too, an Inf tap makes its whole kernel NaN.
+    mode "none" too, an Inf tap makes its whole kernel NaN. ``sqrt_eps``: ``sqrt(eps)`` as a
+    scalar tensor, if the caller has one.
     """
     if mode == "none":
         # Σ w·0 per kernel is 0, or NaN where a tap is ±Inf (or NaN)
@@ -54,11 +82,8 @@ def normalize_weight(weight, q, mode, eps):
     O, cdt = weight.shape[0], compute_dtype(weight.dtype)
     denom = torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim())), dtype=cdt)
     if eps:
-        # sqrt(Σw² + eps) in one op, not three (on a small layer an op's host time is its
-        # cost); a 0-dim CPU tensor serves as a scalar on any device (CPU whatever torch's
-        # default device is)
-        denom = torch.hypot(denom, torch.scalar_tensor(math.sqrt(eps), dtype=torch.float64,
-                                                       device="cpu"))
+        # sqrt(Σw² + eps) in one op, not three (on a small layer an op's host time is its cost)
+        denom = torch.hypot(denom, _scalar(math.sqrt(eps), cdt) if sqrt_eps is None else sqrt_eps)
     if mode == "norm_q":
         denom = denom.add_(q)
     # 1/0 = inf -> 0 (an all-zero kernel; no zero denominator where sqrt(eps) is a normal
@@ -108,18 +133,15 @@ def _power(base, p):
     return base.log_().mul_(p).exp_()
 
 
-def _patch_sum_squares(xp, groups, kernel_size, stride, padding, dilation, norm_eps):
+def _patch_sum_squares(xp, groups, stride, padding, dilation, ones, bias):
     """Σ s² + norm_eps over each patch of each group's channels, ``[N, G, OH, OW]`` (conv2d's
-    arguments; norm_eps added as the convolution's bias: one op fewer)."""
+    arguments; ``ones`` and ``bias`` from ``_forward_constants``: norm_eps as the convolution's
+    bias, one op fewer)."""
     N, C, H, W = xp.shape
-    sq = xp.square()
-    # more than 3 channels per group: channel sums first, then an R×S box sum (faster on CPU
-    # than a ones-kernel conv over all of them)
-    if C // groups > 3:
+    sq = xp * xp
+    if ones.shape[1] != C // groups:   # channel sums first, then the R×S box sum
         sq = sq.view(N, groups, C // groups, H, W).sum(2)
-    bias = sq.new_full((groups,), norm_eps) if norm_eps else None
-    return F.conv2d(sq, _box_sum_weight(groups, sq.shape[1] // groups, kernel_size, sq), bias,
-                    stride, padding, dilation, groups)
+    return F.conv2d(sq, ones, bias, stride, padding, dilation, groups)
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -127,17 +149,19 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     """``(y, c, norm)`` with ŵ normalised from ``weight`` (:func:`normalize_weight`); without
     ``save_for_backward`` c and norm are None. Few torch ops: on a small CPU layer each op costs
     more host time than its arithmetic."""
-    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps)
+    O, _, R, S = weight.shape
+    ones, bias, eps_scalar, sqrt_weight_eps = _forward_constants(x, groups, (R, S), eps, norm_eps,
+                                                                 weight_norm_eps)
+    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps, sqrt_weight_eps)
     cdt = compute_dtype(x.dtype)
     xc = x if x.dtype == cdt else x.to(cdt)
     N, C = x.shape[:2]
-    O, _, R, S = w_hat.shape
     G = groups
     xp, conv_pad = _pad_input(xc, padding)
     if C:
         d = F.conv2d(xp, w_hat if w_hat.dtype == cdt else w_hat.to(cdt), None, stride, conv_pad,
                      dilation, groups)
-        ssq = _patch_sum_squares(xp, G, (R, S), stride, conv_pad, dilation, norm_eps)
+        ssq = _patch_sum_squares(xp, G, stride, conv_pad, dilation, ones, bias)
     else:  # conv2d returns no output channels for an input without channels: all sums are 0
         OH, OW = output_hw(x.shape[-2:], (R, S), stride, padding, dilation)
         d, ssq = xc.new_zeros(N, O, OH, OW), xc.new_full((N, G, OH, OW), norm_eps)
@@ -152,7 +176,7 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         a = (norm.unsqueeze(2) + q.view(1, G, O // G, 1, 1)).reshape(N, O, OH, OW)
     c = d.div_(a)
     # y in a tensor of its own, not a view: the caller may modify the output in place
-    y = _signed(_power(c.abs().add_(eps), p.view(O, 1, 1)), c)
+    y = _signed(_power(c.abs().add_(eps_scalar), p.view(O, 1, 1)), c)
     fmt = memory_format(x)
     as_output = lambda t: (t if t.dtype == x.dtype else t.to(x.dtype)).contiguous(memory_format=fmt)
     if not save_for_backward:

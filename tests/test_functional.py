@@ -279,11 +279,11 @@ def test_one_unbatched_sample_runs_as_a_batch_of_one(backend):
 
 
 def test_python_float_p_q_are_filled_once_and_stay_usable_for_training(monkeypatch):
-    """A Python-float p or q becomes a device tensor once per value (no fill per call); the
-    tensor made under inference mode still serves a later call that saves it for backward,
-    and a new value gets its own tensor."""
-    from scd_triton import functional
-    monkeypatch.setattr(functional, "_FILLED", {})
+    """A Python-float p or q becomes a device tensor once per pair of values (no fill per
+    call); the tensor made under inference mode still serves a later call that saves it for
+    backward, and a new value gets its own tensor."""
+    from scd_triton import constants
+    monkeypatch.setattr(constants, "_CACHE", {})
     fills = []
     full = torch.full
     monkeypatch.setattr(torch, "full", lambda *a, **k: fills.append(a) or full(*a, **k))
@@ -302,7 +302,7 @@ def test_python_float_p_q_are_filled_once_and_stay_usable_for_training(monkeypat
     torch.testing.assert_close(y, ref, rtol=2e-7, atol=0)
     torch.testing.assert_close(grad_w, torch.autograd.grad(ref.sum(), w)[0], rtol=0, atol=0)
     scd_triton.scd2d(x, w, 3.0, 0.1, padding=1)
-    assert len(fills) == 5     # the two reference tensors and the new p
+    assert len(fills) == 6     # the two reference tensors and the new pair
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -333,20 +333,20 @@ def test_float_p_q_cache_stays_out_of_tracing(monkeypatch):
     traces with fake tensors whether or not the graph is kept."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
-    from scd_triton import functional
-    monkeypatch.setattr(functional, "_FILLED", {})
+    from scd_triton import constants
+    monkeypatch.setattr(constants, "_CACHE", {})
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
     call = lambda a, b: scd_triton.scd2d(a, b, 2.0, 0.1, backend="reference")
     call(x, w)
-    cached = dict(functional._FILLED)
-    assert len(cached) == 2
+    cached = dict(constants._CACHE)
+    assert len(cached) == 2    # p and q; the reference forward's constants
     with FakeTensorMode() as mode:
         y = call(mode.from_tensor(x), mode.from_tensor(w))
         assert type(y).__name__ == "FakeTensor" and y.shape == (2, 4, 6, 6)
     make_fx(call, tracing_mode="symbolic")(x, w)
     grad_w = torch.func.grad(lambda b: scd_triton.scd2d(x, b, 7.0, 0.25).sum())(w)
     assert grad_w.shape == w.shape and torch.isfinite(grad_w).all()
-    assert functional._FILLED == cached
+    assert constants._CACHE == cached
     for retain in (False, True):
         def step(a, b, p, q):
             y = scd_triton.scd2d(a, b, p, q, backend="reference")

@@ -159,6 +159,8 @@ BAD_CALLS = [
     ("groups type", dict(groups=0), ValueError, "groups must be"),
     ("groups bool", dict(groups=True), ValueError, "groups must be"),   # not a cached groups=1
     ("stride bool", dict(stride=(True, 1)), TypeError, "stride must be an int"),
+    ("stride float", dict(stride=(1, 1.0)), TypeError, "stride must be an int"),  # == (1, 1)
+    ("p bool", dict(p=True), TypeError, "p must be a float or a tensor"),          # == 1.0
     ("eps", dict(eps=-1.0), ValueError, "eps must be"),
     ("eps nan", dict(eps=float("nan")), ValueError, "eps must be a finite float"),
     ("norm_eps inf", dict(norm_eps=float("inf")), ValueError, "norm_eps must be a finite float"),
@@ -181,11 +183,46 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("override, error, match", [pytest.param(*c[1:], id=c[0]) for c in BAD_CALLS])
 def test_validation_errors(override, error, match):
+    """Each bad argument fails, also right after a valid call of the same shapes, whose
+    validation is cached (by type and value: 1, 1.0 and True hash alike)."""
     x, w = _args()
-    call = dict(x=x, weight=w, p=torch.ones(6), q=torch.zeros(6), backend="reference")
+    call = dict(x=x, weight=w, p=1.0, q=0.0, stride=(1, 1), groups=1, backend="reference")
+    scd_triton.scd2d(**call)
     call.update(override)
     with pytest.raises(error, match=match):
         scd_triton.scd2d(**call)
+
+
+def test_validation_runs_once_per_signature_and_again_when_the_environment_changes(monkeypatch):
+    """A repeated call is not validated again; a new shape, dtype, p value, $SCD_BACKEND or
+    autocast state is; TRITON_INTERPRET is read on every Triton call on CPU."""
+    from scd_triton import functional
+    plans = []
+    plan = functional._plan
+    monkeypatch.setattr(functional, "_plan", lambda *a: plans.append(a) or plan(*a))
+    monkeypatch.setattr(functional, "_PLANS", {})
+    monkeypatch.delenv("SCD_BACKEND", raising=False)
+    x, w = _args()
+    call = lambda x=x, p=2.0: scd_triton.scd2d(x, w, p, 0.1, padding=1)
+    call(), call()
+    assert len(plans) == 1
+    call(x[:1]), call(p=3.0)
+    assert len(plans) == 3
+    monkeypatch.setenv("SCD_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SCD_BACKEND must be one of"):
+        call()
+    monkeypatch.delenv("SCD_BACKEND")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert call().dtype == torch.bfloat16
+    assert call().dtype == torch.float32
+    from scd_triton.functional import _triton_interpreter_on
+    if not _triton_interpreter_on():   # (kernels made for a GPU do not run on CPU tensors)
+        return
+    tiny = lambda: scd_triton.scd2d(x[:1, :, :4, :4], w, 2.0, 0.1, backend="triton")
+    tiny()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        tiny()
 
 
 def test_device_mismatch_is_reported():
