@@ -23,7 +23,8 @@ install: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# On a CUDA machine: the same tests on the real kernels (no interpreter), in up to 8 processes.
+# On a CUDA machine: the same tests on the real kernels (no interpreter), in a process per core
+# (up to 16).
 test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m bench.gpu_check --tests-only --tests tests --test-timeout 1200
 

@@ -1,7 +1,8 @@
 """`make gpu-check`: everything a lent CUDA machine should run, in one command of < 8 minutes.
 
     python -m bench.gpu_check [--out-dir bench/results] [--skip-tests] [--skip-compile]
-    python -m bench.gpu_check --tests-only --tests tests     # `make test-gpu`: the whole suite
+    python -m bench.gpu_check --tests-only --tests tests     # `make test-gpu`: the whole suite,
+                                                             # in up to 16 processes
 
 1. the GPU-specific tests on the real kernels (no interpreter), with a time limit, split over
    up to 8 pytest processes (``--jobs``), and, side by side with them, as many processes that
@@ -323,15 +324,19 @@ def main(argv=None):
     parser.add_argument("--tests", default=GPU_TESTS, help="pytest arguments (one string); "
                         "default: the GPU-specific tests (the whole suite compiles too many "
                         "kernel variants for a short run: use `make test-gpu` for it)")
-    parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                        help="pytest processes sharing the GPU, and as many kernel-compiling "
-                        "ones beside them (default: up to 8)")
+    parser.add_argument("--jobs", type=int, help="pytest processes sharing the GPU, and as "
+                        "many kernel-compiling ones beside them (default: up to 8; with "
+                        "--tests-only, one per core up to 16: nothing compiles beside them)")
     parser.add_argument("--warm-shard", metavar="I/N", help=argparse.SUPPRESS)
     parser.add_argument("--warm-providers", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
     parser.add_argument("--dtype", nargs="*", choices=DTYPES, default=DTYPES)
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
     args = parser.parse_args(argv)
+    # a test process compiles its kernels one after another on one core: with nothing beside
+    # them, as many processes as cores (8 round-robin shards of the suite compile up to ~144
+    # distinct kernel variants each, 16 up to ~85, counted in the interpreter)
+    args.jobs = args.jobs or min(16 if args.tests_only else 8, os.cpu_count() or 1)
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")
     shapes = [s for s in suite(True, "cuda")
