@@ -283,7 +283,8 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
         return scd_nd(x.unsqueeze(0), weight, p, q, stride, padding, dilation, groups, eps,
                       norm_eps, backend, ndim, weight_norm, weight_norm_eps).squeeze(0)
     key = plan = None
-    if not torch.compiler.is_compiling():   # (a traced call is validated once per graph)
+    # (a traced call is validated once per graph; a jit trace's sizes may be tensors)
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         try:
             cast = _autocast_dtype(x.device.type)
             # (scalars typed at the top only: a container there never validates)
@@ -293,8 +294,8 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
                    type(norm_eps), norm_eps, type(weight_norm_eps), weight_norm_eps, weight_norm,
                    backend, os.environ.get("SCD_BACKEND"), ndim)
             plan = _PLANS.get(key)
-        except (AttributeError, TypeError):   # not a tensor, an unhashable argument
-            key = None
+        except Exception:   # not a tensor (an fx Proxy too), an unhashable argument, a nested
+            key = None      # tensor's sizes: validated below, with the error naming it
     if plan is None:
         _check_tensors(x, weight, ndim)
         cast = _autocast_dtype(x.device.type)

@@ -49,14 +49,19 @@ def _box_channels(channels, groups):
 
 def _forward_constants(x, groups, kernel_size, eps, norm_eps, weight_norm_eps):
     """The forward's constant tensors: the box sum's ones kernel, its ``norm_eps`` bias (None
-    for 0), ``eps`` and ``sqrt(weight_norm_eps)`` as scalars (see ``_scalar``); made once per
-    call signature (``constants.constant``): on a small layer each costs as much as an op."""
+    for 0), ``eps`` and ``sqrt(weight_norm_eps)`` as scalars (see ``_scalar``); on CPU made
+    once per call signature (``constants.constant``): on a small layer each costs as much as
+    an op. On a GPU, where this backend is not the fast path, made per call: a call inside
+    torch.compile's CUDA graphs (mode "reduce-overhead") runs under their memory pools, which
+    a tensor kept beyond the call must not come from."""
     cdt, channels = compute_dtype(x.dtype), _box_channels(x.shape[1], groups)
 
     def make():
         ones = x.new_ones((groups, channels, *kernel_size), dtype=cdt)
         bias = x.new_full((groups,), norm_eps, dtype=cdt) if norm_eps else None
         return ones, bias, _scalar(eps, cdt), _scalar(math.sqrt(weight_norm_eps), cdt)
+    if x.device.type != "cpu":
+        return make()
     return constant(("forward", groups, channels, *kernel_size, eps, norm_eps, weight_norm_eps,
                      cdt), make, x)
 

@@ -327,8 +327,8 @@ def test_python_float_first_seen_in_cuda_graph_capture_is_not_kept():
 
 
 def test_float_p_q_cache_stays_out_of_tracing(monkeypatch):
-    """Fake-tensor, symbolic and functorch calls neither read nor fill the cache of
-    Python-float p / q tensors (a real tensor in a fake trace fails, a symbolic size cannot
+    """Fake-tensor, symbolic, jit-traced and functorch calls neither read nor fill the cache of
+    constant tensors (a real tensor in a fake trace fails, a symbolic or traced size cannot
     key it, a functorch wrapper has no storage for later calls), and the reference backward
     traces with fake tensors whether or not the graph is kept."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -344,6 +344,7 @@ def test_float_p_q_cache_stays_out_of_tracing(monkeypatch):
         y = call(mode.from_tensor(x), mode.from_tensor(w))
         assert type(y).__name__ == "FakeTensor" and y.shape == (2, 4, 6, 6)
     make_fx(call, tracing_mode="symbolic")(x, w)
+    torch.jit.trace(call, (x, w), check_trace=False)   # sizes as tensors while tracing
     grad_w = torch.func.grad(lambda b: scd_triton.scd2d(x, b, 7.0, 0.25).sum())(w)
     assert grad_w.shape == w.shape and torch.isfinite(grad_w).all()
     assert constants._CACHE == cached

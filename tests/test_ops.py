@@ -225,6 +225,12 @@ def test_validation_runs_once_per_signature_and_again_when_the_environment_chang
         tiny()
 
 
+def test_fx_symbolic_trace_gets_the_tensor_error():
+    """An fx Proxy is not a tensor: the error names x (the cached-validation key is not built)."""
+    with pytest.raises(TypeError, match="x must be a tensor, got Proxy"):
+        torch.fx.symbolic_trace(lambda x, w: scd_triton.scd2d(x, w, 2.0, 0.1))
+
+
 def test_device_mismatch_is_reported():
     x, w = _args()
     meta_p = torch.ones(6, device="meta")
