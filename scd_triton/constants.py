@@ -4,10 +4,11 @@ each torch op's host time is its whole cost, and making a tensor is one op.
 
 A constant is kept only for a plain eager call (see :func:`reusable`): not while torch.compile,
 ``torch.jit.trace``, a ``torch.func`` transform, a dispatch mode (fake tensors, ``make_fx``) or
-a tensor subclass is in play, where the tensor made is the tracer's. It is made outside inference mode, so that a
-later training call can save it for backward, and never changed. On CUDA the current stream is
-in its key (a call on another stream must not read it before its fill has run), and one made
-during CUDA-graph capture is not kept (its fill runs only when the graph does).
+a tensor subclass is in play, where the tensor made is the tracer's. It is made outside
+inference mode, so that a later training call can save it for backward, and never changed. On
+CUDA the current stream is in its key (a call on another stream must not read it before its
+fill has run), and one made during CUDA-graph capture is not kept (its fill runs only when the
+graph does).
 """
 import torch
 from torch import Tensor

@@ -126,8 +126,7 @@ def _check_fits(value, name, dtype):
 
 def _check_param(value, name, x, out_channels):
     """Validates p or q; returns a Python float's value as a float (the op fills it on the
-    device), None for a tensor, whose values are the caller's job (reading
-    them would sync)."""
+    device), None for a tensor, whose values are the caller's job (reading them would sync)."""
     if not isinstance(value, Tensor):
         _check_scalar(value, name, positive=name == "p")
         value = float(value)             # an int, a numpy scalar
@@ -150,19 +149,20 @@ def _effective(p, q, p_value, q_value, x, out_channels):
     per value (``constants.constant``: no allocation and no fill launch per call), a tensor
     converted."""
     dtype = compute_dtype(x.dtype)
+    filled = (None, None)
     if p_value is not None or q_value is not None:
         def fill():   # one element expanded: the kernels read stride 0 as one value
             return [None if v is None else torch.full((1,), v, dtype=dtype, device=x.device)
                     .expand(out_channels) for v in (p_value, q_value)]
         filled = constants.constant(("p, q", p_value, q_value, out_channels, dtype), fill, x)
-    params = [p, q]
-    for k, value in enumerate((p_value, q_value)):
-        if value is not None:
-            params[k] = filled[k]
-        else:
-            t = params[k] if params[k].dtype == dtype else params[k].to(dtype)
-            params[k] = t if t.dim() else t.expand(out_channels)
-    return params
+    return [_converted(t, dtype, out_channels) if f is None else f
+            for t, f in zip((p, q), filled)]
+
+
+def _converted(t, dtype, out_channels):
+    """A validated p or q tensor in the compute ``dtype``, a 0-dim one expanded to [O]."""
+    t = t if t.dtype == dtype else t.to(dtype)
+    return t if t.dim() else t.expand(out_channels)
 
 
 def _check_tensors(x, weight, ndim):
@@ -231,11 +231,12 @@ def _autocast_dtype(device_type):
 
 
 def _cast(t, dtype):
-    """``t`` in the autocast ``dtype`` (None: off), as conv2d takes it (float64 stays)."""
-    return t if dtype is None or t.dtype in (dtype, torch.float64) else t.to(dtype)
+    """``t`` in the autocast ``dtype``, as conv2d takes it (float64 stays)."""
+    return t if t.dtype in (dtype, torch.float64) else t.to(dtype)
 
 
 def _param_key(value):
+    """p's or q's part of a call's key: a tensor's metadata, or a Python value with its type."""
     return (Tensor, value.dtype, value.shape, value.device) if isinstance(value, Tensor) \
         else _typed(value)
 
@@ -299,17 +300,18 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
     if plan is None:
         _check_tensors(x, weight, ndim)
         cast = _autocast_dtype(x.device.type)
-        plan = _plan(_cast(x, cast), _cast(weight, cast), p, q, stride, padding, dilation,
-                     groups, eps, norm_eps, backend, ndim, weight_norm, weight_norm_eps)
+    if cast is not None:
+        x, weight = _cast(x, cast), _cast(weight, cast)
+    if plan is None:
+        plan = _plan(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend,
+                     ndim, weight_norm, weight_norm_eps)
         if key is not None:
             if len(_PLANS) >= _PLANS_MAX:   # ever new signatures (a p schedule): start over
                 _PLANS.clear()
             _PLANS[key] = plan
+    elif plan[0][-1] == "triton" and x.device.type == "cpu":
+        resolve_backend("triton", x.device, x.dtype)   # TRITON_INTERPRET, read as Triton does
     args, p_value, q_value = plan
-    if cast is not None:
-        x, weight = _cast(x, cast), _cast(weight, cast)
-    if args[-1] == "triton" and x.device.type == "cpu":   # TRITON_INTERPRET, read as Triton does
-        resolve_backend("triton", x.device, x.dtype)
     O = weight.shape[0]
     p_eff, q_eff = _effective(p, q, p_value, q_value, x, O)
     if ndim == 1:
