@@ -9,8 +9,10 @@ graphs (``do_bench_cudagraph``, median; a host clock on CPU) and compares the ou
 gradients of x and w with the shipped choices' (``‖a − b‖ / ‖b‖``). The first four variants
 undo GPU blocks chosen since the last lease or in it (docs/GPU_NOTES.md sections 13 and 14:
 the prologue's, the split sum's and the forward prepare's Σ_c x² tiles were chosen from the
-SASS alone, untimed); the others try candidates for the deep layers on small images, whose
-GEMMs fill under one wave of SMs. Writes ``<out-dir>/<gpu>-sweep.json``. Needs
+SASS alone, untimed), the next the kernels' vector units for channel counts that are not
+multiples of 16 (section 17: 3×3 40→40 and 1×1 80→40); the others
+try candidates for the deep layers on small images, whose GEMMs fill under one wave of SMs.
+Writes ``<out-dir>/<gpu>-sweep.json``. Needs
 torch with CUDA and the project installed; on the whole suite, expect a few minutes, most of
 them compiling each variant's kernels (``--shapes`` / ``--variants`` narrow it).
 """
@@ -26,7 +28,7 @@ import torch
 import scd_triton
 from bench import run as bench
 from bench.shapes import suite
-from scd_triton.kernels import bwd, fwd, weight
+from scd_triton.kernels import bwd, fwd, launch, weight
 
 
 # the launchers work out their launches once per layer signature
@@ -39,18 +41,23 @@ def _clear_plans():
         cached.cache_clear()
 
 
-def _patched(module, name, make):
-    """A variant: ``module.name`` replaced by ``make(original)`` while it is entered, with the
-    launch plans worked out anew on entry and exit."""
+def _patched(modules, name, make):
+    """A variant: ``module.name`` of each of ``modules`` (one or a tuple) replaced by
+    ``make(original)`` while it is entered, with the launch plans worked out anew on entry and
+    exit."""
+    modules = modules if isinstance(modules, tuple) else (modules,)
+
     @contextlib.contextmanager
     def variant():
-        original = getattr(module, name)
-        setattr(module, name, make(original))
+        originals = [getattr(module, name) for module in modules]
+        for module, original in zip(modules, originals):
+            setattr(module, name, make(original))
         _clear_plans()
         try:
             yield
         finally:
-            setattr(module, name, original)
+            for module, original in zip(modules, originals):
+                setattr(module, name, original)
             _clear_plans()
     return variant
 
@@ -77,6 +84,7 @@ VARIANTS = {
         weight, "_gpu_blocks", lambda f: _unspread_weight_blocks),
     "prepare sums of squares not spread": _patched(
         fwd, "sumsq_tiles", lambda f: lambda Cg, P, images=0, channels_contiguous=True: f(Cg, P)),
+    "no vector units": _patched((fwd, bwd, launch), "vector_unit", lambda f: lambda *a: 1),
     "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
     "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
     "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),

@@ -57,6 +57,14 @@ def sharpen(acc, norm, p, q, eps, FAST: tl.constexpr = False):
 
 
 @triton.jit
+def in_units(n, UNIT: tl.constexpr):
+    """``n``, a multiple of ``UNIT`` (``launch.vector_unit``), as the compiler can see it is one:
+    Triton specialises an int argument only on divisibility by 16, so a 40-channel row's offsets
+    look unaligned and their loads and stores go 2 bytes at a time. ``UNIT = 1``: ``n``."""
+    return n // UNIT * UNIT
+
+
+@triton.jit
 def with_sign_of(mag, x):
     """``mag ≥ 0`` (float32) with the sign bit of ``x``: one bitwise op an element where
     ``where(x < 0, -mag, mag)`` takes a compare and a select (a NaN ``mag`` stays NaN)."""

@@ -29,12 +29,13 @@ import triton.language as tl
 
 from .shapes import memory_format
 from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps, fast_div,
-                      fast_exp2, fast_log2, input_offsets, position_cursor, tile_positions,
+                      fast_exp2, fast_log2, in_units, input_offsets, position_cursor, tile_positions,
                       with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
-from .launch import Launch, cdiv, divisor_magic, exact_log2, next_power_of_2
+from .launch import (Launch, cdiv, channel_unit, divisor_magic, exact_log2, next_power_of_2,
+                     vector_unit)
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
 from .weight import normalize_weight, normalize_weight_backward
@@ -47,12 +48,12 @@ def scd2d_bwd_prologue_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr,
 ):
     """Program (i_m, i_g): the :func:`prologue_tile` (i_m, i_g)."""
     prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, tl.program_id(0), tl.program_id(1), M,
                   TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG, BO,
-                  PER_IMAGE, FAST)
+                  PER_IMAGE, FAST, OV)
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -62,7 +63,7 @@ def scd2d_bwd_prologue_copy_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr, BC: tl.constexpr, BPX: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr, BC: tl.constexpr, BPX: tl.constexpr,
 ):
     """The prologue and the channels-contiguous copy of NCHW x in one launch (independent jobs;
     a launch costs ~10 µs of host time): programs below ``PROLOGUE_PROGRAMS`` are prologue
@@ -71,7 +72,7 @@ def scd2d_bwd_prologue_copy_kernel(
     if pid < PROLOGUE_PROGRAMS:
         prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, pid // G_TILES, pid % G_TILES, M,
                       TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG,
-                      BO, PER_IMAGE, FAST)
+                      BO, PER_IMAGE, FAST, OV)
     else:
         i_x = pid - PROLOGUE_PROGRAMS
         i_np = i_x // XC_TILES
@@ -86,7 +87,7 @@ def prologue_tile(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr,
 ):
     """BP output positions (tile ``i_m``) × BG groups (tile ``i_g``) × all O/G channels of each
     group, in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
@@ -97,8 +98,10 @@ def prologue_tile(
     positions in wide copies; otherwise over the flat positions. ``GD`` may be ``c``'s memory:
     each element of ``c`` is read before the same element of grad_d is written, by the same
     program. ``FAST``: lg2 / ex2 / division as hardware approximations (CUDA), as the forward's
-    epilogue.
+    epilogue. ``OV``: O/G, and so grad_d's and the saved c's position strides, are multiples of
+    it (``_common.in_units``; c is channels-last as the forward makes it).
     """
+    Og, O, scn, scp = in_units(Og, OV), in_units(O, OV), in_units(scn, OV), in_units(scp, OV)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BP, PER_IMAGE)  # [BP]
     o_n64 = o_n.to(tl.int64)
     o_gy = o_n64 * sgn + o_p * sgp
@@ -152,7 +155,7 @@ def scd2d_dgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PER_IMAGE: tl.constexpr, PLANES: tl.constexpr, EVEN_O: tl.constexpr, EVEN_C: tl.constexpr,
-    OB_SHIFT: tl.constexpr,
+    OB_SHIFT: tl.constexpr, OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
 ):
     """Program (i_m, i_n, i_z): BM input positions of one stride phase × BN input channels.
 
@@ -163,8 +166,13 @@ def scd2d_dgrad_kernel(
     with ``PLANES`` (stride 1, x and grad_x NCHW-contiguous) a tile is one contiguous run of
     each (n, c) plane: 16-byte loads and stores. ``EVEN_O`` (BK divides O/G) and ``EVEN_C`` (BN
     divides C/G) drop the loop's channel masks. ``OB_SHIFT``: log2 of the channel blocks per
-    tap when that is a power of two, else -1.
+    tap when that is a power of two, else -1. ``OV``: O/G is a multiple of it (grad_d's and
+    ŵ's rows), ``XV`` / ``DV``: C/G and x's / grad_x's strides but the channels' are
+    (``_common.in_units``; 1 where their channels are not contiguous).
     """
+    Og, O = in_units(Og, OV), in_units(O, OV)
+    Cg, sxn, sxh, sxw = in_units(Cg, XV), in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
+    sdn, sdh, sdw = in_units(sdn, DV), in_units(sdh, DV), in_units(sdw, DV)
     i_m, i_n, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ph_w = i_z % stride_w
     ph_h = (i_z // stride_w) % stride_h
@@ -239,6 +247,7 @@ def scd2d_wgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
     EVEN_O: tl.constexpr, EVEN_C: tl.constexpr, EVEN_M: tl.constexpr, WIDE: tl.constexpr,
+    OV: tl.constexpr, XV: tl.constexpr,
 ):
     """Program (i_mn, tap, split·G + g): a [BM out channels, BN in channels] tile of one tap,
     reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S].
@@ -249,8 +258,11 @@ def scd2d_wgrad_kernel(
     (channel, tap) index instead and grid axis 1 is 1, so each ``grad_d`` tile is loaded once
     for all taps rather than once per tap, and the dot is not mostly padding. ``EVEN_O`` (BM
     divides O/G) and ``EVEN_C`` (BN divides the columns) drop the loop's channel masks, and
-    ``EVEN_M`` (BK divides M and K_SPLIT: every K step is whole) its position masks.
+    ``EVEN_M`` (BK divides M and K_SPLIT: every K step is whole) its position masks. ``OV``:
+    O/G is a multiple of it, ``XV``: C/G and ``sxg`` are (``_common.in_units``).
     """
+    Og, O = in_units(Og, OV), in_units(O, OV)
+    Cg, sxg = in_units(Cg, XV), in_units(sxg, XV)
     i_mn, i_tap, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_g = i_z % G
     i_s = i_z // G
@@ -447,8 +459,9 @@ class _Plan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device_index, stride,
-          padding, dilation, groups, eps, weight_norm, precision, need_grad_x, fast):
+def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, cuda,
+          device_index, stride, padding, dilation, groups, eps, weight_norm, precision,
+          need_grad_x, fast):
     """The backward's launches for one layer signature, worked out once (host time per call);
     ``fast``: the prologue's math as hardware approximations (``fwd.FAST_MATH`` on CUDA)."""
     N, C, H, W = x_shape
@@ -472,7 +485,12 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
     BP, BG, BO, tiles, n_blk, warps, stages = _prologue_blocks(per_image, N, OH * OW, G, Og,
                                                                cuda, sms)
     prologue_ints = (M, tiles, G, Og, O, OH * OW)
-    prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast)
+    # vector units (``_common.in_units``): grad_d, c and ŵ have rows of O/G channels; x is read
+    # as it is when its channels are contiguous, else as the channels-contiguous copy
+    o_unit = vector_unit(dtype.itemsize, Og)
+    cl_strides = (C * H * W, 1, W * C, C)
+    x_cl_strides = x_strides if x_strides[1] == 1 or C == 1 else cl_strides
+    prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast, OV=o_unit)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
                       prologue_constexprs, warps, stages)
     BC, BPX, _ = COPY_CONFIG
@@ -521,7 +539,10 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                     (*conv, step_h, step_w),
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK,
                          PER_IMAGE=per_image, PLANES=planes, EVEN_O=Og % BK == 0,
-                         EVEN_C=Cg % BN == 0, OB_SHIFT=exact_log2(cdiv(Og, BK))), warps, stages)
+                         EVEN_C=Cg % BN == 0, OB_SHIFT=exact_log2(cdiv(Og, BK)), OV=o_unit,
+                         XV=channel_unit(dtype.itemsize, Cg, x_strides if planes else x_cl_strides),
+                         DV=channel_unit(dtype.itemsize, Cg, (C * H * W, H * W, W, 1) if per_image
+                                         else cl_strides)), warps, stages)
 
     flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
     taps = 1 if flat else R * S
@@ -539,13 +560,20 @@ def _plan(x_shape, x_contiguous, w_shape, out_hw, per_image, dtype, cuda, device
                     (N, H, W, G, Cg, Og, O, OH, OW, M, k_split), conv,
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT=flat, WIDE=False,
                          EVEN_O=Og % BM == 0, EVEN_C=not flat and Cg % BN == 0,
-                         EVEN_M=M % BK == 0),
+                         EVEN_M=M % BK == 0, OV=o_unit,
+                         XV=vector_unit(dtype.itemsize, Cg, _unit_stride(x_cl_strides))),
                     warps, stages)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     ws_dtype = torch.float32 if splits > 1 or weight_norm != "none" else dtype
     return _Plan(*prologues, w_layout, dgrad, planes,
                  *_workspace((splits, O, Cg, R, S), ws_dtype, x_bytes,
                              math.prod(w_layout[0]) * dtype.itemsize, out_bytes), wgrad)
+
+
+def _unit_stride(x_strides):
+    """``sxg`` of the wgrad GEMM's position cursor: the greatest common divisor of x's
+    sample, row and column strides (1 if all are 0)."""
+    return math.gcd(x_strides[0], x_strides[2], x_strides[3]) or 1
 
 
 def _wide_cursor(N, positions, H, W, x_strides):
@@ -595,7 +623,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     if c.numel() == 0:     # an empty batch; zeros in the layouts the fake op promises
         return grad_x, torch.zeros_like(weight), torch.zeros_like(p), torch.zeros_like(q)
     cuda = dev.type == "cuda"
-    plan = _plan(x.shape, x.is_contiguous(), weight.shape, c.shape[-2:],
+    plan = _plan(x.shape, x.stride(), x.is_contiguous(), weight.shape, c.shape[-2:],
                  fmt == torch.contiguous_format, x.dtype, cuda, dev.index or 0, tuple(stride),
                  tuple(padding), tuple(dilation), groups, eps, weight_norm,
                  dot_precision(x.dtype), need_grad_x, cuda and fwd.FAST_MATH)
@@ -656,7 +684,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
             ws = torch.empty(plan.ws_shape, dtype=plan.ws_dtype, device=dev)
         sx, wgrad = x_cl.stride(), plan.wgrad
         if wgrad.kernel is scd2d_wgrad_kernel:   # and the unit of its position cursor
-            sx = (*sx, math.gcd(sx[0], sx[2], sx[3]) or 1)
+            sx = (*sx, _unit_stride(sx))
             if _wide_cursor(N, OH * OW, x.shape[2], x.shape[3], sx):
                 wgrad = wgrad._replace(constexprs=dict(wgrad.constexprs, WIDE=True))
         wgrad((grad_d, x_cl, ws), sx)
@@ -701,9 +729,22 @@ def report_jobs():
                     constexprs=constexprs, pointer_dtypes=ptrs, num_warps=warps,
                     num_stages=stages)
 
+    def units(fn, lay, itemsize):
+        """The vector-unit constexprs ``_plan`` gives ``fn`` for the layer ``lay``."""
+        if fn is scd2d_wgrad_kernel:
+            return dict(OV=vector_unit(itemsize, lay["Og"]),
+                        XV=vector_unit(itemsize, lay["Cg"], lay["sxg"]))
+        if fn is scd2d_dgrad_kernel:
+            strides = lambda names: tuple(lay[n] for n in names)
+            return dict(OV=vector_unit(itemsize, lay["Og"]),
+                        XV=channel_unit(itemsize, lay["Cg"], strides(("sxn", "sxc", "sxh", "sxw"))),
+                        DV=channel_unit(itemsize, lay["Cg"], strides(("sdn", "sdc", "sdh", "sdw"))))
+        return dict(OV=vector_unit(itemsize, lay["Og"]))
+
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
+        itemsize = 4 if dtype == "fp32" else 2
         gemm = ([("small", DGRAD_CONFIG_FP32, WGRAD_CONFIG_FP32)] if dtype == "fp32" else
                 [(n, DGRAD_CONFIGS[n], WGRAD_CONFIGS[n]) for n in ("small", "large")])
         for layout in ("channels_last", "nchw"):
@@ -722,7 +763,8 @@ def report_jobs():
                     k_split = cdiv(lay["M"], 44 * BK) * BK
                     jobs.append(job(fn, f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
                                     layout, ints(fn, lay, K_SPLIT=k_split),
-                                    dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra),
+                                    dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra,
+                                         **units(fn, lay, itemsize)),
                                     ptrs, warps, stages))
             if not nchw:   # the flat wgrad of a 3→80 5×5 stem (x always channels-contiguous)
                 BM, BN, BK, warps, stages = WGRAD_FLAT_CONFIG
@@ -732,7 +774,7 @@ def report_jobs():
                                 dtype, layout, ints(scd2d_wgrad_kernel, stem, K_SPLIT=512),
                                 dict(R=5, S=5, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT=True,
                                      EVEN_O=False, EVEN_C=False, EVEN_M=stem["M"] % BK == 0,
-                                     WIDE=False),
+                                     WIDE=False, **units(scd2d_wgrad_kernel, stem, itemsize)),
                                 dict(GD=dt, X=dt, WS="*fp32"), warps, stages))
             prologue_ptrs = dict(GY=dt, Cin=dt, Norm="*fp32", P="*fp32", Q="*fp32", GD=dt,
                                  GNS="*fp32", PART="*fp32")
@@ -748,7 +790,8 @@ def report_jobs():
                     ("", 64, 56, (BP, 1, BO, warps, stages)),
                     ("7^2 O512 ", 512, 7, (dBP, dBG, dBO, dwarps, dstages))):
                 lay, _ = layer(layout, C_, C_, 1, tBP, H=side, W=side)
-                tile = dict(BP=tBP, BG=tBG, BO=tBO, PER_IMAGE=nchw, FAST=True)
+                tile = dict(BP=tBP, BG=tBG, BO=tBO, PER_IMAGE=nchw, FAST=True,
+                            **units(scd2d_bwd_prologue_kernel, lay, itemsize))
                 name = f"{pre}BP{tBP}-BG{tBG}-BO{tBO}"
                 jobs.append(job(scd2d_bwd_prologue_kernel, f"{name}-w{twarps}", dtype, layout,
                                 ints(scd2d_bwd_prologue_kernel, lay), tile, prologue_ptrs,
@@ -763,6 +806,30 @@ def report_jobs():
                                       dict(tile, BC=BC, BPX=BPX),
                                       dict(prologue_ptrs, X=dt, X_CL=dt), twarps, tstages))
             jobs += copies
+            if dtype == "bf16" and not nchw:
+                # 40 channels (3×3 40→40 8² b64): rows that only the vector units show aligned
+                dcfg, wcfg = DGRAD_CONFIGS["small"], WGRAD_CONFIGS["small"]
+                d_ints, w_ints = layer(layout, 40, 40, 1, dcfg[0], N=64, H=8, W=8)
+                for fn, (BM, BN, BK, warps, stages), lay, ptrs, extra in (
+                        (scd2d_dgrad_kernel, dcfg, d_ints,
+                         dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
+                         dict(PER_IMAGE=False, PLANES=False, EVEN_O=False, EVEN_C=False,
+                              OB_SHIFT=exact_log2(cdiv(40, dcfg[2])))),
+                        (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
+                         dict(FLAT=False, EVEN_O=False, EVEN_C=False, EVEN_M=True, WIDE=False))):
+                    jobs.append(job(fn, f"40-40 8^2 BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
+                                    dtype, layout, ints(fn, lay, K_SPLIT=832),
+                                    dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra,
+                                         **units(fn, lay, itemsize)), ptrs, warps, stages))
+                pBP, pBG, pBO, _, _, pwarps, pstages = _prologue_blocks(False, 64, 64, 1, 40,
+                                                                        True, 132)
+                lay, _ = layer(layout, 40, 40, 1, pBP, N=64, H=8, W=8)
+                jobs.append(job(scd2d_bwd_prologue_kernel,
+                                f"40-40 8^2 BP{pBP}-BG{pBG}-BO{pBO}-w{pwarps}", dtype, layout,
+                                ints(scd2d_bwd_prologue_kernel, lay),
+                                dict(BP=pBP, BG=pBG, BO=pBO, PER_IMAGE=False, FAST=True,
+                                     **units(scd2d_bwd_prologue_kernel, lay, itemsize)),
+                                prologue_ptrs, pwarps, pstages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             dw, dw_cl = layer(layout, 128, 128, 128, BM)
             jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,

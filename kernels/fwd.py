@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from .shapes import memory_format, output_hw, saved_c_format  # what the fake op promises
-from ._common import sharpen, tile_positions
-from .launch import Launch, cdiv, exact_log2, next_power_of_2
+from ._common import in_units, sharpen, tile_positions
+from .launch import Launch, cdiv, channel_unit, exact_log2, next_power_of_2, vector_unit
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
 from .weight import TAP_MAJOR_PROGRAMS, normalize_args, normalize_rows, normalize_weight
@@ -55,7 +55,7 @@ def scd2d_fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLAT_K: tl.constexpr,
     EVEN_K: tl.constexpr, CB_SHIFT: tl.constexpr, X_PLANES: tl.constexpr,
     PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
-    P_SHARED: tl.constexpr, Q_SHARED: tl.constexpr,
+    P_SHARED: tl.constexpr, Q_SHARED: tl.constexpr, XV: tl.constexpr, YV: tl.constexpr,
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
@@ -68,7 +68,14 @@ def scd2d_fwd_kernel(
     planes, positions contiguous, so the tile loads as wide copies without a layout change.
     ``CB_SHIFT``: log2 of the channel blocks per tap when that is a power of two, else -1.
     ``P_SHARED`` / ``Q_SHARED``: p / q is one value for all channels (stride 0).
+    ``XV``: x's strides but its unit one, and Cg, are multiples of it; ``YV``: Og is, and with
+    channels-last y its position strides (``in_units``: 16-byte loads and stores for channel
+    counts such as 40 too; 1 where x's channels are not contiguous).
     """
+    sxn, sxh, sxw, Cg = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV), in_units(Cg, XV)
+    Og = in_units(Og, YV)
+    if not PER_IMAGE:
+        syn, syp = in_units(syn, YV), in_units(syp, YV)
     i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
     o_oh = o_p // OW
@@ -229,12 +236,14 @@ def scd2d_fwd_direct_kernel(
 
 @triton.jit
 def pixel_sumsq(X, SQ, i_b, G, Cg, P, Wd, P_TILES, sxn, sxc, sxh, sxw, BQ: tl.constexpr,
-                BCQ: tl.constexpr, PIX_FLAT: tl.constexpr):
+                BCQ: tl.constexpr, PIX_FLAT: tl.constexpr, XV: tl.constexpr):
     """Block ``i_b`` of ``SQ[n, g, h, w] = Σ_c x[n, g·Cg + c, h, w]²`` (float32, [N, G, H, W]
     contiguous): BQ pixels of one sample and group, channels BCQ at a time; x of any strides
     (loads run along whichever of channels or pixels is contiguous). ``PIX_FLAT`` (``sxh =
     W·sxw``: NCHW and channels_last): a pixel's offset is ``p·sxw``, so NCHW loads are seen to
-    run along pixels (the division by W hid that: scalar loads a channel plane apart)."""
+    run along pixels (the division by W hid that: scalar loads a channel plane apart). ``XV``:
+    as ``scd2d_fwd_kernel``'s (channels-contiguous x)."""
+    sxn, sxh, sxw, Cg = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV), in_units(Cg, XV)
     i_g = i_b % G
     i_np = i_b // G
     i_n = i_np // P_TILES
@@ -262,7 +271,7 @@ def scd2d_fwd_prepare_kernel(
     s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BCQ: tl.constexpr,
     PIX_FLAT: tl.constexpr, SUM_IN_COPY: tl.constexpr, RS: tl.constexpr, S: tl.constexpr,
     TP: tl.constexpr, W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr,
-    BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr,
+    BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr, XV: tl.constexpr,
 ):
     """What the GEMM forward needs before it runs, in one launch (a launch costs ~10 µs of host
     time; the three parts are independent): programs below ``W_PROGRAMS`` normalise the kernels
@@ -287,7 +296,7 @@ def scd2d_fwd_prepare_kernel(
             tl.store(SQ + i_n.to(tl.int64) * P + o_p, tl.sum(b_xf * b_xf, axis=0), mask=m_p)
     else:
         pixel_sumsq(X, SQ, pid - W_PROGRAMS - COPY_PROGRAMS, G, Cg, P, Wd, Q_TILES, sxn, sxc,
-                    sxh, sxw, BQ, BCQ, PIX_FLAT)
+                    sxh, sxw, BQ, BCQ, PIX_FLAT, XV)
 
 
 FAST_MATH = True   # lg2/ex2/div approximations on CUDA in the forward's epilogue and the
@@ -322,26 +331,26 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
 
     Wide tiles (128×128×64 for 16-bit, 64×128×32 for float32) for wide layers, 3 stages; BN the
-    smallest power of two covering O/G (≥ 16); BK the widest of 64 (16-bit) / 32 / 16 that pads
-    C/G by ≤ 1/8. Fewer than 16 channels per group (stem, grouped narrow layers) flatten K over
-    (tap, channel), so a 3-channel 5×5 stem runs K = 75 in 3 steps of 32 instead of 25 steps of
-    16 mostly-zero ones. BM drops to 64 when 128-row tiles would give fewer than ~2 waves on a
-    132-SM GPU, and for 16-bit layers with O/G ≤ 64 (64×64 tiles took 0.84× the time of 128×64
-    on 3×3 64→64 56² in a sweep on an H200, docs/GPU_NOTES.md section 10).
+    smallest power of two covering O/G (≥ 16). Fewer than 16 channels per group (stem, grouped
+    narrow layers) flatten K over (tap, channel), so a 3-channel 5×5 stem runs K = 75 in 3 steps
+    of 32 instead of 25 steps of 16 mostly-zero ones. BM drops to 64 when 128-row tiles would
+    give fewer than ~2 waves on a 132-SM GPU, and for 16-bit layers with O/G ≤ 64 (64×64 tiles
+    took 0.84× the time of 128×64 on 3×3 64→64 56² in a sweep on an H200, docs/GPU_NOTES.md
+    section 10). BK: the widest of 64 (16-bit) / 32 / 16 that pads C/G by ≤ 1/8.
     """
     BN = pow2_between(Og, 16, 128)
-    flat_k = Cg < 16
-    if flat_k:
-        BK = 16 if Cg * R * S <= 16 else 32
-    else:
-        # BK 64 for 16-bit only: float32 64-wide tiles in 3 stages overflow sm_80's shared memory
-        BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16))
     BM = 128 if cdiv(M, 128) * cdiv(Og, BN) * G >= 264 else 64
     if fp32 and BN == 128:
         # 128×128 float32 tiles spilled on sm_90 (with the Σs² tile then in the loop)
         BM = 64
     if not fp32 and BN <= 64:
         BM = 64
+    flat_k = Cg < 16
+    if flat_k:
+        BK = 16 if Cg * R * S <= 16 else 32
+    else:
+        # BK 64 for 16-bit only: float32 64-wide tiles in 3 stages overflow sm_80's shared memory
+        BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16))
     warps = 8 if BM * BN >= 128 * 128 else 4
     return BM, BN, BK, flat_k, warps, 3
 
@@ -446,18 +455,24 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     tiles = cdiv(P_img, BM)
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
     copy = transpose_x and x_copies_by_kernel
-    # the prepare launch reads x, or torch's channels_last copy of it
-    pix_flat = H == 1 or x_strides[2] == W * x_strides[3] or (transpose_x and not copy)
+    # the prepare launch reads x, or torch's channels_last copy of it; the GEMM reads that copy
+    itemsize = 4 if fp32 else 2
+    cl_strides = (C * H * W, 1, W * C, C)
+    prepare_strides = cl_strides if transpose_x and not copy else x_strides
+    pix_flat = H == 1 or prepare_strides[2] == W * prepare_strides[3]
     prepare = prepare_launch(x_shape, w_shape, w_strides, q_stride, weight_norm, weight_norm_eps,
-                             groups, w_layout, copy, pix_flat, cuda,
-                             x_strides[1] == 1 or (transpose_x and not copy))
+                             groups, w_layout, copy, pix_flat, cuda, prepare_strides[1] == 1,
+                             channel_unit(itemsize, Cg, prepare_strides))
     return _Plan(*shapes, w_layout, Launch(
         scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
                                  n_k * BK, w_layout[0][1]), (*y_strides, *conv),
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
-             P_SHARED=p_stride == 0, Q_SHARED=q_stride == 0, **flags), warps, stages),
+             P_SHARED=p_stride == 0, Q_SHARED=q_stride == 0,
+             XV=channel_unit(itemsize, Cg, cl_strides if transpose_x else x_strides),
+             YV=vector_unit(itemsize, Og), **flags), warps, stages),
         prepare, copy, restrided)
+
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -530,10 +545,11 @@ SUM_IN_COPY_CHANNELS = 256   # NCHW copy tiles up to [256, 32] hold all of a pix
 
 @functools.lru_cache(maxsize=1024)
 def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_layout, copy,
-                   pix_flat, cuda, channels_contiguous=True):
+                   pix_flat, cuda, channels_contiguous=True, x_unit=1):
     """The ``Launch`` of ``scd2d_fwd_prepare_kernel`` (tensors: x, the copy of x or x, the
     per-pixel Σ_c x² [N, G, H, W], weight, q, ŵ; strides: x's, whose pixels are ``pix_flat``
-    and whose channels are ``channels_contiguous`` (``pixel_sumsq``)): ŵ in the GEMM's
+    and whose channels are ``channels_contiguous`` (``pixel_sumsq``), with ``XV = x_unit``
+    (``launch.channel_unit``)): ŵ in the GEMM's
     ``w_layout`` (normalisation ``mode``), the Σ_c x², and with ``copy`` x copied
     channels-contiguous; the programs of ŵ and of Σ_c x² spread for a ``cuda`` launch."""
     N, C, H, W = x_shape
@@ -553,7 +569,7 @@ def prepare_launch(x_shape, w_shape, w_strides, q_stride, mode, eps, groups, w_l
     return Launch(scd2d_fwd_prepare_kernel, (w_programs + copy_programs + sum_programs,),
                   (C, H * W, W, groups, p_tiles, c_tiles, q_tiles, w_programs, copy_programs),
                   w_scalars, dict(BC=BC, BP=BP, BQ=BQ, BCQ=BCQ, PIX_FLAT=pix_flat,
-                                  SUM_IN_COPY=sum_in_copy, **w_constexprs), warps, 1)
+                                  SUM_IN_COPY=sum_in_copy, XV=x_unit, **w_constexprs), warps, 1)
 
 
 def _layer_ints(layout, N, C, O, H, W, R, groups):
@@ -575,6 +591,7 @@ def report_jobs():
         ("5x5 3-80 32^2 (stem)", 256, 3, 80, 32, 32, 5, 1, ("bf16",)),
         ("dw 3x3 256x2 56^2", 32, 256, 512, 56, 56, 3, 256, ("bf16", "fp32")),
         ("1x1 256-256 28^2", 64, 256, 256, 28, 28, 1, 1, ("bf16",)),
+        ("3x3 40-40 8^2 (40 channels)", 64, 40, 40, 8, 8, 3, 1, ("bf16",)),
     ]
     jobs = []
     for label, N, C, O, H, W, R, groups, dtypes in layers:
@@ -603,9 +620,13 @@ def report_jobs():
                     ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
                                 W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN)
                     ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
+                    itemsize = 4 if dtype == "fp32" else 2
+                    x_strides = tuple(ints[k] for k in ("sxn", "sxc", "sxh", "sxw"))
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
                                   EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),
-                                  X_PLANES=in_place, P_SHARED=False, Q_SHARED=True)
+                                  X_PLANES=in_place, P_SHARED=False, Q_SHARED=True,
+                                  XV=channel_unit(itemsize, Cg, x_strides),
+                                  YV=vector_unit(itemsize, Og))
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
                 job = dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
@@ -633,8 +654,9 @@ def report_jobs():
         name = ("" if side == 56 else f"{side}^2 O{C} ") + (
             f"BC{c['BC']}-BP{c['BP']}-BQ{c['BQ']}-BCQ{c['BCQ']}-w{prep.warps}")
         for dtype in ("bf16", "fp32"):
+            x_unit = channel_unit(4 if dtype == "fp32" else 2, C, x_strides)
             jobs.append(dict(kernel=kernel, name=name, layout=layout, dtype=dtype, ints=ints,
-                             constexprs=c,
+                             constexprs=dict(c, XV=x_unit),
                              pointer_dtypes=dict(X=f"*{dtype}", X_CL=f"*{dtype}", SQ="*fp32",
                                                  W=f"*{dtype}", Q="*fp32", W_HAT=f"*{dtype}"),
                              num_warps=prep.warps, num_stages=1))

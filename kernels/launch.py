@@ -31,6 +31,28 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def vector_unit(itemsize: int, *values: int) -> int:
+    """The largest power of two up to 16 bytes' worth of elements that divides every value (0
+    counts as a multiple): what ``_common.in_units`` may tell a kernel about sizes and strides
+    along which it loads or stores contiguous runs. 1 where every value is a multiple of 16,
+    which Triton's specialisation of int arguments already tells the compiler (the kernel is
+    then the one it was without units)."""
+    if all(v % 16 == 0 for v in values):
+        return 1
+    unit = 16 // itemsize
+    while unit > 1 and any(v % unit for v in values):
+        unit //= 2
+    return unit
+
+
+def channel_unit(itemsize: int, Cg: int, strides: tuple) -> int:
+    """The vector unit of a kernel that reads or writes a [N, C, H, W] tensor of ``strides``
+    along its channels, in groups of ``Cg``: of Cg and the sample, row and column strides when
+    the channels are contiguous, else 1."""
+    sn, sc, sh, sw = strides
+    return vector_unit(itemsize, Cg, sn, sh, sw) if sc == 1 else 1
+
+
 def divisor_magic(d: int) -> tuple:
     """``(mul, shift)`` with ``(n + ((n · mul) >> 32)) >> shift == n // d`` for ``0 ≤ n <
     2**31`` (``_common.fast_divmod``): Granlund and Montgomery's ``M = ⌈2**(32 + ℓ) / d⌉``, ``ℓ

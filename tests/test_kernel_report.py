@@ -4,7 +4,8 @@ compile for sm_80 and sm_90 without register spills, with tensor-core MMA instru
 on sm_80, wgmma ``HGMMA`` on sm_90); the forward's hot loop and whole kernel and the backward
 GEMMs' loops stay short, the NCHW ones as short as channels_last's; the direct, prologue, weight,
 layout and NCHW preparation kernels (the forward's, and the backward's prologue with the copy
-of x) compile without spills.
+of x) compile without spills. A 40-channel layer's forward, GEMMs and prologue (rows that are
+not multiples of 16, aligned by the kernels' vector units) are gated the same way.
 
 Compiling needs real ``@triton.jit`` functions, so it runs in a subprocess without
 ``TRITON_INTERPRET`` (the test session itself may run the interpreter); two worker processes
@@ -36,6 +37,8 @@ def picked():
     for j in fwd.report_jobs():
         if j["name"].startswith("3x3 128-128") and j["dtype"] in ("bf16", "fp16"):
             jobs += [(j, a) for a in (80, 90)]
+        if j["name"].startswith("3x3 40-40") and j["layout"] == "channels_last":
+            jobs += [(j, a) for a in (80, 90)]
         if j["name"].startswith("dw") and j["dtype"] == "bf16" and j["layout"] == "nchw":
             jobs.append((j, 90))
         if j["kernel"].__name__ == "scd2d_fwd_prepare_kernel" and j["dtype"] == "bf16":
@@ -58,7 +61,7 @@ def edge_jobs():
     jobs = []
     for j in bwd.report_jobs():
         if "wgrad" not in j["kernel"].__name__ or j["dtype"] != "bf16" or \
-                j["layout"] != "channels_last" or j["name"].startswith("small"):
+                j["layout"] != "channels_last" or j["name"].startswith(("small", "40-40")):
             continue
         for side, channels in ((2, j["ints"]["O"]), (10, j["ints"]["O"]), (7, 1)):
             if channels == 1 and "direct" in j["kernel"].__name__:
@@ -126,7 +129,8 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
     assert {(r["layout"], r["dtype"], r["arch"]) for r in mine} == {
         (lay, d, a) for lay in ("channels_last", "nchw") for d in ("bf16", "fp16")
         for a in ("sm_80", "sm_90")}
-    assert len({r["config"] for r in mine}) == 2, "a small and a large config"
+    configs = {r["config"].split("-")[0] for r in mine}
+    assert configs == {"small", "large", "40"}, "a small and a large config, and 40 channels"
     for r in mine:
         assert r["loop_instructions"] <= BACKWARD_LOOP_BOUND[kernel][r["arch"]], r
     assert len(every) - len(mine) == (4 if kernel == "scd2d_wgrad_kernel" else 0)

@@ -14,6 +14,7 @@ from cases import CASES_2D, Case, params, run_against_oracle
 from helpers import DEVICE, assert_close, gpu
 from scd_triton.kernels import fwd, scd2d_fwd, uses_direct_kernel
 from scd_triton.kernels.fwd import gemm_config
+from scd_triton.kernels.launch import channel_unit
 
 
 KERNEL_CASES = CASES_2D + [
@@ -135,6 +136,28 @@ def test_heuristic_configs():
     assert gemm_config(48, 64, 3, 3, 1, big, False)[2] == 16               # 64 would pad by 1/3
     assert gemm_config(96, 64, 3, 3, 1, big, False)[2] == 32               # 64 would pad by 1/3
     assert not isinstance(fwd.scd2d_fwd_kernel, triton.runtime.Autotuner)
+
+
+@pytest.mark.parametrize("channels, C, unit", [(40, 40, 8), (44, 40, 4), (42, 40, 2),
+                                                (40, 39, 1), (48, 48, 1)])
+def test_channel_rows_in_vector_units(channels, C, unit):
+    """The kernels that read x are told the largest unit, up to 16 bytes, dividing C/G and x's
+    strides but the channels' (``XV``), and O/G (``YV``), so that on a GPU rows of 40 channels
+    load and store 16 bytes at a time (Triton itself only sees multiples of 16). A channel slice
+    of a wider channels-last x keeps the unit its strides share; multiples of 16 get none (Triton
+    sees them); the output is right either way (a unit that did not divide a stride would move
+    every load)."""
+    x = torch.randn(2, channels, 5, 6, dtype=torch.float16, device=DEVICE)
+    x = x.contiguous(memory_format=torch.channels_last)[:, :C]
+    assert channel_unit(2, C, x.stride()) == unit
+    assert channel_unit(4, C, x.stride()) == min(unit, 4)
+    assert channel_unit(2, C, x.contiguous().stride()) == 1       # NCHW: channels not contiguous
+    w = torch.randn(C, C, 3, 3, dtype=torch.float16, device=DEVICE)
+    p, q = torch.rand(C) + 1.0, torch.rand(C) * 0.3
+    y = scd_triton.scd2d(x, w, p.to(DEVICE), q.to(DEVICE), padding=1, backend="triton")
+    want = oracle.scd2d(x.cpu().double(), w.cpu().double(), p.double(), q.double(),
+                        padding=(1, 1, 1, 1))
+    assert_close("y", y.cpu(), want, torch.float16, reduce_dim=C * 9)
 
 
 def _fwd_args(C, O, groups, H=7, W=6):

@@ -78,7 +78,8 @@ def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
         conv = case.oracle_kwargs()
         stride, padding, dilation = conv["stride"], conv["padding"], conv["dilation"]
         out_hw = output_hw((case.H, case.W), case.kernel, stride, padding, dilation)
-        plan = bwd._plan((case.N, case.C, case.H, case.W), True,
+        C, H, W = case.C, case.H, case.W
+        plan = bwd._plan((case.N, C, H, W), (C * H * W, H * W, W, 1), True,
                          (case.O, case.C // case.groups, *case.kernel), out_hw, True,
                          torch.float32, False, 0, stride, padding, dilation, case.groups, 1e-6,
                          "none", "ieee", True, False)
@@ -564,7 +565,8 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
     N, C, H, O, s = layer
     k = 5 if C == 3 else 3
     OH = H // s
-    plan = bwd._plan.__wrapped__((N, C, H, H), True, (O, C, k, k), (OH, OH), False,
+    x_strides = (C * H * H, H * H, H, 1)
+    plan = bwd._plan.__wrapped__((N, C, H, H), x_strides, True, (O, C, k, k), (OH, OH), False,
                                  torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
                                  1e-12, "norm", "tf32", need_grad_x, True)
     ws_bytes = math.prod(plan.ws_shape) * plan.ws_dtype.itemsize
@@ -577,7 +579,8 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
             tiles, taps, _ = plan.wgrad.grid     # programs of one split: tiles × taps
             assert x_bytes // (ws_bytes // plan.ws_shape[0]) * tiles * taps < 132, plan.ws_shape
     if need_grad_x and x_bytes > out_bytes and plan.ws_shape[0] > 1:
-        fewer = bwd._plan.__wrapped__((N, C, H, H), True, (O, C, k, k), (OH, OH), False,
+        fewer = bwd._plan.__wrapped__((N, C, H, H), x_strides, True, (O, C, k, k), (OH, OH),
+                                      False,
                                       torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
                                       1e-12, "norm", "tf32", False, True)
         assert plan.ws_in_grad_x and plan.ws_shape[0] > fewer.ws_shape[0]
@@ -643,7 +646,44 @@ def test_positions_within_a_block_of_int32_are_refused():
     that room (2**31 − 100 positions would wrap)."""
     from scd_triton.kernels import bwd
     P = 2**31 - 100                                 # one 1-channel image of P positions
-    args = ((1, 1, 1, P), True, (1, 1, 1, 1), (1, P), False, torch.float32, True, 0, (1, 1),
+    args = ((1, 1, 1, P), (P, P, P, 1), True, (1, 1, 1, 1), (1, P), False, torch.float32, True, 0, (1, 1),
             (0, 0, 0, 0), (1, 1), 1, 1e-12, "none", "tf32", True, True)
     with pytest.raises(ValueError, match="N·OH·OW = 2147483548 below 2\\*\\*31 - 128"):
         bwd._plan.__wrapped__(*args)
+
+
+@pytest.mark.parametrize("channels, C, unit", [(40, 40, 8), (44, 40, 4), (42, 40, 2)])
+def test_gradients_of_channel_rows_in_vector_units(channels, C, unit, monkeypatch):
+    """The backward's kernels are told the vector units of O/G (grad_d, c, ŵ: ``OV``), of x as
+    they read it (``XV``) and of grad_x (``DV``) where those are not multiples of 16; x here is
+    a channel slice of a wider channels-last tensor, read in place, whose strides share a
+    smaller unit than its 40 channels (see test_kernels.py); its grad_x is NCHW unless x is
+    channels-last contiguous (DV 1: channels not contiguous). All four gradients against the
+    float64 oracle (a unit that did not divide a stride would move every access)."""
+    from scd_triton.kernels import bwd
+    plan, units = bwd._plan, []
+
+    def plan_with(*args):
+        found = plan(*args)
+        units.append({k: found.dgrad.constexprs[k] for k in ("OV", "XV", "DV")}
+                     | {"wgrad " + k: found.wgrad.constexprs[k] for k in ("OV", "XV")}
+                     | {"prologue OV": found.prologue.constexprs["OV"]})
+        return found
+
+    monkeypatch.setattr(bwd, "_plan", plan_with)
+    big = torch.randn(2, channels, 5, 6, dtype=torch.float16, device=DEVICE)
+    x = big.contiguous(memory_format=torch.channels_last)[:, :C].detach().requires_grad_()
+    w = torch.randn(C, C, 3, 3, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    p = (torch.rand(C) + 1.0).to(DEVICE).requires_grad_()
+    q = (torch.rand(C) * 0.3).to(DEVICE).requires_grad_()
+    y = scd_triton.scd2d(x, w, p, q, padding=1, backend="triton")
+    grad_y = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(grad_y.to(DEVICE, torch.float16))
+    assert units == [dict(OV=8, XV=unit, DV=8 if channels == C else 1, **{
+        "wgrad OV": 8, "wgrad XV": unit, "prologue OV": 8})]
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, p, q)]
+    want = oracle.scd2d(*leaves, padding=(1, 1, 1, 1))
+    want.backward(grad_y)
+    for name, got, ref in zip("xwpq", (x, w, p, q), leaves):
+        assert_close(f"grad_{name}", got.grad.cpu(), ref.grad, torch.float16, grad=True,
+                     reduce_dim=C * 9 * C)
