@@ -9,8 +9,8 @@ graphs (``do_bench_cudagraph``, median; a host clock on CPU) and compares the ou
 gradients of x and w with the shipped choices' (``‖a − b‖ / ‖b‖``). The first four variants
 undo GPU blocks chosen since the last lease or in it (docs/GPU_NOTES.md sections 13 and 14:
 the prologue's, the split sum's and the forward prepare's Σ_c x² tiles were chosen from the
-SASS alone, untimed), the next the kernels' vector units for channel counts that are not
-multiples of 16 (section 17: 3×3 40→40 and 1×1 80→40); the others
+SASS alone, untimed), the next two the kernels' vector units and the forward's K blocks for
+channel counts that are not multiples of 16 (section 17: 3×3 40→40 and 1×1 80→40); the others
 try candidates for the deep layers on small images, whose GEMMs fill under one wave of SMs.
 Writes ``<out-dir>/<gpu>-sweep.json``. Needs
 torch with CUDA and the project installed; on the whole suite, expect a few minutes, most of
@@ -85,6 +85,8 @@ VARIANTS = {
     "prepare sums of squares not spread": _patched(
         fwd, "sumsq_tiles", lambda f: lambda Cg, P, images=0, channels_contiguous=True: f(Cg, P)),
     "no vector units": _patched((fwd, bwd, launch), "vector_unit", lambda f: lambda *a: 1),
+    "forward BK by padding alone": _patched(
+        fwd, "_block_k", lambda f: lambda n, choices, issue_bound=False: f(n, choices)),
     "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
     "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
     "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),

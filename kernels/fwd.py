@@ -318,8 +318,11 @@ def dot_precision(dtype):
     return "tf32" if dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _block_k(n, choices):
-    """The widest block in ``choices`` that pads ``n`` by at most 1/8, else the narrowest."""
+def _block_k(n, choices, issue_bound=False):
+    """The widest block in ``choices`` that pads ``n`` by at most 1/8, else the narrowest; for
+    an ``issue_bound`` tile the one with the fewest K steps (the narrowest of equals)."""
+    if issue_bound:
+        return min(reversed(choices), key=lambda b: cdiv(n, b))
     for b in choices:
         if cdiv(n, b) * b * 8 <= n * 9:
             return b
@@ -336,7 +339,10 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
     of 32 instead of 25 steps of 16 mostly-zero ones. BM drops to 64 when 128-row tiles would
     give fewer than ~2 waves on a 132-SM GPU, and for 16-bit layers with O/G ≤ 64 (64×64 tiles
     took 0.84× the time of 128×64 on 3×3 64→64 56² in a sweep on an H200, docs/GPU_NOTES.md
-    section 10). BK: the widest of 64 (16-bit) / 32 / 16 that pads C/G by ≤ 1/8.
+    section 10). BK: the widest of 64 (16-bit) / 32 / 16 that pads C/G by ≤ 1/8, except on
+    16-bit tiles of at most 64×64, whose K step issues more instructions (~100–140 a warp,
+    sm_90 SASS) than its MMA takes cycles (32 for 64×64×16): there the fewest steps, padding
+    or not (3×3 40→40: 9 steps of 64 channels, 24 of them zeros, instead of 27 steps of 16).
     """
     BN = pow2_between(Og, 16, 128)
     BM = 128 if cdiv(M, 128) * cdiv(Og, BN) * G >= 264 else 64
@@ -350,7 +356,7 @@ def gemm_config(Cg, Og, R, S, G, M, fp32):
         BK = 16 if Cg * R * S <= 16 else 32
     else:
         # BK 64 for 16-bit only: float32 64-wide tiles in 3 stages overflow sm_80's shared memory
-        BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16))
+        BK = _block_k(Cg, (32, 16) if fp32 else (64, 32, 16), not fp32 and BM * BN <= 64 * 64)
     warps = 8 if BM * BN >= 128 * 128 else 4
     return BM, BN, BK, flat_k, warps, 3
 

@@ -133,8 +133,13 @@ def test_heuristic_configs():
     assert gemm_config(32, 32, 3, 3, 1, big, False)[1:4] == (32, 32, False)
     assert gemm_config(3, 80, 5, 5, 1, 256 * 32 * 32, False)[1:4] == (128, 32, True)
     assert gemm_config(512, 512, 3, 3, 1, 8 * 7 * 7, False)[0] == 64      # < 2 waves of 128
-    assert gemm_config(48, 64, 3, 3, 1, big, False)[2] == 16               # 64 would pad by 1/3
-    assert gemm_config(96, 64, 3, 3, 1, big, False)[2] == 32               # 64 would pad by 1/3
+    # MMA-bound tiles pad K by at most 1/8; issue-bound 16-bit 64×64 ones take the fewest steps
+    assert gemm_config(48, 128, 3, 3, 1, big, False)[2] == 16              # 64 would pad by 1/3
+    assert gemm_config(96, 128, 3, 3, 1, big, False)[2] == 32              # 64 would pad by 1/3
+    assert gemm_config(48, 64, 3, 3, 1, big, False)[2] == 64               # 1 step, not 3
+    assert gemm_config(40, 40, 3, 3, 1, 64 * 8 * 8, False)[:3] == (64, 64, 64)
+    assert gemm_config(20, 24, 3, 3, 1, big, False)[1:3] == (32, 32)       # 1 step either way
+    assert gemm_config(40, 40, 3, 3, 1, big, True)[2] == 16                # float32: by padding
     assert not isinstance(fwd.scd2d_fwd_kernel, triton.runtime.Autotuner)
 
 
