@@ -11,10 +11,11 @@ undo GPU blocks chosen since the last lease or in it (docs/GPU_NOTES.md sections
 the prologue's, the split sum's and the forward prepare's Σ_c x² tiles were chosen from the
 SASS alone, untimed), the next two the kernels' vector units and the forward's K blocks for
 channel counts that are not multiples of 16 (section 17: 3×3 40→40 and 1×1 80→40); the others
-try candidates for the deep layers on small images, whose GEMMs fill under one wave of SMs.
-Writes ``<out-dir>/<gpu>-sweep.json``. Needs
-torch with CUDA and the project installed; on the whole suite, expect a few minutes, most of
-them compiling each variant's kernels (``--shapes`` / ``--variants`` narrow it).
+try candidates: for the deep layers on small images, whose GEMMs fill under one wave of SMs,
+and a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two). Writes
+``<out-dir>/<gpu>-sweep.json``. Needs torch with CUDA and the project installed; on the whole
+suite, expect a few minutes, most of them compiling each variant's kernels (``--shapes`` /
+``--variants`` narrow it).
 """
 import argparse
 import contextlib
@@ -67,6 +68,14 @@ def _unspread_weight_blocks(programs, Og, BO, K, along_channels):
     return (programs, *weight._blocks(Og, K))
 
 
+def _wide_dgrad_k(config, Og, sixteen_bit):
+    """A dgrad config with BK 64 where the 16-bit "small" one takes 32 and O/G ≤ 64 (sm_90
+    SASS: 289 instructions a tap at 64 channels against 2 × 182; no spills, 72 KB of shared
+    memory)."""
+    BM, BN, BK, warps, stages = config
+    return (BM, BN, 64, warps, stages) if sixteen_bit and BK == 32 and Og <= 64 else config
+
+
 def _narrow_forward(config):
     """A forward GEMM config with output-channel tiles of at most 64 (more programs)."""
     BM, BN, BK, flat_k, warps, stages = config
@@ -90,6 +99,9 @@ VARIANTS = {
     "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
     "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
     "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),
+    "dgrad BK 64 on narrow layers": _patched(   # one K step a tap for O/G ≤ 64, not two
+        bwd, "_dgrad_config", lambda f: lambda dtype, Cg, Og, cuda: _wide_dgrad_k(
+            f(dtype, Cg, Og, cuda), Og, cuda and dtype != torch.float32)),
     "dgrad small tiles": _patched(
         bwd, "_dgrad_config", lambda f: lambda dtype, Cg, Og, cuda: f(dtype, min(Cg, 64), Og, cuda)),
     "wgrad small tiles": _patched(

@@ -221,6 +221,11 @@ def test_sweep_variants_give_the_shipped_results_and_put_the_launchers_back():
     assert (bwd._prologue_blocks, bwd._splits, fwd.gemm_config, fwd.vector_unit,
             bwd.vector_unit, launch.vector_unit, fwd._block_k) == originals
     assert bwd._plan.cache_info().currsize == 0
+    # the GPU-only candidate: BK 64 for the 16-bit small dgrad of narrow layers
+    small = bwd.DGRAD_CONFIGS["small"]
+    assert sweep._wide_dgrad_k(small, 40, True) == (*small[:2], 64, *small[3:])
+    assert sweep._wide_dgrad_k(small, 96, True) == small
+    assert sweep._wide_dgrad_k(small, 40, False) == small
 
 
 def test_aligned_patches_report_what_readme_says():
