@@ -55,14 +55,16 @@ DTYPES = ["bfloat16", "float32"]
 # tests that ran CPU tensors until the whole suite ran on an H100: 151 tests (before the last
 # six names) in 86 s in 8 processes on an H200, beside 11 kernel-compiling ones (2026-12-04);
 # the wgrad's position cursor, the prepare's spread sums of squares and strides past int32
-# since, and (2026-12-07) the Jacobian of a tiny kernel and second derivatives: 192 tests
+# since, (2026-12-07) the Jacobian of a tiny kernel and second derivatives: 192 tests; then the
+# kernels' vector units (channel slices, 14×14 NCHW planes), on the GPU their wide accesses: 204
 GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels_weight.py "
              "tests/test_ops.py tests/test_functional.py tests/test_modules.py -k 'bfloat16 or "
              "tf32 or synchronises or capturable or autocast or nan or int64 or nchw or wide or "
              "fresh or padded or needs_no_grad or any_weight_layout or any_layout or python_float "
              "or c_memory or freed_graph or deterministic or eps_zero or in_place or "
              "zero_input_channels or gpu_tile or shared_p_q or dgrad_goes_first or gpu_blocks or "
-             "cursor or sum_of_squares or past_int32 or tiny_kernel or second_derivatives'")
+             "cursor or sum_of_squares or past_int32 or tiny_kernel or second_derivatives or "
+             "vector_units'")
 
 
 def _run_processes(commands, envs, timeouts_s):

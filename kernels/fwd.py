@@ -56,6 +56,7 @@ def scd2d_fwd_kernel(
     EVEN_K: tl.constexpr, CB_SHIFT: tl.constexpr, X_PLANES: tl.constexpr,
     PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
     P_SHARED: tl.constexpr, Q_SHARED: tl.constexpr, XV: tl.constexpr, YV: tl.constexpr,
+    PV: tl.constexpr,
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
@@ -69,12 +70,15 @@ def scd2d_fwd_kernel(
     ``CB_SHIFT``: log2 of the channel blocks per tap when that is a power of two, else -1.
     ``P_SHARED`` / ``Q_SHARED``: p / q is one value for all channels (stride 0).
     ``XV``: x's strides but its unit one, and Cg, are multiples of it; ``YV``: Og is, and with
-    channels-last y its position strides (``in_units``: 16-byte loads and stores for channel
-    counts such as 40 too; 1 where x's channels are not contiguous).
+    channels-last y its position strides; ``PV``: with NCHW y, OH·OW and y's sample and channel
+    strides are (``in_units``: 16-byte loads and stores for channel counts such as 40 too, 8-byte
+    stores along 14×14 planes; 1 where x's channels are not contiguous).
     """
     sxn, sxh, sxw, Cg = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV), in_units(Cg, XV)
     Og = in_units(Og, YV)
-    if not PER_IMAGE:
+    if PER_IMAGE:
+        P_IMG, syn, syc = in_units(P_IMG, PV), in_units(syn, PV), in_units(syc, PV)
+    else:
         syn, syp = in_units(syn, YV), in_units(syp, YV)
     i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
@@ -476,7 +480,8 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
              P_SHARED=p_stride == 0, Q_SHARED=q_stride == 0,
              XV=channel_unit(itemsize, Cg, cl_strides if transpose_x else x_strides),
-             YV=vector_unit(itemsize, Og), **flags), warps, stages),
+             YV=vector_unit(itemsize, Og), PV=vector_unit(itemsize, P_img) if per_image else 1,
+             **flags), warps, stages),
         prepare, copy, restrided)
 
 
@@ -598,6 +603,7 @@ def report_jobs():
         ("dw 3x3 256x2 56^2", 32, 256, 512, 56, 56, 3, 256, ("bf16", "fp32")),
         ("1x1 256-256 28^2", 64, 256, 256, 28, 28, 1, 1, ("bf16",)),
         ("3x3 40-40 8^2 (40 channels)", 64, 40, 40, 8, 8, 3, 1, ("bf16",)),
+        ("3x3 256-256 14^2 (196 positions)", 32, 256, 256, 14, 14, 3, 1, ("bf16",)),
     ]
     jobs = []
     for label, N, C, O, H, W, R, groups, dtypes in layers:
@@ -632,7 +638,8 @@ def report_jobs():
                                   EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),
                                   X_PLANES=in_place, P_SHARED=False, Q_SHARED=True,
                                   XV=channel_unit(itemsize, Cg, x_strides),
-                                  YV=vector_unit(itemsize, Og))
+                                  YV=vector_unit(itemsize, Og),
+                                  PV=vector_unit(itemsize, H * W) if layout == "nchw" else 1)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
                 job = dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,

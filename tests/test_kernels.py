@@ -165,6 +165,29 @@ def test_channel_rows_in_vector_units(channels, C, unit):
     assert_close("y", y.cpu(), want, torch.float16, reduce_dim=C * 9)
 
 
+@pytest.mark.parametrize("side, unit", [(14, 4), (10, 4), (7, 1), (16, 1)])
+def test_nchw_planes_in_vector_units(side, unit, monkeypatch):
+    """With NCHW input the forward stores y along each (n, o) plane of OH·OW positions; where
+    that is not a multiple of 16 but of 2–8 it is told so (``PV``: 196 = 4·49 positions make
+    8-byte stores on a GPU instead of 2-byte ones), and the output matches the oracle."""
+    plan, units = fwd._plan, []
+
+    def plan_with(*args):
+        found = plan(*args)
+        units.append(found.main.constexprs["PV"])
+        return found
+
+    monkeypatch.setattr(fwd, "_plan", plan_with)
+    x = torch.randn(2, 8, side, side, dtype=torch.float16, device=DEVICE)
+    w = torch.randn(8, 8, 3, 3, dtype=torch.float16, device=DEVICE)
+    p, q = torch.rand(8) + 1.0, torch.rand(8) * 0.3
+    y = scd_triton.scd2d(x, w, p.to(DEVICE), q.to(DEVICE), padding=1, backend="triton")
+    assert units == [unit]
+    want = oracle.scd2d(x.cpu().double(), w.cpu().double(), p.double(), q.double(),
+                        padding=(1, 1, 1, 1))
+    assert_close("y", y.cpu(), want, torch.float16, reduce_dim=8 * 9)
+
+
 def _fwd_args(C, O, groups, H=7, W=6):
     x = torch.randn(2, C, H, W, device=DEVICE)
     w = torch.randn(O, C // groups, 3, 3, device=DEVICE)
