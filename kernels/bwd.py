@@ -48,12 +48,12 @@ def scd2d_bwd_prologue_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr, OV: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr,
 ):
     """Program (i_m, i_g): the :func:`prologue_tile` (i_m, i_g)."""
     prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, tl.program_id(0), tl.program_id(1), M,
                   TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG, BO,
-                  PER_IMAGE, FAST, OV)
+                  PER_IMAGE, FAST, OV, CV)
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -63,7 +63,8 @@ def scd2d_bwd_prologue_copy_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr, OV: tl.constexpr, BC: tl.constexpr, BPX: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, BC: tl.constexpr,
+    BPX: tl.constexpr,
 ):
     """The prologue and the channels-contiguous copy of NCHW x in one launch (independent jobs;
     a launch costs ~10 µs of host time): programs below ``PROLOGUE_PROGRAMS`` are prologue
@@ -72,7 +73,7 @@ def scd2d_bwd_prologue_copy_kernel(
     if pid < PROLOGUE_PROGRAMS:
         prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, pid // G_TILES, pid % G_TILES, M,
                       TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG,
-                      BO, PER_IMAGE, FAST, OV)
+                      BO, PER_IMAGE, FAST, OV, CV)
     else:
         i_x = pid - PROLOGUE_PROGRAMS
         i_np = i_x // XC_TILES
@@ -87,7 +88,7 @@ def prologue_tile(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr, OV: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr,
 ):
     """BP output positions (tile ``i_m``) × BG groups (tile ``i_g``) × all O/G channels of each
     group, in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
@@ -98,10 +99,11 @@ def prologue_tile(
     positions in wide copies; otherwise over the flat positions. ``GD`` may be ``c``'s memory:
     each element of ``c`` is read before the same element of grad_d is written, by the same
     program. ``FAST``: lg2 / ex2 / division as hardware approximations (CUDA), as the forward's
-    epilogue. ``OV``: O/G, and so grad_d's and the saved c's position strides, are multiples of
-    it (``_common.in_units``; c is channels-last as the forward makes it).
+    epilogue. ``OV``: O/G, and so grad_d's position strides, are multiples of it; ``CV``: c's
+    sample and position strides are (``_common.in_units``; OV for c as the forward makes it,
+    channels-last, 1 for a c that a saved-tensor hook has given other strides).
     """
-    Og, O, scn, scp = in_units(Og, OV), in_units(O, OV), in_units(scn, OV), in_units(scp, OV)
+    Og, O, scn, scp = in_units(Og, OV), in_units(O, OV), in_units(scn, CV), in_units(scp, CV)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BP, PER_IMAGE)  # [BP]
     o_n64 = o_n.to(tl.int64)
     o_gy = o_n64 * sgn + o_p * sgp
@@ -490,7 +492,8 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     o_unit = vector_unit(dtype.itemsize, Og)
     cl_strides = (C * H * W, 1, W * C, C)
     x_cl_strides = x_strides if x_strides[1] == 1 or C == 1 else cl_strides
-    prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast, OV=o_unit)
+    prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast, OV=o_unit,
+                               CV=o_unit)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
                       prologue_constexprs, warps, stages)
     BC, BPX, _ = COPY_CONFIG
@@ -646,15 +649,21 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     partials = torch.empty((plan.n_blk, 2, O), dtype=torch.float32, device=dev)
     tensors = (grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials)
     strides = (*sg, *sc, p.stride(0), q.stride(0))
+    prologue, prologue_copy = plan.prologue, plan.prologue_copy
+    c_unit = prologue.constexprs["CV"]
+    if sc[0] % c_unit or sc[2] % c_unit:
+        # c not as the forward made it: a saved-tensor hook (save_on_cpu) gives it back NCHW
+        prologue, prologue_copy = (step._replace(constexprs=dict(step.constexprs, CV=1))
+                                   for step in (prologue, prologue_copy))
     # NCHW x is copied channels-contiguous once (2·|x| of traffic) for the wgrad GEMM's x
     # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1; in the
     # prologue's launch when the Triton copy does it
     needs_x_cl = (need_grad_params or not plan.planes) and x.stride(1) != 1 and x.shape[1] != 1
     if needs_x_cl and copies_by_kernel(x):
         x_cl = torch.empty_like(x, memory_format=torch.channels_last)
-        plan.prologue_copy((*tensors, x, x_cl), strides)
+        prologue_copy((*tensors, x, x_cl), strides)
     else:
-        plan.prologue(tensors, strides)
+        prologue(tensors, strides)
         x_cl = to_channels_last(x) if needs_x_cl else x
     shape, out_strides = plan.w_layout
     w_hat = torch.empty(shape, dtype=x.dtype, device=dev) if need_grad_x else None
@@ -739,7 +748,7 @@ def report_jobs():
             return dict(OV=vector_unit(itemsize, lay["Og"]),
                         XV=channel_unit(itemsize, lay["Cg"], strides(("sxn", "sxc", "sxh", "sxw"))),
                         DV=channel_unit(itemsize, lay["Cg"], strides(("sdn", "sdc", "sdh", "sdw"))))
-        return dict(OV=vector_unit(itemsize, lay["Og"]))
+        return dict(OV=vector_unit(itemsize, lay["Og"]), CV=vector_unit(itemsize, lay["Og"]))
 
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
