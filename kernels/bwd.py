@@ -48,12 +48,12 @@ def scd2d_bwd_prologue_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, GV: tl.constexpr,
 ):
     """Program (i_m, i_g): the :func:`prologue_tile` (i_m, i_g)."""
     prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, tl.program_id(0), tl.program_id(1), M,
                   TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG, BO,
-                  PER_IMAGE, FAST, OV, CV)
+                  PER_IMAGE, FAST, OV, CV, GV)
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -63,8 +63,8 @@ def scd2d_bwd_prologue_copy_kernel(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, BC: tl.constexpr,
-    BPX: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, GV: tl.constexpr,
+    BC: tl.constexpr, BPX: tl.constexpr,
 ):
     """The prologue and the channels-contiguous copy of NCHW x in one launch (independent jobs;
     a launch costs ~10 µs of host time): programs below ``PROLOGUE_PROGRAMS`` are prologue
@@ -73,7 +73,7 @@ def scd2d_bwd_prologue_copy_kernel(
     if pid < PROLOGUE_PROGRAMS:
         prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, pid // G_TILES, pid % G_TILES, M,
                       TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG,
-                      BO, PER_IMAGE, FAST, OV, CV)
+                      BO, PER_IMAGE, FAST, OV, CV, GV)
     else:
         i_x = pid - PROLOGUE_PROGRAMS
         i_np = i_x // XC_TILES
@@ -88,7 +88,7 @@ def prologue_tile(
     sgn, sgc, sgp, scn, scc, scp, sp, sq,
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
-    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr,
+    FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, GV: tl.constexpr,
 ):
     """BP output positions (tile ``i_m``) × BG groups (tile ``i_g``) × all O/G channels of each
     group, in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
@@ -99,11 +99,13 @@ def prologue_tile(
     positions in wide copies; otherwise over the flat positions. ``GD`` may be ``c``'s memory:
     each element of ``c`` is read before the same element of grad_d is written, by the same
     program. ``FAST``: lg2 / ex2 / division as hardware approximations (CUDA), as the forward's
-    epilogue. ``OV``: O/G, and so grad_d's position strides, are multiples of it; ``CV``: c's
-    sample and position strides are (``_common.in_units``; OV for c as the forward makes it,
-    channels-last, 1 for a c that a saved-tensor hook has given other strides).
+    epilogue. ``OV``: O/G, and so grad_d's position strides, are multiples of it; ``CV`` /
+    ``GV``: c's / grad_y's sample and position strides are (``_common.in_units``; OV for the
+    channels-last c the forward makes and a channels-last grad_y, 1 for other strides: NCHW
+    grad_y, a c that a saved-tensor hook has given other strides; ``prologue_launches``).
     """
     Og, O, scn, scp = in_units(Og, OV), in_units(O, OV), in_units(scn, CV), in_units(scp, CV)
+    sgn, sgp = in_units(sgn, GV), in_units(sgp, GV)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BP, PER_IMAGE)  # [BP]
     o_n64 = o_n.to(tl.int64)
     o_gy = o_n64 * sgn + o_p * sgp
@@ -493,7 +495,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     cl_strides = (C * H * W, 1, W * C, C)
     x_cl_strides = x_strides if x_strides[1] == 1 or C == 1 else cl_strides
     prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast, OV=o_unit,
-                               CV=o_unit)
+                               CV=o_unit, GV=1 if per_image else o_unit)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
                       prologue_constexprs, warps, stages)
     BC, BPX, _ = COPY_CONFIG
@@ -573,6 +575,22 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                              math.prod(w_layout[0]) * dtype.itemsize, out_bytes), wgrad)
 
 
+def prologue_launches(plan, grad_y_strides, c_strides):
+    """The plan's prologue launches (alone, and with the copy of x), their grad_y and c vector
+    units (``GV``, ``CV``) lowered to 1 where those (sample, channel, position) strides do not
+    share them: grad_y is the caller's, and a saved-tensor hook (``save_on_cpu``) gives c
+    back NCHW, not channels-last as the forward made it."""
+    c = plan.prologue.constexprs
+    units = {}
+    for name, strides in (("GV", grad_y_strides), ("CV", c_strides)):
+        if strides[0] % c[name] or strides[2] % c[name]:
+            units[name] = 1
+    if not units:
+        return plan.prologue, plan.prologue_copy
+    return tuple(step._replace(constexprs=dict(step.constexprs, **units))
+                 for step in (plan.prologue, plan.prologue_copy))
+
+
 def _unit_stride(x_strides):
     """``sxg`` of the wgrad GEMM's position cursor: the greatest common divisor of x's
     sample, row and column strides (1 if all are 0)."""
@@ -649,12 +667,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     partials = torch.empty((plan.n_blk, 2, O), dtype=torch.float32, device=dev)
     tensors = (grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials)
     strides = (*sg, *sc, p.stride(0), q.stride(0))
-    prologue, prologue_copy = plan.prologue, plan.prologue_copy
-    c_unit = prologue.constexprs["CV"]
-    if sc[0] % c_unit or sc[2] % c_unit:
-        # c not as the forward made it: a saved-tensor hook (save_on_cpu) gives it back NCHW
-        prologue, prologue_copy = (step._replace(constexprs=dict(step.constexprs, CV=1))
-                                   for step in (prologue, prologue_copy))
+    prologue, prologue_copy = prologue_launches(plan, sg, sc)
     # NCHW x is copied channels-contiguous once (2·|x| of traffic) for the wgrad GEMM's x
     # tiles, which a tap shift misaligns, and for the dgrad's x term at stride > 1; in the
     # prologue's launch when the Triton copy does it
@@ -748,7 +761,8 @@ def report_jobs():
             return dict(OV=vector_unit(itemsize, lay["Og"]),
                         XV=channel_unit(itemsize, lay["Cg"], strides(("sxn", "sxc", "sxh", "sxw"))),
                         DV=channel_unit(itemsize, lay["Cg"], strides(("sdn", "sdc", "sdh", "sdw"))))
-        return dict(OV=vector_unit(itemsize, lay["Og"]), CV=vector_unit(itemsize, lay["Og"]))
+        unit = vector_unit(itemsize, lay["Og"])
+        return dict(OV=unit, CV=unit, GV=unit if lay["sgc"] == 1 else 1)
 
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):

@@ -652,13 +652,15 @@ def test_positions_within_a_block_of_int32_are_refused():
         bwd._plan.__wrapped__(*args)
 
 
+@pytest.mark.parametrize("grad_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("channels, C, unit", [(40, 40, 8), (44, 40, 4), (42, 40, 2)])
-def test_gradients_of_channel_rows_in_vector_units(channels, C, unit, monkeypatch):
+def test_gradients_of_channel_rows_in_vector_units(channels, C, unit, grad_format, monkeypatch):
     """The backward's kernels are told the vector units of O/G (grad_d, c, ŵ: ``OV``), of x as
     they read it (``XV``) and of grad_x (``DV``) where those are not multiples of 16; x here is
     a channel slice of a wider channels-last tensor, read in place, whose strides share a
     smaller unit than its 40 channels (see test_kernels.py); its grad_x is NCHW unless x is
-    channels-last contiguous (DV 1: channels not contiguous). All four gradients against the
+    channels-last contiguous (DV 1: channels not contiguous). grad_y comes NCHW (its unit
+    lowered to 1 at the call) or channels-last (``GV``). All four gradients against the
     float64 oracle (a unit that did not divide a stride would move every access)."""
     from scd_triton.kernels import bwd
     plan, units = bwd._plan, []
@@ -667,7 +669,7 @@ def test_gradients_of_channel_rows_in_vector_units(channels, C, unit, monkeypatc
         found = plan(*args)
         units.append({k: found.dgrad.constexprs[k] for k in ("OV", "XV", "DV")}
                      | {"wgrad " + k: found.wgrad.constexprs[k] for k in ("OV", "XV")}
-                     | {"prologue " + k: found.prologue.constexprs[k] for k in ("OV", "CV")})
+                     | {"prologue " + k: found.prologue.constexprs[k] for k in ("OV", "CV", "GV")})
         return found
 
     monkeypatch.setattr(bwd, "_plan", plan_with)
@@ -678,9 +680,10 @@ def test_gradients_of_channel_rows_in_vector_units(channels, C, unit, monkeypatc
     q = (torch.rand(C) * 0.3).to(DEVICE).requires_grad_()
     y = scd_triton.scd2d(x, w, p, q, padding=1, backend="triton")
     grad_y = torch.randn(y.shape, dtype=torch.float64)
-    y.backward(grad_y.to(DEVICE, torch.float16))
+    y.backward(grad_y.to(DEVICE, torch.float16).contiguous(memory_format=grad_format))
     assert units == [dict(OV=8, XV=unit, DV=8 if channels == C else 1, **{
-        "wgrad OV": 8, "wgrad XV": unit, "prologue OV": 8, "prologue CV": 8})]
+        "wgrad OV": 8, "wgrad XV": unit, "prologue OV": 8, "prologue CV": 8,
+        "prologue GV": 8 if channels == C else 1})]
     leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, p, q)]
     want = oracle.scd2d(*leaves, padding=(1, 1, 1, 1))
     want.backward(grad_y)
