@@ -441,8 +441,13 @@ def _splits(tiles, M, BK, sms, split_bytes, out_bytes, x_bytes):
 
 def _position_strides(t):
     """``t`` [N, O, OH, OW] and its (sample, channel, position) strides, positions ``oh·OW + ow``
-    (NCHW, channels_last and broadcast tensors as they are; other strides copied to NCHW)."""
-    if t.stride(2) != t.shape[3] * t.stride(3) and t.shape[2] > 1:
+    (NCHW, channels_last and broadcast tensors as they are; other strides copied to NCHW). With
+    OW = 1 the positions are rows: torch leaves a size-1 dimension's stride arbitrary, and
+    ``contiguous()`` does not copy for it (a transposed grad_y read row 1 at offset stride(3))."""
+    _, _, OH, OW = t.shape
+    if OW == 1:
+        return t, (t.stride(0), t.stride(1), t.stride(2))
+    if OH > 1 and t.stride(2) != OW * t.stride(3):
         t = t.contiguous()
     return t, (t.stride(0), t.stride(1), t.stride(3))
 

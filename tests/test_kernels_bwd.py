@@ -712,3 +712,25 @@ def test_a_saved_tensor_hook_that_changes_c_layout(O):
     for name, got, want in zip("xwpq", leaves, ref):
         assert_close(f"grad_{name}", got.grad.cpu(), want.grad, torch.float16, grad=True,
                      reduce_dim=40 * 9 * O)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grad_y_of_one_column_with_an_odd_column_stride(channels_last):
+    """An output one column wide (OW = 1) whose grad_y has an arbitrary stride in that size-1
+    dimension (here from ``y.transpose(2, 3)``; torch calls it contiguous anyway): the
+    positions are its rows. The prologue read them at multiples of the column stride (grad_x
+    1e24 off in float32; found by a second reading). All four gradients against the oracle."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, p, q = torch.randn(8, 4, 1, 1), torch.rand(8) + 1.0, torch.rand(8) * 0.3
+    z = torch.randn(2, 8, 1, 6, dtype=torch.float64)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, w, p, q)]
+    y = scd_triton.scd2d(*leaves, backend="triton")
+    (y.transpose(2, 3) * z.to(DEVICE, torch.float32)).sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in (x, w, p, q)]
+    (oracle.scd2d(*ref).transpose(2, 3) * z).sum().backward()
+    for name, got, want in zip("xwpq", leaves, ref):
+        assert_close(f"grad_{name}", got.grad.cpu(), want.grad, torch.float32, grad=True,
+                     reduce_dim=4 * 8)
