@@ -516,10 +516,18 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
         planes = per_image and x_contiguous      # NCHW: tiles along each image's positions
         tiles = cdiv(H * W, BM)
+        # depthwise (a channel a group in and out): rows of C = O contiguous channels
+        depthwise = Cg == 1 and Og == 1
+        units = (lambda strides: channel_unit(dtype.itemsize, C, strides)) if depthwise \
+            else (lambda strides: 1)
+        d_unit = vector_unit(dtype.itemsize, O, C) if depthwise else 1
         dgrad = Launch(scd2d_dgrad_direct_kernel,
                         (N * tiles if planes else cdiv(N * H * W, BM), cdiv(C, BC)),
                         (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles), conv,
-                        dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes), warps, stages)
+                        dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes, OV=d_unit,
+                             XV=units(x_strides if planes else x_cl_strides),
+                             DV=units((C * H * W, H * W, W, 1) if per_image else cl_strides)),
+                        warps, stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
         splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4,
                          out_bytes, x_bytes)
@@ -527,7 +535,9 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
         splits = cdiv(M, k_split)
         wgrad = Launch(scd2d_wgrad_direct_kernel, (cdiv(O, BO), Cg * R * S, splits),
                         (N, H, W, G, Cg, Og, O, OH, OW, M, k_split, *divisor_magic(OH),
-                         *divisor_magic(OW)), conv, dict(R=R, S=S, BP=BP, BO=BO), warps, stages)
+                         *divisor_magic(OW)), conv,
+                        dict(R=R, S=S, BP=BP, BO=BO, OV=d_unit, XV=units(x_cl_strides)),
+                        warps, stages)
         w_layout = (w_shape, (Og * Cg * R * S, Cg * R * S, R * S, 1))   # [O, C/G, R, S]
         return _Plan(*prologues, w_layout, dgrad, planes, *_workspace(
             (splits, O, Cg, R, S), torch.float32, x_bytes, O * Cg * R * S * dtype.itemsize,
@@ -859,14 +869,26 @@ def report_jobs():
                                      **units(scd2d_bwd_prologue_kernel, lay, itemsize)),
                                 prologue_ptrs, pwarps, pstages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
-            dw, dw_cl = layer(layout, 128, 128, 128, BM)
-            jobs.append(job(scd2d_dgrad_direct_kernel, f"BM{BM}-BC{BC}-w{warps}-s{stages}", dtype,
-                            layout, ints(scd2d_dgrad_direct_kernel, dw),
-                            dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw),
-                            dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
-            BP, BO, warps, stages = WGRAD_DIRECT_CONFIG
-            jobs.append(job(scd2d_wgrad_direct_kernel, f"BP{BP}-BO{BO}-w{warps}-s{stages}", dtype,
-                            layout, ints(scd2d_wgrad_direct_kernel, dw_cl, K_SPLIT=4096),
-                            dict(R=3, S=3, BP=BP, BO=BO), dict(GD=dt, X=dt, WS="*fp32"),
-                            warps, stages))
+            wBP, wBO, wwarps, wstages = WGRAD_DIRECT_CONFIG
+            strides = lambda lay, names: tuple(lay[n] for n in names)
+            # 128 channels, and 40 (channels_last bf16), whose rows the vector units align
+            widths = [("", 128)] + ([("dw40 ", 40)] if dtype == "bf16" and not nchw else [])
+            for pre, C_ in widths:
+                dw, dw_cl = layer(layout, C_, C_, C_, BM)
+                x_unit = channel_unit(itemsize, C_, strides(dw, ("sxn", "sxc", "sxh", "sxw")))
+                gx_unit = channel_unit(itemsize, C_, strides(dw, ("sdn", "sdc", "sdh", "sdw")))
+                unit = vector_unit(itemsize, C_)
+                jobs.append(job(scd2d_dgrad_direct_kernel,
+                                f"{pre}BM{BM}-BC{BC}-w{warps}-s{stages}", dtype, layout,
+                                ints(scd2d_dgrad_direct_kernel, dw),
+                                dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw, OV=unit, XV=x_unit,
+                                     DV=gx_unit),
+                                dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
+                jobs.append(job(scd2d_wgrad_direct_kernel,
+                                f"{pre}BP{wBP}-BO{wBO}-w{wwarps}-s{wstages}", dtype, layout,
+                                ints(scd2d_wgrad_direct_kernel, dw_cl, K_SPLIT=4096),
+                                dict(R=3, S=3, BP=wBP, BO=wBO, OV=unit,
+                                     XV=channel_unit(itemsize, C_, strides(
+                                         dw_cl, ("sxn", "sxc", "sxh", "sxw")))),
+                                dict(GD=dt, X=dt, WS="*fp32"), wwarps, wstages))
     return jobs

@@ -3,7 +3,7 @@ dgrad and wgrad of ``kernels/bwd.py`` as memory-bound multiply-accumulate loops,
 import triton
 import triton.language as tl
 
-from ._common import input_offsets, tap_offsets, tile_positions
+from ._common import in_units, input_offsets, tap_offsets, tile_positions
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -13,12 +13,17 @@ def scd2d_dgrad_direct_kernel(
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-    PLANES: tl.constexpr,
+    PLANES: tl.constexpr, OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
 ):
     """Program (i_m, i_c): BM input positions × BC global input channels (M = N·H·W); W is ŵ
     as given, [O, C/G, R, S]. Each tap gathers the output position it maps to, if any.
     ``PLANES`` (x and grad_x NCHW-contiguous): tiles run over one image (``TILES`` per image,
-    ``P_IMG = H·W``), one contiguous run of each (n, c) plane: 16-byte loads and stores."""
+    ``P_IMG = H·W``), one contiguous run of each (n, c) plane: 16-byte loads and stores.
+    Depthwise (one channel a group in and out): O and C are multiples of ``OV``, x's and
+    grad_x's strides but the channels' of ``XV`` / ``DV`` (``_common.in_units``; else 1)."""
+    O, C = in_units(O, OV), in_units(C, OV)
+    sxn, sxh, sxw = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
+    sdn, sdh, sdw = in_units(sdn, DV), in_units(sdh, DV), in_units(sdw, DV)
     i_m, i_c = tl.program_id(0), tl.program_id(1)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PLANES)     # [BM] input positions
     o_n = o_n.to(tl.int64)
@@ -62,11 +67,15 @@ def scd2d_wgrad_direct_kernel(
     N, H, Wd, G, Cg, Og, O, OH, OW, M, K_SPLIT, oh_mul, oh_shift, ow_mul, ow_shift,
     sxn, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    R: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BO: tl.constexpr,
+    R: tl.constexpr, S: tl.constexpr, BP: tl.constexpr, BO: tl.constexpr, OV: tl.constexpr,
+    XV: tl.constexpr,
 ):
     """Program (i_o, ci·R·S + tap, split): grad ŵ[o, ci, tap] for BO global output channels,
     reduced over positions [split·K_SPLIT, (split+1)·K_SPLIT); WS is [splits, O, C/G, R, S].
-    ``oh_*``, ``ow_*``: ``fast_divmod``'s magic for OH and OW."""
+    ``oh_*``, ``ow_*``: ``fast_divmod``'s magic for OH and OW. Depthwise: O is a multiple of
+    ``OV``, x's strides but the channels' of ``XV`` (``_common.in_units``; else 1)."""
+    O = in_units(O, OV)
+    sxn, sxh, sxw = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
     i_o, i_ct, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_tap = i_ct % (R * S)
     ci = i_ct // (R * S)

@@ -175,7 +175,7 @@ def scd2d_fwd_direct_kernel(
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, CG: tl.constexpr, OG: tl.constexpr, OGP: tl.constexpr,
     BM: tl.constexpr, BG: tl.constexpr, X_ROWS: tl.constexpr, PER_IMAGE: tl.constexpr,
-    SAVE: tl.constexpr, FAST: tl.constexpr,
+    SAVE: tl.constexpr, FAST: tl.constexpr, XV: tl.constexpr,
 ):
     """Multiply-accumulate on [BM positions, BG groups, OGP channels per group] tiles.
 
@@ -183,8 +183,13 @@ def scd2d_fwd_direct_kernel(
     all ``OG`` output channels of its group (depthwise multipliers > 1), and its square enters
     the group's ``Σ s²`` once. ``X_ROWS`` (NCHW x read in place, stride 1, OW = W, per-image
     tiles): a tap shifts the in-image position by a constant, so the positions of a tile stay
-    one contiguous run and the loads coalesce along them without a layout change.
+    one contiguous run and the loads coalesce along them without a layout change. ``XV``
+    (depthwise, one channel in and out per group, channels contiguous): G, x's strides but the
+    channels' and channels-last y's position strides are multiples of it (``in_units``).
     """
+    G, sxn, sxh, sxw = in_units(G, XV), in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
+    if not PER_IMAGE:
+        syn, syp = in_units(syn, XV), in_units(syp, XV)
     i_m, i_g = tl.program_id(0), tl.program_id(1)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
     o_oh = o_p // OW
@@ -450,14 +455,20 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     conv = (*stride, padding[0], padding[2], *dilation, p_stride, q_stride, eps, norm_eps)
     flags = dict(PER_IMAGE=per_image, SAVE=save, FAST=fast)
     shapes = ((N, O, OH, OW), (N, G, OH, OW), transpose_x)
+    itemsize = 4 if fp32 else 2
+    cl_strides = (C * H * W, 1, W * C, C)
     if direct:
         BM, BG, OGP, warps, stages = direct_config(Og)
         tiles = cdiv(P_img, BM)
         grid = (N * tiles if per_image else cdiv(M, BM), cdiv(G, BG))
+        # one channel a group in and out: rows of G contiguous channels (x, channels-last y)
+        depthwise = Cg == 1 and Og == 1
+        unit = channel_unit(itemsize, G, cl_strides if transpose_x else x_strides) \
+            if depthwise else 1
         return _Plan(*shapes, None, Launch(
             scd2d_fwd_direct_kernel, grid, (H, W, G, OH, OW, P_img, M, tiles),
             (*y_strides, *conv), dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
-                                      X_ROWS=in_place, **flags), warps, stages),
+                                      X_ROWS=in_place, XV=unit, **flags), warps, stages),
             x_strides=restrided)
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
     w_layout = _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k)
@@ -466,8 +477,6 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
     copy = transpose_x and x_copies_by_kernel
     # the prepare launch reads x, or torch's channels_last copy of it; the GEMM reads that copy
-    itemsize = 4 if fp32 else 2
-    cl_strides = (C * H * W, 1, W * C, C)
     prepare_strides = cl_strides if transpose_x and not copy else x_strides
     pix_flat = H == 1 or prepare_strides[2] == W * prepare_strides[3]
     prepare = prepare_launch(x_shape, w_shape, w_strides, q_stride, weight_norm, weight_norm_eps,
@@ -604,6 +613,7 @@ def report_jobs():
         ("1x1 256-256 28^2", 64, 256, 256, 28, 28, 1, 1, ("bf16",)),
         ("3x3 40-40 8^2 (40 channels)", 64, 40, 40, 8, 8, 3, 1, ("bf16",)),
         ("3x3 256-256 14^2 (196 positions)", 32, 256, 256, 14, 14, 3, 1, ("bf16",)),
+        ("dw 3x3 40 56^2 (40 channels)", 32, 40, 40, 56, 56, 3, 40, ("bf16",)),
     ]
     jobs = []
     for label, N, C, O, H, W, R, groups, dtypes in layers:
@@ -623,7 +633,11 @@ def report_jobs():
                     ints["TILES"] = cdiv(H * W, BM)
                     for k in ("Cg", "Og"):
                         del ints[k]
-                    consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place)
+                    x_strides = tuple(ints[k] for k in ("sxn", "sxc", "sxh", "sxw"))
+                    unit = channel_unit(4 if dtype == "fp32" else 2, groups, x_strides) \
+                        if Cg == 1 and Og == 1 else 1
+                    consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place,
+                                  XV=unit)
                     name, kernel = f"{label} BM{BM}-BG{BG}-OGP{OGP}", scd2d_fwd_direct_kernel
                 else:
                     BM, BN, BK, flat_k, warps, stages = gemm_config(

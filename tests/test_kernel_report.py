@@ -61,7 +61,7 @@ def edge_jobs():
     jobs = []
     for j in bwd.report_jobs():
         if "wgrad" not in j["kernel"].__name__ or j["dtype"] != "bf16" or \
-                j["layout"] != "channels_last" or j["name"].startswith(("small", "40-40")):
+                j["layout"] != "channels_last" or j["name"].startswith(("small", "40-40", "dw40")):
             continue
         for side, channels in ((2, j["ints"]["O"]), (10, j["ints"]["O"]), (7, 1)):
             if channels == 1 and "direct" in j["kernel"].__name__:

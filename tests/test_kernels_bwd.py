@@ -734,3 +734,43 @@ def test_grad_y_of_one_column_with_an_odd_column_stride(channels_last):
     for name, got, want in zip("xwpq", leaves, ref):
         assert_close(f"grad_{name}", got.grad.cpu(), want.grad, torch.float32, grad=True,
                      reduce_dim=4 * 8)
+
+
+@pytest.mark.parametrize("channels, C, unit", [(40, 40, 8), (44, 40, 4)])
+def test_depthwise_rows_in_vector_units(channels, C, unit, monkeypatch):
+    """Depthwise layers (one channel a group in and out) run the direct kernels, which read and
+    write rows of C channels: told their vector unit (``XV`` / ``OV`` / ``DV``), 40 channels no
+    longer spill (the 3×3 forward spilled 248 bytes, the dgrad 440, the wgrad 168 on sm_90).
+    A channel slice of a wider channels-last x keeps the unit its strides share; output and
+    all four gradients against the float64 oracle."""
+    from scd_triton.kernels import bwd, fwd
+    plans = {"fwd": fwd._plan, "bwd": bwd._plan}
+    units = []
+
+    def spy(name):
+        def plan_with(*args):
+            found = plans[name](*args)
+            launches = [found.main] if name == "fwd" else [found.dgrad, found.wgrad]
+            units.extend((lp.kernel.__name__, lp.constexprs["XV"]) for lp in launches)
+            return found
+        return plan_with
+
+    monkeypatch.setattr(fwd, "_plan", spy("fwd"))
+    monkeypatch.setattr(bwd, "_plan", spy("bwd"))
+    big = torch.randn(2, channels, 5, 6, dtype=torch.float16, device=DEVICE)
+    x = big.contiguous(memory_format=torch.channels_last)[:, :C].detach().requires_grad_()
+    w = torch.randn(C, 1, 3, 3, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    p = (torch.rand(C) + 1.0).to(DEVICE).requires_grad_()
+    q = (torch.rand(C) * 0.3).to(DEVICE).requires_grad_()
+    y = scd_triton.scd2d(x, w, p, q, padding=1, groups=C, backend="triton")
+    grad_y = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(grad_y.to(DEVICE, torch.float16).contiguous(memory_format=torch.channels_last))
+    assert units == [("scd2d_fwd_direct_kernel", unit), ("scd2d_dgrad_direct_kernel", unit),
+                     ("scd2d_wgrad_direct_kernel", unit)]
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, p, q)]
+    want = oracle.scd2d(*leaves, padding=(1, 1, 1, 1), groups=C)
+    assert_close("y", y.detach().cpu(), want.detach(), torch.float16, reduce_dim=9)
+    want.backward(grad_y)
+    for name, got, ref in zip("xwpq", (x, w, p, q), leaves):
+        assert_close(f"grad_{name}", got.grad.cpu(), ref.grad, torch.float16, grad=True,
+                     reduce_dim=9 * C)
