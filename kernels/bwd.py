@@ -499,6 +499,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     o_unit = vector_unit(dtype.itemsize, Og)
     cl_strides = (C * H * W, 1, W * C, C)
     x_cl_strides = x_strides if x_strides[1] == 1 or C == 1 else cl_strides
+    grad_x_strides = (C * H * W, H * W, W, 1) if per_image else cl_strides
     prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast, OV=o_unit,
                                CV=o_unit, GV=1 if per_image else o_unit)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
@@ -526,7 +527,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                         (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles), conv,
                         dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes, OV=d_unit,
                              XV=units(x_strides if planes else x_cl_strides),
-                             DV=units((C * H * W, H * W, W, 1) if per_image else cl_strides)),
+                             DV=units(grad_x_strides)),
                         warps, stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
         splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4,
@@ -561,8 +562,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                          PER_IMAGE=per_image, PLANES=planes, EVEN_O=Og % BK == 0,
                          EVEN_C=Cg % BN == 0, OB_SHIFT=exact_log2(cdiv(Og, BK)), OV=o_unit,
                          XV=channel_unit(dtype.itemsize, Cg, x_strides if planes else x_cl_strides),
-                         DV=channel_unit(dtype.itemsize, Cg, (C * H * W, H * W, W, 1) if per_image
-                                         else cl_strides)), warps, stages)
+                         DV=channel_unit(dtype.itemsize, Cg, grad_x_strides)), warps, stages)
 
     flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
     taps = 1 if flat else R * S
@@ -768,14 +768,21 @@ def report_jobs():
 
     def units(fn, lay, itemsize):
         """The vector-unit constexprs ``_plan`` gives ``fn`` for the layer ``lay``."""
+        x_strides = tuple(lay[n] for n in ("sxn", "sxc", "sxh", "sxw"))
+        grad_x_strides = tuple(lay[n] for n in ("sdn", "sdc", "sdh", "sdw"))
         if fn is scd2d_wgrad_kernel:
             return dict(OV=vector_unit(itemsize, lay["Og"]),
                         XV=vector_unit(itemsize, lay["Cg"], lay["sxg"]))
         if fn is scd2d_dgrad_kernel:
-            strides = lambda names: tuple(lay[n] for n in names)
             return dict(OV=vector_unit(itemsize, lay["Og"]),
-                        XV=channel_unit(itemsize, lay["Cg"], strides(("sxn", "sxc", "sxh", "sxw"))),
-                        DV=channel_unit(itemsize, lay["Cg"], strides(("sdn", "sdc", "sdh", "sdw"))))
+                        XV=channel_unit(itemsize, lay["Cg"], x_strides),
+                        DV=channel_unit(itemsize, lay["Cg"], grad_x_strides))
+        if fn in (scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel):   # depthwise layers
+            unit = vector_unit(itemsize, lay["O"], lay["C"])
+            units = dict(OV=unit, XV=channel_unit(itemsize, lay["C"], x_strides))
+            if fn is scd2d_dgrad_direct_kernel:
+                units["DV"] = channel_unit(itemsize, lay["C"], grad_x_strides)
+            return units
         unit = vector_unit(itemsize, lay["Og"])
         return dict(OV=unit, CV=unit, GV=unit if lay["sgc"] == 1 else 1)
 
@@ -870,25 +877,20 @@ def report_jobs():
                                 prologue_ptrs, pwarps, pstages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             wBP, wBO, wwarps, wstages = WGRAD_DIRECT_CONFIG
-            strides = lambda lay, names: tuple(lay[n] for n in names)
             # 128 channels, and 40 (channels_last bf16), whose rows the vector units align
             widths = [("", 128)] + ([("dw40 ", 40)] if dtype == "bf16" and not nchw else [])
             for pre, C_ in widths:
                 dw, dw_cl = layer(layout, C_, C_, C_, BM)
-                x_unit = channel_unit(itemsize, C_, strides(dw, ("sxn", "sxc", "sxh", "sxw")))
-                gx_unit = channel_unit(itemsize, C_, strides(dw, ("sdn", "sdc", "sdh", "sdw")))
-                unit = vector_unit(itemsize, C_)
                 jobs.append(job(scd2d_dgrad_direct_kernel,
                                 f"{pre}BM{BM}-BC{BC}-w{warps}-s{stages}", dtype, layout,
                                 ints(scd2d_dgrad_direct_kernel, dw),
-                                dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw, OV=unit, XV=x_unit,
-                                     DV=gx_unit),
+                                dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw,
+                                     **units(scd2d_dgrad_direct_kernel, dw, itemsize)),
                                 dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
                 jobs.append(job(scd2d_wgrad_direct_kernel,
                                 f"{pre}BP{wBP}-BO{wBO}-w{wwarps}-s{wstages}", dtype, layout,
                                 ints(scd2d_wgrad_direct_kernel, dw_cl, K_SPLIT=4096),
-                                dict(R=3, S=3, BP=wBP, BO=wBO, OV=unit,
-                                     XV=channel_unit(itemsize, C_, strides(
-                                         dw_cl, ("sxn", "sxc", "sxh", "sxw")))),
+                                dict(R=3, S=3, BP=wBP, BO=wBO,
+                                     **units(scd2d_wgrad_direct_kernel, dw_cl, itemsize)),
                                 dict(GD=dt, X=dt, WS="*fp32"), wwarps, wstages))
     return jobs

@@ -457,14 +457,14 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     shapes = ((N, O, OH, OW), (N, G, OH, OW), transpose_x)
     itemsize = 4 if fp32 else 2
     cl_strides = (C * H * W, 1, W * C, C)
+    main_x_strides = cl_strides if transpose_x else x_strides     # what the main kernel reads
     if direct:
         BM, BG, OGP, warps, stages = direct_config(Og)
         tiles = cdiv(P_img, BM)
         grid = (N * tiles if per_image else cdiv(M, BM), cdiv(G, BG))
         # one channel a group in and out: rows of G contiguous channels (x, channels-last y)
         depthwise = Cg == 1 and Og == 1
-        unit = channel_unit(itemsize, G, cl_strides if transpose_x else x_strides) \
-            if depthwise else 1
+        unit = channel_unit(itemsize, G, main_x_strides) if depthwise else 1
         return _Plan(*shapes, None, Launch(
             scd2d_fwd_direct_kernel, grid, (H, W, G, OH, OW, P_img, M, tiles),
             (*y_strides, *conv), dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
@@ -488,7 +488,7 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
              P_SHARED=p_stride == 0, Q_SHARED=q_stride == 0,
-             XV=channel_unit(itemsize, Cg, cl_strides if transpose_x else x_strides),
+             XV=channel_unit(itemsize, Cg, main_x_strides),
              YV=vector_unit(itemsize, Og), PV=vector_unit(itemsize, P_img) if per_image else 1,
              **flags), warps, stages),
         prepare, copy, restrided)
@@ -626,6 +626,8 @@ def report_jobs():
                 if in_place:
                     ints.update(sxn=C * H * W, sxc=H * W, sxh=W, sxw=1)
                 flags = dict(R=R, S=R, PER_IMAGE=layout == "nchw", SAVE=True, FAST=True)
+                itemsize = 4 if dtype == "fp32" else 2
+                x_strides = tuple(ints[k] for k in ("sxn", "sxc", "sxh", "sxw"))
                 ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", Y=f"*{dtype}", Cout=f"*{dtype}",
                             P="*fp32", Q="*fp32", Norm="*fp32")
                 if uses_direct_kernel(groups, Cg, Og):
@@ -633,9 +635,7 @@ def report_jobs():
                     ints["TILES"] = cdiv(H * W, BM)
                     for k in ("Cg", "Og"):
                         del ints[k]
-                    x_strides = tuple(ints[k] for k in ("sxn", "sxc", "sxh", "sxw"))
-                    unit = channel_unit(4 if dtype == "fp32" else 2, groups, x_strides) \
-                        if Cg == 1 and Og == 1 else 1
+                    unit = channel_unit(itemsize, groups, x_strides) if Cg == 1 and Og == 1 else 1
                     consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place,
                                   XV=unit)
                     name, kernel = f"{label} BM{BM}-BG{BG}-OGP{OGP}", scd2d_fwd_direct_kernel
@@ -646,8 +646,6 @@ def report_jobs():
                     ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
                                 W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN)
                     ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
-                    itemsize = 4 if dtype == "fp32" else 2
-                    x_strides = tuple(ints[k] for k in ("sxn", "sxc", "sxh", "sxw"))
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
                                   EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),
                                   X_PLANES=in_place, P_SHARED=False, Q_SHARED=True,
