@@ -30,9 +30,10 @@ def _pad_input(x, padding):
     return F.pad(x, (left, right, top, bottom)), (0, 0)
 
 
-def _box_sum_weight(groups, channels, kernel_size, like):
-    """A ones kernel that sums each group's ``channels`` channels over an R×S window."""
-    return like.new_ones(groups, channels, *kernel_size)
+def _box_sum_weight(groups, channels, kernel_size, like, dtype):
+    """A ones kernel that sums each group's ``channels`` channels over an R×S window (``dtype``,
+    on ``like``'s device)."""
+    return like.new_ones((groups, channels, *kernel_size), dtype=dtype)
 
 
 def _scalar(value, dtype):
@@ -57,7 +58,7 @@ def _forward_constants(x, groups, kernel_size, eps, norm_eps, weight_norm_eps):
     cdt, channels = compute_dtype(x.dtype), _box_channels(x.shape[1], groups)
 
     def make():
-        ones = x.new_ones((groups, channels, *kernel_size), dtype=cdt)
+        ones = _box_sum_weight(groups, channels, kernel_size, x, cdt)
         bias = x.new_full((groups,), norm_eps, dtype=cdt) if norm_eps else None
         return ones, bias, _scalar(eps, cdt), _scalar(math.sqrt(weight_norm_eps), cdt)
     if x.device.type != "cpu":
@@ -241,7 +242,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     if need_grad_x:
         # an all-zero patch with norm_eps = 0 has ‖s‖ = 0 and grad_‖s‖ = 0: 0, not 0/0 (a norm,
         # the root of a sum of squares, is 0 or far above tiny; NaN stays NaN)
-        box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, 1, (R, S), xc),
+        box = conv2d_input((N, G, *xp.shape[-2:]), _box_sum_weight(G, 1, (R, S), xc, xc.dtype),
                            grad_norm / norm.clamp_min(torch.finfo(norm.dtype).tiny), stride,
                            conv_pad, dilation, G)
         grad_xp.view(N, G, C // G, *xp.shape[-2:]).addcmul_(
