@@ -35,6 +35,43 @@ def test_both_forms_of_the_power_match_oracle(side, dtype):
     run_against_oracle(scd_triton.scd2d, case, dtype, "reference")
 
 
+# (case, limit on pooled elements, forward pooled, backward pooled): a box sum over one plane a
+# sample (more than 3 channels a group, summed first) at dilation 1 with padding within half
+# the kernel is a pooling, the forward's up to POOL_MAX_ELEMENTS elements, the backward's at
+# stride 1 where k − 1 − p is within half the kernel too; the others convolutions
+BOX_SUM_CASES = [
+    (Case(2, 5, 9, 8, 4, (3, 3), padding=1), None, True, True),
+    (Case(2, 5, 9, 8, 4, (3, 3), stride=2, padding=1), None, True, False),
+    (Case(2, 5, 9, 8, 4, (3, 3)), None, True, False),                  # k − 1 − p = 2
+    (Case(2, 5, 9, 8, 4, (2, 2), padding="same"), None, True, True),   # (0, 1) padded first
+    (Case(2, 5, 9, 8, 4, (1, 3), padding=(0, 1)), None, True, True),
+    (Case(2, 5, 9, 8, 4, (3, 3), padding=2, dilation=2), None, False, False),
+    (Case(2, 8, 9, 8, 4, (3, 3), padding=1, groups=2), None, False, False),
+    (Case(2, 5, 9, 8, 4, (3, 3), padding=1), 2 * 9 * 8 - 1, False, True),
+]
+
+
+@pytest.mark.parametrize("case, limit, forward_pooled, backward_pooled",
+                         [pytest.param(*c, id=f"{c[0].id}-limit{c[1]}") for c in BOX_SUM_CASES])
+def test_pooled_and_convolved_box_sums_match_oracle(case, limit, forward_pooled, backward_pooled,
+                                                    monkeypatch):
+    """The patch norms' box sum and its adjoint run as ``avg_pool2d`` (divisor 1) where it
+    applies and pays on CPU, else as convolutions: each way, output and gradients match the
+    oracle, and the pooling runs where it should."""
+    from scd_triton import reference
+    if limit is not None:
+        monkeypatch.setattr(reference, "POOL_MAX_ELEMENTS", limit)
+    pool, pooled = torch.nn.functional.avg_pool2d, []
+    monkeypatch.setattr(torch.nn.functional, "avg_pool2d",
+                        lambda *args, **kwargs: pooled.append(1) or pool(*args, **kwargs))
+    forward = []
+    monkeypatch.setattr(reference, "scd2d_bwd", lambda *args, bwd=reference.scd2d_bwd, **kwargs:
+                        forward.append(len(pooled)) or bwd(*args, **kwargs))
+    run_against_oracle(scd_triton.scd2d, case, torch.float64, "reference")
+    assert forward, "the backward did not run"
+    assert (forward[0], len(pooled) - forward[0]) == (int(forward_pooled), int(backward_pooled))
+
+
 @pytest.mark.parametrize("eps", [0.0, 1e-80], ids=["eps0", "sqrt-eps-subnormal"])
 def test_zero_kernel_norm_gives_scale_zero_where_sqrt_eps_is_not_a_normal_float(eps):
     """An all-zero kernel with q = 0 and sqrt(eps) 0 or subnormal in float32 (1/denominator
