@@ -103,7 +103,8 @@ def _first_failure(codes, outs, tail, show_all=False):
 
 def _env():
     """The environment of a child process: the real kernels, and this checkout importable."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "SCD_RECORD_KEYS")}
     env["TRITON_INTERPRET"] = "0"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # bench.pytest_shard
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
@@ -336,8 +337,8 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
     args = parser.parse_args(argv)
     # a test process compiles its kernels one after another on one core: with nothing beside
-    # them, as many processes as cores (8 round-robin shards of the suite compile up to ~144
-    # distinct kernel variants each, 16 up to ~85, counted in the interpreter)
+    # them, as many processes as cores (8 shards of the suite compile up to 112 distinct
+    # kernel variants each, 16 up to 58, counted in the interpreter: bench.pytest_shard)
     args.jobs = args.jobs or min(16 if args.tests_only else 8, os.cpu_count() or 1)
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def test_gpu_check_ranks_kernels_by_device_time():
 
 def test_gpu_tests_are_split_over_processes_and_summed(tmp_path):
     """`make test-gpu` / `make gpu-check` run the selected tests in several pytest processes
-    (the parametrisations of a test side by side) and report one summary and status."""
+    (``bench.pytest_shard``) and report one summary and status."""
     from bench import gpu_check
     (tmp_path / "test_split.py").write_text(
         "import pytest\n"
@@ -115,6 +116,51 @@ def test_gpu_tests_are_split_over_processes_and_summed(tmp_path):
     assert summary.endswith("(2 processes)"), summary
     code, summary, _ = gpu_check.run_tests(120, [str(tmp_path)], jobs=3)
     assert code != 0 and "4 passed" in summary and "1 failed" in summary, summary
+
+
+def test_shards_keep_tests_that_compile_the_same_kernels_together():
+    """Every test lands in one shard; tests sharing kernel variants share a shard, which
+    compiles fewer variants than a round-robin split; unknown tests spread; every process
+    computes the same split."""
+    from bench.pytest_shard import shard_of_each
+    # four layers, each launched by three tests (variants 10·layer + 0…3), plus unknown tests
+    keys = {f"t{layer}-{k}": {10 * layer + v for v in range(4)} for layer in range(4)
+            for k in range(3)}
+    ids = sorted(keys) + [f"new{k}" for k in range(4)]
+    shards = shard_of_each(ids, keys, 4)
+    assert shards == shard_of_each(list(ids), dict(keys), 4)
+    assert sorted(set(shards)) == [0, 1, 2, 3]
+    for layer in range(4):
+        assert len({s for t, s in zip(ids, shards) if t.startswith(f"t{layer}-")}) == 1
+    assert sorted(s for t, s in zip(ids, shards) if t.startswith("new")) == [0, 1, 2, 3]
+
+    def busiest(split):
+        return max(len(set().union(*[keys.get(t, {t}) for t, s in zip(ids, split) if s == i]))
+                   for i in range(4))
+    assert busiest(shards) == 5 < busiest([k % 4 for k in range(len(ids))]) == 13
+
+
+def test_the_compile_key_record_is_written_and_read_back(tmp_path):
+    """``SCD_RECORD_KEYS`` records the kernel variants of each test (none for a test that
+    launches nothing); the shard plugin reads such a record."""
+    from bench.pytest_shard import _load_keys
+    (tmp_path / "test_rec.py").write_text(
+        "import torch, scd_triton\n"
+        "def test_launches():\n"
+        "    scd_triton.scd2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), 2.0, 0.1,\n"
+        "                     backend='triton')\n"
+        "def test_nothing():\n    assert True\n")
+    record = tmp_path / "keys.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", SCD_RECORD_KEYS=str(record),
+               PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
+                    "bench.pytest_shard", str(tmp_path / "test_rec.py")], env=env, check=True,
+                   cwd=tmp_path, capture_output=True)
+    keys = _load_keys(str(record))
+    assert keys["test_rec.py::test_nothing"] == set()
+    assert len(keys["test_rec.py::test_launches"]) >= 2   # the forward's prepare and GEMM
+    assert json.loads(record.read_text())["variants"] == len(keys["test_rec.py::test_launches"])
 
 
 def test_kernel_warm_up_shards_cover_every_shape_and_dtype_once():
