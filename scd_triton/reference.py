@@ -31,6 +31,11 @@ def _pad_input(x, padding):
     return F.pad(x, (left, right, top, bottom)), (0, 0)
 
 
+def _pair(value):
+    """conv2d's int-or-pair argument as a pair."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 def _box_sum_weight(groups, channels, kernel_size, like, dtype):
     """A ones kernel that sums each group's ``channels`` channels over an R×S window (``dtype``,
     on ``like``'s device)."""
@@ -73,7 +78,7 @@ def _signed(magnitude, c):
     return magnitude.mul_(c.sign())
 
 
-def normalize_weight(weight, q, mode, eps, sqrt_eps=None):
+def normalize_weight(weight, q, mode, eps, sqrt_eps=None, need_scale=True):
     """``(ŵ, scale)`` with ``ŵ = weight · scale`` per output channel (``scale [O]``, compute dtype).
 
     mode "norm_q": ``scale = 1 / (sqrt(Σw² + eps) + q)``; "norm": ``1 / sqrt(Σw² + eps)``;
@@ -81,7 +86,8 @@ def normalize_weight(weight, q, mode, eps, sqrt_eps=None):
     ``eps = q = 0``) gives scale 0: that kernel matches nothing (y = 0) and gets no gradient.
     NaN in a kernel stays NaN, and an infinite norm (an Inf in the kernel) gives scale NaN; in
     mode "none" too, an Inf tap makes its whole kernel NaN. ``sqrt_eps``: ``sqrt(eps)`` as a
-    scalar tensor, if the caller has one.
+    scalar tensor, if the caller has one. Without ``need_scale`` (the forward) scale is None
+    and, where ``sqrt(eps)`` is a normal float, ŵ is ``weight / denominator``: one op fewer.
     """
     if mode == "none":
         # Σ w·0 per kernel is 0, or NaN where a tap is ±Inf (or NaN)
@@ -93,11 +99,15 @@ def normalize_weight(weight, q, mode, eps, sqrt_eps=None):
         denom = torch.hypot(denom, _scalar(math.sqrt(eps), cdt) if sqrt_eps is None else sqrt_eps)
     if mode == "norm_q":
         denom = denom.add_(q)
+    normal_eps = math.sqrt(eps) >= torch.finfo(cdt).tiny
+    if not need_scale and normal_eps:   # (adding 0·denom: an infinite norm gives NaN, as below)
+        w_hat = weight / denom.add_(denom, alpha=0).view(O, *(1,) * (weight.dim() - 1))
+        return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), None
     # 1/0 = inf -> 0 (an all-zero kernel; no zero denominator where sqrt(eps) is a normal
     # number and q >= 0); NaN stays NaN; adding 0·denom makes an infinite norm (an Inf in the
     # kernel) NaN, not 0: the whole kernel is undefined, not only its Inf tap
     scale = denom.reciprocal()
-    if not math.sqrt(eps) >= torch.finfo(cdt).tiny:
+    if not normal_eps:
         scale = scale.nan_to_num_(nan=math.nan, posinf=0.0)
     scale = scale.add_(denom, alpha=0)
     w_hat = weight * scale.view(O, *(1,) * (weight.dim() - 1))
@@ -157,7 +167,7 @@ def _patch_sum_squares(xp, groups, stride, padding, dilation, ones, bias):
     if ones.shape[1] != C // groups:   # channel sums first, then the R×S box sum
         sq = sq.view(N, groups, C // groups, H, W).sum(2)
         kernel_size = tuple(ones.shape[-2:])
-        if (groups == 1 and tuple(dilation) == (1, 1) and N * H * W <= POOL_MAX_ELEMENTS
+        if (groups == 1 and _pair(dilation) == (1, 1) and N * H * W <= POOL_MAX_ELEMENTS
                 and all(p <= k // 2 for p, k in zip(padding, kernel_size))):
             ssq = F.avg_pool2d(sq, kernel_size, stride, padding, divisor_override=1)
             return ssq if bias is None else ssq.add_(bias)
@@ -173,7 +183,7 @@ def _box_sum_transposed(grad, in_shape, kernel_size, stride, padding, dilation):
     0.1–4 ms for one channel (measured from 4×1×8×8 to 64×1×56×56, 2 threads)."""
     G = in_shape[1]
     pool_pad = tuple(k - 1 - p for k, p in zip(kernel_size, padding))
-    if (G == 1 and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+    if (G == 1 and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
             and all(0 <= p <= k // 2 for p, k in zip(pool_pad, kernel_size))):
         return F.avg_pool2d(grad, kernel_size, 1, pool_pad, divisor_override=1)
     return conv2d_input(in_shape, _box_sum_weight(G, 1, kernel_size, grad, grad.dtype), grad,
@@ -188,7 +198,8 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     O, _, R, S = weight.shape
     ones, bias, eps_scalar, sqrt_weight_eps = _forward_constants(x, groups, (R, S), eps, norm_eps,
                                                                  weight_norm_eps)
-    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps, sqrt_weight_eps)
+    w_hat, _ = normalize_weight(weight, q, weight_norm, weight_norm_eps, sqrt_weight_eps,
+                                need_scale=False)
     cdt = compute_dtype(x.dtype)
     xc = x if x.dtype == cdt else x.to(cdt)
     N, C = x.shape[:2]
@@ -263,6 +274,11 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
 
     xc = x.to(cdt)
     xp, conv_pad = _pad_input(xc, padding)
+    if ((R, S) == (1, 1) and _pair(stride) != (1, 1) and xp.device.type == "cpu"
+            and not xp.is_contiguous()):
+        # torch 2.13's oneDNN weight gradient of a strided 1×1 convolution of a channels-last
+        # input corrupts the heap (7–15 channels at stride 3 crash; F.conv2d's backward too)
+        xp = xp.contiguous()
     grad_d = grad_d.reshape(N, O, OH, OW)
     # grad_x's and grad_ŵ's convolutions in one call: on CPU a third faster than two
     grad_xp, grad_w, _ = torch.ops.aten.convolution_backward(

@@ -1,4 +1,7 @@
 """The reference backend (the CPU path) against the independent float64 unfold oracle."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -72,6 +75,34 @@ def test_pooled_and_convolved_box_sums_match_oracle(case, limit, forward_pooled,
     assert (forward[0], len(pooled) - forward[0]) == (int(forward_pooled), int(backward_pooled))
 
 
+def test_the_forward_takes_int_stride_and_dilation():
+    """The reference forward takes conv2d's int-or-pair stride and dilation (its box sums'
+    pooling checks read them as pairs)."""
+    from scd_triton import reference
+    x, w = torch.randn(2, 5, 8, 8), torch.randn(4, 5, 3, 3)
+    p, q = torch.full((4,), 2.0), torch.full((4,), 0.1)
+    outs = [reference.scd2d_fwd(x, w, p, q, s, (1, 1, 1, 1), s, 1, 1e-12, 1e-12, "norm_q", 1e-12)
+            for s in (1, (1, 1))]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_strided_one_by_one_channels_last_backward_does_not_corrupt_memory():
+    """torch 2.13's oneDNN weight gradient of a strided 1×1 convolution of a channels-last
+    input with 7–15 channels corrupts the heap (F.conv2d's backward crashes alike); the
+    reference backward gives it x's NCHW copy. A child process runs the loop that crashed."""
+    code = ("import torch, scd_triton\n"
+            "for _ in range(3000):\n"
+            "    x = torch.randn(3, 7, 9, 14).contiguous(memory_format=torch.channels_last)\n"
+            "    w = torch.randn(3, 7, 1, 1, requires_grad=True)\n"
+            "    x.requires_grad_()\n"
+            "    scd_triton.scd2d(x, w, 2.0, 0.1, stride=(3, 1), backend='reference')"
+            ".sum().backward()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    case = Case(3, 7, 9, 14, 3, (1, 1), stride=(3, 1))
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "reference", channels_last=True)
+
+
 @pytest.mark.parametrize("eps", [0.0, 1e-80], ids=["eps0", "sqrt-eps-subnormal"])
 def test_zero_kernel_norm_gives_scale_zero_where_sqrt_eps_is_not_a_normal_float(eps):
     """An all-zero kernel with q = 0 and sqrt(eps) 0 or subnormal in float32 (1/denominator
@@ -84,6 +115,22 @@ def test_zero_kernel_norm_gives_scale_zero_where_sqrt_eps_is_not_a_normal_float(
     assert scale[1] == 0 and (w_hat[1] == 0).all()
     assert scale[2].isnan() and w_hat[2].isnan().all()
     assert torch.isfinite(w_hat[0]).all() and scale[0] > 0
+
+
+@pytest.mark.parametrize("mode", ["norm", "norm_q"])
+def test_the_forwards_divided_kernels_equal_the_scaled_ones(mode):
+    """Without ``need_scale`` (the forward) ŵ is ``weight / denominator``, one op fewer than
+    ``weight · (1 / denominator)``: the same within rounding, and an Inf tap or a norm that
+    overflows (finite taps of 1e30 in float32) makes the whole kernel NaN both ways."""
+    from scd_triton.reference import normalize_weight
+    w, q = torch.randn(4, 3, 3, 3), torch.rand(4)
+    w[2, 0, 1, 1] = float("inf")
+    w[3] = 1e30
+    scaled, scale = normalize_weight(w, q, mode, 1e-12)
+    divided, none = normalize_weight(w, q, mode, 1e-12, need_scale=False)
+    assert none is None and scale is not None
+    torch.testing.assert_close(divided[:2], scaled[:2], rtol=2e-7, atol=0)
+    assert scaled[2:].isnan().all() and divided[2:].isnan().all()
 
 
 def test_float16_matches_oracle():
