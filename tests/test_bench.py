@@ -163,6 +163,19 @@ def test_the_compile_key_record_is_written_and_read_back(tmp_path):
     assert json.loads(record.read_text())["variants"] == len(keys["test_rec.py::test_launches"])
 
 
+def test_the_compile_record_knows_most_collected_tests(request):
+    """``bench/test_compile_keys.json`` names most of the suite's tests (all but those that run
+    on a GPU only and those added since it was recorded; the command that rewrites it is in
+    ``bench/pytest_shard.py``). Checked where the whole suite is collected."""
+    from bench.pytest_shard import _load_keys
+    strip = lambda nodeid: nodeid.split("tests/", 1)[-1]
+    ids = {strip(item.nodeid) for item in request.session.items}
+    if len(ids) < 500:
+        pytest.skip("needs the whole suite collected")
+    known = {strip(t) for t in _load_keys()}
+    assert len(ids & known) >= 0.85 * len(ids), sorted(ids - known)[:20]
+
+
 def test_kernel_warm_up_shards_cover_every_shape_and_dtype_once():
     """`make gpu-check` compiles the Triton providers' kernels in N processes first: their
     shards of (shape, dtype) pairs cover each pair exactly once (on CPU no Triton provider
