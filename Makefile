@@ -40,7 +40,7 @@ bench: $(STAMP)
 bench-full: $(STAMP)
 	$(PY) -m bench.run --full
 
-# SCS network against its conv2d twin on scikit-learn's 8x8 digits (CPU, reference backend, ~20 s);
+# SCS network against its conv2d twin on scikit-learn's 8x8 digits (CPU, reference backend, 10-25 s);
 # EXAMPLE_ARGS passes options, e.g. EXAMPLE_ARGS="--device cuda --channels-last --amp bf16".
 example: $(STAMP)
 	$(PY) examples/train_digits.py $(EXAMPLE_ARGS)
