@@ -99,18 +99,20 @@ def normalize_weight(weight, q, mode, eps, sqrt_eps=None, need_scale=True):
         denom = torch.hypot(denom, _scalar(math.sqrt(eps), cdt) if sqrt_eps is None else sqrt_eps)
     if mode == "norm_q":
         denom = denom.add_(q)
+    # adding 0·denom makes an infinite norm (an Inf in the kernel) NaN, so ŵ and scale are NaN,
+    # not 0: the whole kernel is undefined, not only its Inf tap
+    denom = denom.add_(denom, alpha=0)
+    shape = (O, *(1,) * (weight.dim() - 1))
     normal_eps = math.sqrt(eps) >= torch.finfo(cdt).tiny
-    if not need_scale and normal_eps:   # (adding 0·denom: an infinite norm gives NaN, as below)
-        w_hat = weight / denom.add_(denom, alpha=0).view(O, *(1,) * (weight.dim() - 1))
-        return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), None
-    # 1/0 = inf -> 0 (an all-zero kernel; no zero denominator where sqrt(eps) is a normal
-    # number and q >= 0); NaN stays NaN; adding 0·denom makes an infinite norm (an Inf in the
-    # kernel) NaN, not 0: the whole kernel is undefined, not only its Inf tap
-    scale = denom.reciprocal()
-    if not normal_eps:
-        scale = scale.nan_to_num_(nan=math.nan, posinf=0.0)
-    scale = scale.add_(denom, alpha=0)
-    w_hat = weight * scale.view(O, *(1,) * (weight.dim() - 1))
+    if not need_scale and normal_eps:
+        w_hat, scale = weight / denom.view(shape), None
+    else:
+        # 1/0 = inf -> 0 (an all-zero kernel; no zero denominator where sqrt(eps) is a normal
+        # number and q >= 0); NaN stays NaN
+        scale = denom.reciprocal()
+        if not normal_eps:
+            scale = scale.nan_to_num_(nan=math.nan, posinf=0.0)
+        w_hat = weight * scale.view(shape)
     return (w_hat if w_hat.dtype == weight.dtype else w_hat.to(weight.dtype)), scale
 
 
@@ -157,6 +159,13 @@ def _power(base, p):
 POOL_MAX_ELEMENTS = 16384
 
 
+def _poolable(padding, kernel_size, dilation):
+    """Whether ``avg_pool2d`` can take a box sum's padding (at most half the kernel) and
+    dilation (1)."""
+    return _pair(dilation) == (1, 1) and all(0 <= p <= k // 2 for p, k in zip(padding,
+                                                                                kernel_size))
+
+
 def _patch_sum_squares(xp, groups, stride, padding, dilation, ones, bias):
     """Σ s² + norm_eps over each patch of each group's channels, ``[N, G, OH, OW]`` (conv2d's
     arguments; ``ones`` and ``bias`` from ``_forward_constants``: norm_eps as the convolution's
@@ -167,8 +176,8 @@ def _patch_sum_squares(xp, groups, stride, padding, dilation, ones, bias):
     if ones.shape[1] != C // groups:   # channel sums first, then the R×S box sum
         sq = sq.view(N, groups, C // groups, H, W).sum(2)
         kernel_size = tuple(ones.shape[-2:])
-        if (groups == 1 and _pair(dilation) == (1, 1) and N * H * W <= POOL_MAX_ELEMENTS
-                and all(p <= k // 2 for p, k in zip(padding, kernel_size))):
+        if groups == 1 and N * H * W <= POOL_MAX_ELEMENTS and _poolable(padding, kernel_size,
+                                                                        dilation):
             ssq = F.avg_pool2d(sq, kernel_size, stride, padding, divisor_override=1)
             return ssq if bias is None else ssq.add_(bias)
     return F.conv2d(sq, ones, bias, stride, padding, dilation, groups)
@@ -183,8 +192,7 @@ def _box_sum_transposed(grad, in_shape, kernel_size, stride, padding, dilation):
     0.1–4 ms for one channel (measured from 4×1×8×8 to 64×1×56×56, 2 threads)."""
     G = in_shape[1]
     pool_pad = tuple(k - 1 - p for k, p in zip(kernel_size, padding))
-    if (G == 1 and _pair(stride) == (1, 1) and _pair(dilation) == (1, 1)
-            and all(0 <= p <= k // 2 for p, k in zip(pool_pad, kernel_size))):
+    if G == 1 and _pair(stride) == (1, 1) and _poolable(pool_pad, kernel_size, dilation):
         return F.avg_pool2d(grad, kernel_size, 1, pool_pad, divisor_override=1)
     return conv2d_input(in_shape, _box_sum_weight(G, 1, kernel_size, grad, grad.dtype), grad,
                         stride, padding, dilation, G)
