@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import memory_format
+from .shapes import every_input_read, memory_format
 from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps, fast_div,
                       fast_exp2, fast_log2, in_units, input_offsets, position_cursor, tile_positions,
                       with_sign_of)
@@ -160,6 +160,7 @@ def scd2d_dgrad_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PER_IMAGE: tl.constexpr, PLANES: tl.constexpr, EVEN_O: tl.constexpr, EVEN_C: tl.constexpr,
     OB_SHIFT: tl.constexpr, OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
+    UNREAD: tl.constexpr,
 ):
     """Program (i_m, i_n, i_z): BM input positions of one stride phase × BN input channels.
 
@@ -172,7 +173,8 @@ def scd2d_dgrad_kernel(
     divides C/G) drop the loop's channel masks. ``OB_SHIFT``: log2 of the channel blocks per
     tap when that is a power of two, else -1. ``OV``: O/G is a multiple of it (grad_d's and
     ŵ's rows), ``XV`` / ``DV``: C/G and x's / grad_x's strides but the channels' are
-    (``_common.in_units``; 1 where their channels are not contiguous).
+    (``_common.in_units``; 1 where their channels are not contiguous). ``UNREAD``: some input
+    pixels lie in no patch (``shapes.every_input_read``); their x term is 0, not x·0.
     """
     Og, O = in_units(Og, OV), in_units(O, OV)
     Cg, sxn, sxh, sxw = in_units(Cg, XV), in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
@@ -204,6 +206,7 @@ def scd2d_dgrad_kernel(
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     b_box = tl.zeros((BM,), dtype=tl.float32)
+    b_read = o_ihq < 0                     # [BM] False: positions some tap reaches (UNREAD)
     for i_k in range(nr * ns * n_ob):
         if OB_SHIFT >= 0:   # a shift, not ~20 instructions of division
             i_t = i_k >> OB_SHIFT
@@ -232,12 +235,16 @@ def scd2d_dgrad_kernel(
         acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
         m_box = m_t & (o_ihq * 0 + i_ob == 0)  # once per tap (a [BM] mask: the interpreter's
         b_box += tl.load(p_ns + o_pos, mask=m_box, other=0.0)  # scalar and [BM] mask do not mix)
+        if UNREAD:
+            b_read = b_read | m_t
 
     m = m_m[:, None] & m_c[None, :]
     o_cg = (i_g * Cg + o_c)[None, :]
     o_x = input_offsets(o_n, o_q, o_ih, o_iw, sxn, sxh, sxw, PLANES)
     o_gx = input_offsets(o_n, o_q, o_ih, o_iw, sdn, sdh, sdw, PLANES)
     b_x = tl.load(X + o_x[:, None] + o_cg * sxc, mask=m, other=0.0).to(tl.float32)
+    if UNREAD:
+        b_x = tl.where(b_read[:, None], b_x, 0.0)
     b_gx = acc + b_x * b_box[:, None]
     tl.store(GX + o_gx[:, None] + o_cg * sdc, b_gx.to(GX.dtype.element_ty), mask=m)
 
@@ -490,6 +497,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x
     out_bytes = M * O * dtype.itemsize
     sms = _sm_count(device_index) if cuda else 0
+    unread = not every_input_read((H, W), out_hw, (R, S), stride, padding, dilation)
 
     BP, BG, BO, tiles, n_blk, warps, stages = _prologue_blocks(per_image, N, OH * OW, G, Og,
                                                                cuda, sms)
@@ -527,7 +535,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                         (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles), conv,
                         dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes, OV=d_unit,
                              XV=units(x_strides if planes else x_cl_strides),
-                             DV=units(grad_x_strides)),
+                             DV=units(grad_x_strides), UNREAD=unread),
                         warps, stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
         splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4,
@@ -562,7 +570,8 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                          PER_IMAGE=per_image, PLANES=planes, EVEN_O=Og % BK == 0,
                          EVEN_C=Cg % BN == 0, OB_SHIFT=exact_log2(cdiv(Og, BK)), OV=o_unit,
                          XV=channel_unit(dtype.itemsize, Cg, x_strides if planes else x_cl_strides),
-                         DV=channel_unit(dtype.itemsize, Cg, grad_x_strides)), warps, stages)
+                         DV=channel_unit(dtype.itemsize, Cg, grad_x_strides), UNREAD=unread),
+                    warps, stages)
 
     flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
     taps = 1 if flat else R * S
@@ -801,7 +810,7 @@ def report_jobs():
                         (scd2d_dgrad_kernel, dcfg, d_ints,
                          dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
                          dict(PER_IMAGE=nchw, PLANES=nchw, EVEN_O=True, EVEN_C=True,
-                              OB_SHIFT=exact_log2(cdiv(C, dcfg[2])))),
+                              OB_SHIFT=exact_log2(cdiv(C, dcfg[2])), UNREAD=False)),
                         (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
                          dict(FLAT=False, EVEN_O=True, EVEN_C=True,
                               EVEN_M=w_ints["M"] % wcfg[2] == 0, WIDE=False))):
@@ -859,7 +868,7 @@ def report_jobs():
                         (scd2d_dgrad_kernel, dcfg, d_ints,
                          dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
                          dict(PER_IMAGE=False, PLANES=False, EVEN_O=False, EVEN_C=False,
-                              OB_SHIFT=exact_log2(cdiv(40, dcfg[2])))),
+                              OB_SHIFT=exact_log2(cdiv(40, dcfg[2])), UNREAD=False)),
                         (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
                          dict(FLAT=False, EVEN_O=False, EVEN_C=False, EVEN_M=True, WIDE=False))):
                     jobs.append(job(fn, f"40-40 8^2 BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
@@ -884,7 +893,7 @@ def report_jobs():
                 jobs.append(job(scd2d_dgrad_direct_kernel,
                                 f"{pre}BM{BM}-BC{BC}-w{warps}-s{stages}", dtype, layout,
                                 ints(scd2d_dgrad_direct_kernel, dw),
-                                dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw,
+                                dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw, UNREAD=False,
                                      **units(scd2d_dgrad_direct_kernel, dw, itemsize)),
                                 dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
                 jobs.append(job(scd2d_wgrad_direct_kernel,

@@ -14,13 +14,15 @@ def scd2d_dgrad_direct_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
     PLANES: tl.constexpr, OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
+    UNREAD: tl.constexpr,
 ):
     """Program (i_m, i_c): BM input positions × BC global input channels (M = N·H·W); W is ŵ
     as given, [O, C/G, R, S]. Each tap gathers the output position it maps to, if any.
     ``PLANES`` (x and grad_x NCHW-contiguous): tiles run over one image (``TILES`` per image,
     ``P_IMG = H·W``), one contiguous run of each (n, c) plane: 16-byte loads and stores.
     Depthwise (one channel a group in and out): O and C are multiples of ``OV``, x's and
-    grad_x's strides but the channels' of ``XV`` / ``DV`` (``_common.in_units``; else 1)."""
+    grad_x's strides but the channels' of ``XV`` / ``DV`` (``_common.in_units``; else 1).
+    ``UNREAD``: some input pixels lie in no patch; their x term is 0, not x·0."""
     O, C = in_units(O, OV), in_units(C, OV)
     sxn, sxh, sxw = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
     sdn, sdh, sdw = in_units(sdn, DV), in_units(sdh, DV), in_units(sdw, DV)
@@ -36,6 +38,7 @@ def scd2d_dgrad_direct_kernel(
 
     acc = tl.zeros((BM, BC), dtype=tl.float32)
     b_box = tl.zeros((BM, BC), dtype=tl.float32)
+    b_read = o_ih < 0                      # [BM] False: positions some tap reaches (UNREAD)
     for tap in range(R * S):
         o_th = o_ih + pad_h - (tap // S) * dil_h
         o_tw = o_iw + pad_w - (tap % S) * dil_w
@@ -43,6 +46,8 @@ def scd2d_dgrad_direct_kernel(
         o_ow = o_tw // stride_w
         m_t = (m_m & (o_th >= 0) & (o_tw >= 0) & (o_th % stride_h == 0) & (o_tw % stride_w == 0)
                & (o_oh < OH) & (o_ow < OW))
+        if UNREAD:
+            b_read = b_read | m_t
         m = m_t[:, None] & m_c[None, :]
         o_pos = (o_n * OH + o_oh) * OW + o_ow                            # [BM]
         b_box += tl.load(GNS + (o_n * G * OH * OW + o_oh * OW + o_ow)[:, None]
@@ -57,6 +62,8 @@ def scd2d_dgrad_direct_kernel(
     o_x = input_offsets(o_n, o_p, o_ih, o_iw, sxn, sxh, sxw, PLANES)
     o_gx = input_offsets(o_n, o_p, o_ih, o_iw, sdn, sdh, sdw, PLANES)
     b_x = tl.load(X + o_x[:, None] + (o_c * sxc)[None, :], mask=m, other=0.0).to(tl.float32)
+    if UNREAD:
+        b_x = tl.where(b_read[:, None], b_x, 0.0)
     o_gx = o_gx[:, None] + (o_c * sdc)[None, :]
     tl.store(GX + o_gx, (acc + b_x * b_box).to(GX.dtype.element_ty), mask=m)
 

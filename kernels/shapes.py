@@ -3,6 +3,8 @@ the fake (shape-only) implementations that ``torch.compile`` traces, so they can
 
 Imports only torch (no triton), so the pure-PyTorch path can use it without loading Triton.
 """
+import functools
+
 import torch
 
 
@@ -31,3 +33,33 @@ def output_hw(x_hw, kernel_hw, stride, padding, dilation):
     pads = (padding[0] + padding[1], padding[2] + padding[3])
     return tuple((size + pad - dil * (k - 1) - 1) // s + 1
                  for size, k, s, pad, dil in zip(x_hw, kernel_hw, stride, pads, dilation))
+
+
+def tap_reads(size, out_size, kernel, stride, pad, dil):
+    """Per kernel tap along one input dimension of ``size`` (``pad`` leading), the slice of
+    indices in ``[0, size)`` that it reads for the ``out_size`` outputs; None where it reads
+    none."""
+    reads = []
+    for r in range(kernel):
+        start = r * dil - pad                             # what output 0 reads, maybe < 0
+        first = max(0, -(start // stride))               # the first output reading index >= 0
+        last = min(out_size - 1, (size - 1 - start) // stride)
+        reads.append(slice(start + first * stride, start + last * stride + 1, stride)
+                     if first <= last else None)
+    return reads
+
+
+@functools.lru_cache(maxsize=1024)
+def every_input_read(hw, out_hw, kernel_hw, stride, padding, dilation) -> bool:
+    """Whether every input pixel lies in some patch ((top, bottom, left, right) ``padding``).
+    Not so where the stride skips pixels (1×1 at stride 2), a dilation's gap spans more rows
+    than the outputs, or the last rows or columns fall past the last patch: their gradient is
+    0 whatever x holds there, NaN and Inf too, which the backward must not turn into x·0."""
+    for size, out, k, s, pad, d in zip(hw, out_hw, kernel_hw, stride, padding[::2], dilation):
+        read = bytearray(size)
+        for taps in tap_reads(size, out, k, s, pad, d):
+            if taps is not None:
+                read[taps] = b"\x01" * len(range(size)[taps])
+        if not all(read):
+            return False
+    return True

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 
 from .constants import constant
-from .kernels.shapes import compute_dtype, memory_format, output_hw
+from .kernels.shapes import compute_dtype, every_input_read, memory_format, output_hw, tap_reads
 
 
 def _pad_input(x, padding):
@@ -198,6 +198,22 @@ def _box_sum_transposed(grad, in_shape, kernel_size, stride, padding, dilation):
                         stride, padding, dilation, G)
 
 
+def _zero_unread(grad_x, out_hw, kernel_size, stride, padding, dilation):
+    """Zeroes the gradient of the pixels that no patch reads: the x term put x·0 there, NaN
+    where x is NaN or Inf. The masks are filled by slices on grad_x's device (no host copy)."""
+    keep = None
+    for dim, (out, k, s, pad, d) in enumerate(zip(out_hw, kernel_size, stride, padding[::2],
+                                                  dilation)):
+        size = grad_x.shape[2 + dim]
+        read = torch.zeros(size, dtype=torch.bool, device=grad_x.device)
+        for taps in tap_reads(size, out, k, s, pad, d):
+            if taps is not None:
+                read[taps] = True
+        read = read.view(size, 1) if dim == 0 else read
+        keep = read if keep is None else keep & read
+    grad_x.masked_fill_(~keep, 0)
+
+
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
               weight_norm="none", weight_norm_eps=0.0, save_for_backward=True):
     """``(y, c, norm)`` with ŵ normalised from ``weight`` (:func:`normalize_weight`); without
@@ -302,6 +318,9 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
             xp.view(N, G, C // G, *xp.shape[-2:]), box.unsqueeze(2))
         top, _, left, _ = padding   # asymmetric padding was applied explicitly: crop it off
         grad_x = grad_xp if xp is xc else grad_xp[..., top:top + H, left:left + W]
+        if not every_input_read((H, W), (OH, OW), (R, S), _pair(stride), tuple(padding),
+                                _pair(dilation)):
+            _zero_unread(grad_x, (OH, OW), (R, S), _pair(stride), padding, _pair(dilation))
         grad_x = grad_x.to(x.dtype).contiguous(memory_format=memory_format(x))
     if not need_grad_params:
         return grad_x, None, None, None

@@ -45,6 +45,63 @@ def test_nan_or_inf_in_x_reaches_exactly_the_outputs_whose_patch_has_it(backend,
         assert torch.isnan(t.grad).all(), f"grad_{name} must be NaN: every kernel saw the NaN patch"
 
 
+# layers with input pixels that no patch reads: (x shape, weight shape, conv arguments)
+UNREAD_LAYERS = {
+    "1x1-stride-2": ((2, 16, 6, 6), (16, 16, 1, 1), dict(stride=2)),
+    "1x1-stride-2-depthwise": ((2, 16, 6, 6), (16, 1, 1, 1), dict(stride=2, groups=16)),
+    "3x3-stride-3-last-row-and-column": ((2, 16, 7, 7), (16, 16, 3, 3), dict(stride=3)),
+    "dilation-gap": ((2, 16, 7, 7), (16, 16, 2, 2), dict(dilation=4)),
+    "same-padding-dilation-gap": ((2, 16, 5, 5), (16, 16, 2, 2),
+                                  dict(padding="same", dilation=8)),
+    "depthwise-stride-4": ((2, 16, 7, 8), (16, 1, 3, 3), dict(stride=4, padding=1, groups=16)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer", UNREAD_LAYERS)
+def test_a_pixel_no_patch_reads_gets_zero_gradient_also_when_it_holds_nan_or_inf(backend, layer):
+    """As for conv2d, the output never sees such a pixel: its gradient is 0 whatever it holds
+    (the x term of grad_x, x ⊙ Σ grad_‖s‖/‖s‖ over its patches, gave x·0 = NaN), and the other
+    gradients are those of the float64 oracle at finite values."""
+    x_shape, w_shape, conv = UNREAD_LAYERS[layer]
+    torch.manual_seed(0)
+    x, w = torch.randn(x_shape, dtype=torch.float64), torch.randn(w_shape, dtype=torch.float64)
+    # how many patches hold each pixel: conv2d's input gradient of a ones kernel
+    ones = torch.ones(x_shape[1], *w_shape[1:], dtype=torch.float64, requires_grad=True)
+    probe = x.clone().requires_grad_()
+    torch.nn.functional.conv2d(probe, ones, groups=conv.get("groups", 1),
+                               **{k: v for k, v in conv.items() if k != "groups"}).sum().backward()
+    unread = probe.grad == 0
+    assert unread.any() and not unread.all()
+    bad = x.clone()
+    bad[0][unread[0]] = float("nan")
+    bad[1][unread[1]] = float("inf")
+    p, q = torch.full((16,), 2.0, dtype=torch.float64), torch.full((16,), 0.1, dtype=torch.float64)
+    oracle_conv = _oracle_conv(conv, w_shape)
+    grad_y = torch.randn(oracle.scd2d(x, w, p, q, **oracle_conv).shape, dtype=torch.float64)
+    got = _leaves(bad.float(), w.float(), p.float(), q.float())
+    y = scd_triton.scd2d(*got, backend=backend, **conv)
+    assert torch.isfinite(y).all()
+    y.backward(grad_y.float().to(DEVICE))
+    ref = [t.requires_grad_() for t in (x, w, p, q)]
+    oracle.scd2d(*ref, **oracle_conv).backward(grad_y)
+    assert (got[0].grad.cpu()[unread] == 0).all()
+    for name, g, r in zip("xwpq", got, ref):
+        assert_close(f"grad_{name}", g.grad.cpu(), r.grad, torch.float32, grad=True,
+                     reduce_dim=9)
+
+
+def _oracle_conv(conv, w_shape):
+    """The oracle's (stride, padding, dilation, groups) for scd2d's arguments ``conv``."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+    dilation = pair(conv.get("dilation", 1))
+    padding = conv.get("padding", 0)
+    padding = (oracle.same_padding(w_shape[2:], dilation) if padding == "same"
+               else (padding,) * 4)
+    return dict(stride=pair(conv.get("stride", 1)), padding=padding, dilation=dilation,
+                groups=conv.get("groups", 1))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_p_gives_nan_in_its_channel_also_where_cos_is_one(backend):
     """A NaN in a tensor p reaches every output of its channel, also where |c| + eps is

@@ -15,7 +15,7 @@ import oracle
 import scd_triton
 from cases import Case, params, run_against_oracle
 from helpers import DEVICE, assert_close, gpu
-from scd_triton.kernels.shapes import output_hw
+from scd_triton.kernels.shapes import every_input_read, output_hw
 from test_kernels import KERNEL_CASES, NEW_PATH_CASES
 
 
@@ -311,6 +311,31 @@ def test_a_denormal_c_with_eps_zero_gives_finite_gradients():
     grads = bwd.scd2d_bwd(torch.randn_like(c), x, w, p, q, c, norm, *conv, 0.0, "norm_q", 1e-12)
     for name, g in zip("xwpq", grads):
         assert torch.isfinite(g).all(), f"grad_{name} is not finite"
+
+
+def test_every_input_read_agrees_with_conv2d_patch_counts():
+    """The plan's ``UNREAD`` switch: whether some pixel lies in no patch, against the count of
+    patches holding each pixel (conv2d's input gradient of a ones kernel), over strides,
+    dilations, kernel sizes and (asymmetric) paddings of one dimension."""
+    seen = set()
+    for size in range(1, 10):
+        for k in range(1, 4):
+            for stride in range(1, 4):
+                for dil in range(1, 5):
+                    for top, bottom in ((0, 0), (1, 0), (0, 2), (2, 1)):
+                        out = output_hw((size, 1), (k, 1), (stride, 1), (top, bottom, 0, 0),
+                                        (dil, 1))
+                        if out[0] < 1:
+                            continue
+                        x = torch.zeros(1, 1, size + top + bottom, 1, requires_grad=True)
+                        torch.nn.functional.conv2d(x, torch.ones(1, 1, k, 1), stride=(stride, 1),
+                                                   dilation=(dil, 1)).sum().backward()
+                        counts = x.grad[0, 0, top:top + size, 0]
+                        got = every_input_read((size, 1), out, (k, 1), (stride, 1),
+                                               (top, bottom, 0, 0), (dil, 1))
+                        assert got == bool((counts > 0).all()), (size, k, stride, dil, top, bottom)
+                        seen.add(got)
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("groups", [1, 16], ids=["gemm", "direct"])
