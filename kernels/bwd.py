@@ -34,7 +34,7 @@ from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
 from .fwd import dot_precision, pow2_between, uses_direct_kernel
-from .launch import (Launch, cdiv, channel_unit, divisor_magic, exact_log2, next_power_of_2,
+from .launch import (Launch, cdiv, channel_unit, divisor_magic, next_power_of_2,
                      vector_unit)
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
@@ -159,7 +159,7 @@ def scd2d_dgrad_kernel(
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PER_IMAGE: tl.constexpr, PLANES: tl.constexpr, EVEN_O: tl.constexpr, EVEN_C: tl.constexpr,
-    OB_SHIFT: tl.constexpr, OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
+    OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
     UNREAD: tl.constexpr,
 ):
     """Program (i_m, i_n, i_z): BM input positions of one stride phase × BN input channels.
@@ -170,8 +170,7 @@ def scd2d_dgrad_kernel(
     one image (``TILES`` per image) so the epilogue reads x and stores grad_x along positions;
     with ``PLANES`` (stride 1, x and grad_x NCHW-contiguous) a tile is one contiguous run of
     each (n, c) plane: 16-byte loads and stores. ``EVEN_O`` (BK divides O/G) and ``EVEN_C`` (BN
-    divides C/G) drop the loop's channel masks. ``OB_SHIFT``: log2 of the channel blocks per
-    tap when that is a power of two, else -1. ``OV``: O/G is a multiple of it (grad_d's and
+    divides C/G) drop the loop's channel masks. ``OV``: O/G is a multiple of it (grad_d's and
     ŵ's rows), ``XV`` / ``DV``: C/G and x's / grad_x's strides but the channels' are
     (``_common.in_units``; 1 where their channels are not contiguous). ``UNREAD``: some input
     pixels lie in no patch (``shapes.every_input_read``); their x term is 0, not x·0.
@@ -204,20 +203,26 @@ def scd2d_dgrad_kernel(
     o_w = o_c[None, :] * Og + o_k[:, None]                               # [BK, BN] in a tap
     p_ns = GNS + (o_n * G + i_g) * OH * OW
 
+    # oh·sh = ih + pad_h − r·dil_h, an exact division, uniform over the phase: the first tap
+    # row's offset, then dq_h less a tap row (step_h·dil_h is a multiple of stride_h); columns
+    # alike. The loop carries its tap (j_r, j_s) and channel block i_ob: no division a step
+    # (three of ~28 SASS instructions each at stride 2, where stride and taps are not constants)
+    d_h0 = (ph_h + pad_h - r0 * dil_h) // stride_h
+    d_w0 = (ph_w + pad_w - s0 * dil_w) // stride_w
+    dq_h = step_h * dil_h // stride_h
+    dq_w = step_w * dil_w // stride_w
+    i_ob = i_n * 0
+    j_s = i_n * 0
+    j_r = i_n * 0
+
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     b_box = tl.zeros((BM,), dtype=tl.float32)
     b_read = o_ihq < 0                     # [BM] False: positions some tap reaches (UNREAD)
-    for i_k in range(nr * ns * n_ob):
-        if OB_SHIFT >= 0:   # a shift, not ~20 instructions of division
-            i_t = i_k >> OB_SHIFT
-        else:
-            i_t = i_k // n_ob
-        i_ob = i_k - i_t * n_ob
-        r = r0 + (i_t // ns) * step_h
-        s = s0 + (i_t % ns) * step_w
-        # oh·sh = ih + pad_h − r·dil_h, an exact division (uniform over the phase)
-        o_oh = o_ihq + (ph_h + pad_h - r * dil_h) // stride_h
-        o_ow = o_iwq + (ph_w + pad_w - s * dil_w) // stride_w
+    for _ in range(nr * ns * n_ob):
+        r = r0 + j_r * step_h
+        s = s0 + j_s * step_w
+        o_oh = o_ihq + (d_h0 - j_r * dq_h)
+        o_ow = o_iwq + (d_w0 - j_s * dq_w)
         m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
         o_pos = o_oh * OW + o_ow                                         # [BM] in-image
         o_o = i_ob * BK + o_k                                            # [BK] channel in group
@@ -237,6 +242,13 @@ def scd2d_dgrad_kernel(
         b_box += tl.load(p_ns + o_pos, mask=m_box, other=0.0)  # scalar and [BM] mask do not mix)
         if UNREAD:
             b_read = b_read | m_t
+        i_ob += 1                          # the next channel block, tap column, tap row
+        tap_done = i_ob == n_ob
+        i_ob = tl.where(tap_done, 0, i_ob)
+        j_s += tap_done.to(tl.int32)
+        row_done = j_s == ns
+        j_s = tl.where(row_done, 0, j_s)
+        j_r += row_done.to(tl.int32)
 
     m = m_m[:, None] & m_c[None, :]
     o_cg = (i_g * Cg + o_c)[None, :]
@@ -568,7 +580,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                     (*conv, step_h, step_w),
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK,
                          PER_IMAGE=per_image, PLANES=planes, EVEN_O=Og % BK == 0,
-                         EVEN_C=Cg % BN == 0, OB_SHIFT=exact_log2(cdiv(Og, BK)), OV=o_unit,
+                         EVEN_C=Cg % BN == 0, OV=o_unit,
                          XV=channel_unit(dtype.itemsize, Cg, x_strides if planes else x_cl_strides),
                          DV=channel_unit(dtype.itemsize, Cg, grad_x_strides), UNREAD=unread),
                     warps, stages)
@@ -810,7 +822,7 @@ def report_jobs():
                         (scd2d_dgrad_kernel, dcfg, d_ints,
                          dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
                          dict(PER_IMAGE=nchw, PLANES=nchw, EVEN_O=True, EVEN_C=True,
-                              OB_SHIFT=exact_log2(cdiv(C, dcfg[2])), UNREAD=False)),
+                              UNREAD=False)),
                         (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
                          dict(FLAT=False, EVEN_O=True, EVEN_C=True,
                               EVEN_M=w_ints["M"] % wcfg[2] == 0, WIDE=False))):
@@ -868,13 +880,27 @@ def report_jobs():
                         (scd2d_dgrad_kernel, dcfg, d_ints,
                          dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
                          dict(PER_IMAGE=False, PLANES=False, EVEN_O=False, EVEN_C=False,
-                              OB_SHIFT=exact_log2(cdiv(40, dcfg[2])), UNREAD=False)),
+                              UNREAD=False)),
                         (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
                          dict(FLAT=False, EVEN_O=False, EVEN_C=False, EVEN_M=True, WIDE=False))):
                     jobs.append(job(fn, f"40-40 8^2 BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
                                     dtype, layout, ints(fn, lay, K_SPLIT=832),
                                     dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra,
                                          **units(fn, lay, itemsize)), ptrs, warps, stages))
+                # a 1×1 stride-2 shortcut (64→128 56², resnet18): every other input row and
+                # column lies in no patch, so the dgrad selects their x term (``UNREAD``)
+                BM, BN, BK, warps, stages = dcfg
+                lay, _ = layer(layout, 64, 128, 1, BM)
+                lay.update(OH=28, OW=28, HQ=28, WQ=28, P_Q=784, M=32 * 784, TILES=cdiv(784, BM),
+                           stride_h=2, stride_w=2, pad_h=0, pad_w=0, step_h=2, step_w=2)
+                jobs.append(job(scd2d_dgrad_kernel,
+                                f"1x1 s2 64-128 BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
+                                layout, ints(scd2d_dgrad_kernel, lay),
+                                dict(R=1, S=1, PRECISION="tf32", BM=BM, BN=BN, BK=BK,
+                                     PER_IMAGE=False, PLANES=False, EVEN_O=True, EVEN_C=True,
+                                     UNREAD=True,
+                                     **units(scd2d_dgrad_kernel, lay, itemsize)),
+                                dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
                 pBP, pBG, pBO, _, _, pwarps, pstages = _prologue_blocks(False, 64, 64, 1, 40,
                                                                         True, 132)
                 lay, _ = layer(layout, 40, 40, 1, pBP, N=64, H=8, W=8)
@@ -902,4 +928,12 @@ def report_jobs():
                                 dict(R=3, S=3, BP=wBP, BO=wBO,
                                      **units(scd2d_wgrad_direct_kernel, dw_cl, itemsize)),
                                 dict(GD=dt, X=dt, WS="*fp32"), wwarps, wstages))
+            if dtype == "bf16" and not nchw:    # the direct dgrad at stride 2 (3×3, 56² → 28²)
+                dw, _ = layer(layout, 128, 128, 128, BM)
+                dw.update(OH=28, OW=28, stride_h=2, stride_w=2)
+                jobs.append(job(scd2d_dgrad_direct_kernel, f"s2 BM{BM}-BC{BC}-w{warps}-s{stages}",
+                                dtype, layout, ints(scd2d_dgrad_direct_kernel, dw),
+                                dict(R=3, S=3, BM=BM, BC=BC, PLANES=False, UNREAD=False,
+                                     **units(scd2d_dgrad_direct_kernel, dw, itemsize)),
+                                dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
     return jobs

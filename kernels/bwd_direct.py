@@ -36,16 +36,25 @@ def scd2d_dgrad_direct_kernel(
     o_g = o_c // Cg
     p_w = W + (o_g * Og * Cg + o_c % Cg) * R * S                         # [BC]
 
+    # a tap of row offset t = r·dil_h reaches output row (ih + pad_h − t) / stride_h where that
+    # divides: with ih + pad_h = qh·stride_h + rh, where rh = t mod stride_h, at row
+    # qh − t // stride_h. Positions divide once; a tap divides the scalar t, not its [BM] rows
+    # (the stride is a runtime int unless it is 1). Columns alike.
+    o_qh = (o_ih + pad_h) // stride_h
+    o_rh = o_ih + pad_h - o_qh * stride_h
+    o_qw = (o_iw + pad_w) // stride_w
+    o_rw = o_iw + pad_w - o_qw * stride_w
+
     acc = tl.zeros((BM, BC), dtype=tl.float32)
     b_box = tl.zeros((BM, BC), dtype=tl.float32)
     b_read = o_ih < 0                      # [BM] False: positions some tap reaches (UNREAD)
     for tap in range(R * S):
-        o_th = o_ih + pad_h - (tap // S) * dil_h
-        o_tw = o_iw + pad_w - (tap % S) * dil_w
-        o_oh = o_th // stride_h
-        o_ow = o_tw // stride_w
-        m_t = (m_m & (o_th >= 0) & (o_tw >= 0) & (o_th % stride_h == 0) & (o_tw % stride_w == 0)
-               & (o_oh < OH) & (o_ow < OW))
+        t_h = (tap // S) * dil_h
+        t_w = (tap % S) * dil_w
+        o_oh = o_qh - t_h // stride_h
+        o_ow = o_qw - t_w // stride_w
+        m_t = (m_m & (o_rh == t_h % stride_h) & (o_rw == t_w % stride_w) & (o_oh >= 0)
+               & (o_ow >= 0) & (o_oh < OH) & (o_ow < OW))
         if UNREAD:
             b_read = b_read | m_t
         m = m_t[:, None] & m_c[None, :]

@@ -40,6 +40,21 @@ def test_gradients_match_oracle(case, dtype):
     run_against_oracle(scd_triton.scd2d, case, dtype, "triton", device=DEVICE)
 
 
+# strided and dilated taps: the GEMM dgrad's loop carries (tap row, tap column, channel block),
+# several taps per stride phase spaced lcm(stride, dilation) apart, each in two channel blocks
+# (O/G = 80: 64 + a masked 16); the direct dgrad divides each tap's offset, not its positions
+STRIDED_DILATED_CASES = [
+    Case(1, 16, 11, 10, 80, (3, 3), stride=2, padding=1, dilation=(4, 3)),
+    Case(1, 16, 10, 11, 80, (3, 2), stride=(3, 2), padding=(2, 1), dilation=(2, 2)),
+    Case(1, 8, 11, 10, 8, (3, 3), stride=(2, 3), padding=(1, 2), dilation=(2, 1), groups=8),
+]
+
+
+@pytest.mark.parametrize("case", params(STRIDED_DILATED_CASES))
+def test_strided_dilated_gradients(case):
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
+
+
 @pytest.mark.parametrize("case", params([KERNEL_CASES[2], KERNEL_CASES[7]]))
 def test_channels_last_gradients(case):
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", channels_last=True,
