@@ -298,6 +298,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
 
     xc = x.to(cdt)
     xp, conv_pad = _pad_input(xc, padding)
+    padded = xp is not xc                      # asymmetric padding, applied to xp
     if ((R, S) == (1, 1) and _pair(stride) != (1, 1) and xp.device.type == "cpu"
             and not xp.is_contiguous()):
         # torch 2.13's oneDNN weight gradient of a strided 1×1 convolution of a channels-last
@@ -317,7 +318,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
         grad_xp.view(N, G, C // G, *xp.shape[-2:]).addcmul_(
             xp.view(N, G, C // G, *xp.shape[-2:]), box.unsqueeze(2))
         top, _, left, _ = padding   # asymmetric padding was applied explicitly: crop it off
-        grad_x = grad_xp if xp is xc else grad_xp[..., top:top + H, left:left + W]
+        grad_x = grad_xp[..., top:top + H, left:left + W] if padded else grad_xp
         if not every_input_read((H, W), (OH, OW), (R, S), _pair(stride), tuple(padding),
                                 _pair(dilation)):
             _zero_unread(grad_x, (OH, OW), (R, S), _pair(stride), padding, _pair(dilation))

@@ -103,6 +103,15 @@ def test_strided_one_by_one_channels_last_backward_does_not_corrupt_memory():
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "reference", channels_last=True)
 
 
+@pytest.mark.parametrize("padding", [1, (2, 0)], ids=["padded", "padded-rows"])
+def test_strided_one_by_one_channels_last_gradients_with_padding(padding):
+    """The NCHW copy of the heap-corruption workaround is not a padded x: with symmetric
+    padding (applied by the convolutions, not to x) grad_x was cropped as if it were, and
+    autograd refused its shape (found by a helper's fuzzing)."""
+    case = Case(2, 8, 6, 7, 4, (1, 1), stride=2, padding=padding)
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "reference", channels_last=True)
+
+
 @pytest.mark.parametrize("eps", [0.0, 1e-80], ids=["eps0", "sqrt-eps-subnormal"])
 def test_zero_kernel_norm_gives_scale_zero_where_sqrt_eps_is_not_a_normal_float(eps):
     """An all-zero kernel with q = 0 and sqrt(eps) 0 or subnormal in float32 (1/denominator
