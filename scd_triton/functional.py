@@ -41,7 +41,7 @@ def resolve_padding(padding, kernel_size, stride, dilation):
     """Per-side padding ``(top, bottom, left, right)``; "same" pads as ``nn.Conv2d`` does."""
     if isinstance(padding, str):
         if padding == "valid":
-            return (0, 0, 0, 0)
+            return (0, 0) * len(kernel_size)
         if padding != "same":
             raise ValueError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
         if any(s != 1 for s in stride):

@@ -147,13 +147,14 @@ def test_float16_matches_oracle():
 
 
 @pytest.mark.parametrize("stride, padding, dilation, groups", [
-    (1, 0, 1, 1), (2, 1, 1, 1), (1, "same", 2, 2), (3, 2, 1, 4)])
+    (1, 0, 1, 1), (2, 1, 1, 1), (1, "same", 2, 2), (3, 2, 1, 4), (2, "valid", 1, 1)])
 def test_scd1d_matches_oracle(stride, padding, dilation, groups):
     x = torch.randn(2, 4, 13, requires_grad=True)
     w = torch.randn(8, 4 // groups, 3, requires_grad=True)
     p, q = torch.tensor(1.7, requires_grad=True), torch.rand(8).requires_grad_()
     y = scd_triton.scd1d(x, w, p, q, stride, padding, dilation, groups, backend="reference")
-    pads = oracle.same_padding((1, 3), (1, dilation)) if padding == "same" else (0, 0, padding, padding)
+    pads = (oracle.same_padding((1, 3), (1, dilation)) if padding == "same" else
+            (0,) * 4 if padding == "valid" else (0, 0, padding, padding))
     leaves = [t.detach().double().requires_grad_() for t in (x, w, p, q)]
     ref = oracle.scd2d(leaves[0].unsqueeze(2), leaves[1].unsqueeze(2), leaves[2], leaves[3],
                        stride=(1, stride), padding=pads, dilation=(1, dilation), groups=groups)
