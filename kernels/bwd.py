@@ -787,6 +787,13 @@ def report_jobs():
                     constexprs=constexprs, pointer_dtypes=ptrs, num_warps=warps,
                     num_stages=stages)
 
+    def gemm_pair(dt, dcfg, wcfg, d_ints, w_ints, dgrad_flags, wgrad_flags):
+        """(kernel, config, ints, pointer dtypes, flags) of a layer's dgrad and wgrad GEMMs."""
+        return ((scd2d_dgrad_kernel, dcfg, d_ints, dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
+                 dict(dgrad_flags, UNREAD=False)),
+                (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
+                 dict(wgrad_flags, FLAT=False, WIDE=False)))
+
     def units(fn, lay, itemsize):
         """The vector-unit constexprs ``_plan`` gives ``fn`` for the layer ``lay``."""
         x_strides = tuple(lay[n] for n in ("sxn", "sxc", "sxh", "sxw"))
@@ -818,14 +825,10 @@ def report_jobs():
             for size, dcfg, wcfg in gemm:
                 C = 64 if size == "small" else 128
                 d_ints, w_ints = layer(layout, C, C, 1, dcfg[0])
-                for fn, (BM, BN, BK, warps, stages), lay, ptrs, extra in (
-                        (scd2d_dgrad_kernel, dcfg, d_ints,
-                         dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
-                         dict(PER_IMAGE=nchw, PLANES=nchw, EVEN_O=True, EVEN_C=True,
-                              UNREAD=False)),
-                        (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
-                         dict(FLAT=False, EVEN_O=True, EVEN_C=True,
-                              EVEN_M=w_ints["M"] % wcfg[2] == 0, WIDE=False))):
+                for fn, (BM, BN, BK, warps, stages), lay, ptrs, extra in gemm_pair(
+                        dt, dcfg, wcfg, d_ints, w_ints,
+                        dict(PER_IMAGE=nchw, PLANES=nchw, EVEN_O=True, EVEN_C=True),
+                        dict(EVEN_O=True, EVEN_C=True, EVEN_M=w_ints["M"] % wcfg[2] == 0)):
                     k_split = cdiv(lay["M"], 44 * BK) * BK
                     jobs.append(job(fn, f"{size}-BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}", dtype,
                                     layout, ints(fn, lay, K_SPLIT=k_split),
@@ -876,13 +879,10 @@ def report_jobs():
                 # 40 channels (3×3 40→40 8² b64): rows that only the vector units show aligned
                 dcfg, wcfg = DGRAD_CONFIGS["small"], WGRAD_CONFIGS["small"]
                 d_ints, w_ints = layer(layout, 40, 40, 1, dcfg[0], N=64, H=8, W=8)
-                for fn, (BM, BN, BK, warps, stages), lay, ptrs, extra in (
-                        (scd2d_dgrad_kernel, dcfg, d_ints,
-                         dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
-                         dict(PER_IMAGE=False, PLANES=False, EVEN_O=False, EVEN_C=False,
-                              UNREAD=False)),
-                        (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
-                         dict(FLAT=False, EVEN_O=False, EVEN_C=False, EVEN_M=True, WIDE=False))):
+                for fn, (BM, BN, BK, warps, stages), lay, ptrs, extra in gemm_pair(
+                        dt, dcfg, wcfg, d_ints, w_ints,
+                        dict(PER_IMAGE=False, PLANES=False, EVEN_O=False, EVEN_C=False),
+                        dict(EVEN_O=False, EVEN_C=False, EVEN_M=True)):
                     jobs.append(job(fn, f"40-40 8^2 BM{BM}-BN{BN}-BK{BK}-w{warps}-s{stages}",
                                     dtype, layout, ints(fn, lay, K_SPLIT=832),
                                     dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra,
