@@ -56,7 +56,8 @@ DTYPES = ["bfloat16", "float32"]
 # six names) in 86 s in 8 processes on an H200, beside 11 kernel-compiling ones (2026-12-04);
 # the wgrad's position cursor, the prepare's spread sums of squares and strides past int32
 # since, (2026-12-07) the Jacobian of a tiny kernel and second derivatives: 192 tests; then the
-# kernels' vector units (channel slices, 14×14 NCHW planes), on the GPU their wide accesses: 204
+# kernels' vector units (channel slices, 14×14 NCHW planes), on the GPU their wide accesses: 204;
+# then the strided dgrad's carried loop and the zero gradient of pixels no patch reads: 224
 GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels_weight.py "
              "tests/test_ops.py tests/test_functional.py tests/test_modules.py -k 'bfloat16 or "
              "tf32 or synchronises or capturable or autocast or nan or int64 or nchw or wide or "
@@ -64,7 +65,7 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "or c_memory or freed_graph or deterministic or eps_zero or in_place or "
              "zero_input_channels or gpu_tile or shared_p_q or dgrad_goes_first or gpu_blocks or "
              "cursor or sum_of_squares or past_int32 or tiny_kernel or second_derivatives or "
-             "vector_units'")
+             "vector_units or strided_dilated'")
 
 
 def _run_processes(commands, envs, timeouts_s):
