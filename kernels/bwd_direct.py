@@ -37,9 +37,9 @@ def scd2d_dgrad_direct_kernel(
     p_w = W + (o_g * Og * Cg + o_c % Cg) * R * S                         # [BC]
 
     # a tap of row offset t = r·dil_h reaches output row (ih + pad_h − t) / stride_h where that
-    # divides: with ih + pad_h = qh·stride_h + rh, where rh = t mod stride_h, at row
-    # qh − t // stride_h. Positions divide once; a tap divides the scalar t, not its [BM] rows
-    # (the stride is a runtime int unless it is 1). Columns alike.
+    # divides. With ih + pad_h = qh·stride_h + rh, it divides where rh = t mod stride_h, and
+    # the row is qh − t // stride_h: positions divide once, a tap divides its scalar t, not its
+    # [BM] rows (the stride is a runtime int unless it is 1). Columns alike.
     o_qh = (o_ih + pad_h) // stride_h
     o_rh = o_ih + pad_h - o_qh * stride_h
     o_qw = (o_iw + pad_w) // stride_w
