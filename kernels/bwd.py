@@ -787,10 +787,13 @@ def report_jobs():
                     constexprs=constexprs, pointer_dtypes=ptrs, num_warps=warps,
                     num_stages=stages)
 
+    def dgrad_ptrs(dt):
+        """The pointer dtypes of both dgrad kernels (GEMM and direct) in dtype ``dt``."""
+        return dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt)
+
     def gemm_pair(dt, dcfg, wcfg, d_ints, w_ints, dgrad_flags, wgrad_flags):
         """(kernel, config, ints, pointer dtypes, flags) of a layer's dgrad and wgrad GEMMs."""
-        return ((scd2d_dgrad_kernel, dcfg, d_ints, dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt),
-                 dict(dgrad_flags, UNREAD=False)),
+        return ((scd2d_dgrad_kernel, dcfg, d_ints, dgrad_ptrs(dt), dict(dgrad_flags, UNREAD=False)),
                 (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
                  dict(wgrad_flags, FLAT=False, WIDE=False)))
 
@@ -900,7 +903,7 @@ def report_jobs():
                                      PER_IMAGE=False, PLANES=False, EVEN_O=True, EVEN_C=True,
                                      UNREAD=True,
                                      **units(scd2d_dgrad_kernel, lay, itemsize)),
-                                dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
+                                dgrad_ptrs(dt), warps, stages))
                 pBP, pBG, pBO, _, _, pwarps, pstages = _prologue_blocks(False, 64, 64, 1, 40,
                                                                         True, 132)
                 lay, _ = layer(layout, 40, 40, 1, pBP, N=64, H=8, W=8)
@@ -921,7 +924,7 @@ def report_jobs():
                                 ints(scd2d_dgrad_direct_kernel, dw),
                                 dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw, UNREAD=False,
                                      **units(scd2d_dgrad_direct_kernel, dw, itemsize)),
-                                dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
+                                dgrad_ptrs(dt), warps, stages))
                 jobs.append(job(scd2d_wgrad_direct_kernel,
                                 f"{pre}BP{wBP}-BO{wBO}-w{wwarps}-s{wstages}", dtype, layout,
                                 ints(scd2d_wgrad_direct_kernel, dw_cl, K_SPLIT=4096),
@@ -935,5 +938,5 @@ def report_jobs():
                                 dtype, layout, ints(scd2d_dgrad_direct_kernel, dw),
                                 dict(R=3, S=3, BM=BM, BC=BC, PLANES=False, UNREAD=False,
                                      **units(scd2d_dgrad_direct_kernel, dw, itemsize)),
-                                dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt), warps, stages))
+                                dgrad_ptrs(dt), warps, stages))
     return jobs

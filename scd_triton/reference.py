@@ -271,6 +271,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     O, _, R, S = w_hat.shape
     G, Og = groups, O // groups
     OH, OW = c.shape[-2:]
+    stride, dilation = _pair(stride), _pair(dilation)
     c5 = c.to(cdt).reshape(N, G, Og, OH, OW)
     gy5 = grad_y.to(cdt).reshape(N, G, Og, OH, OW)
     p5 = p.to(cdt).view(1, G, Og, 1, 1)
@@ -299,7 +300,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     xc = x.to(cdt)
     xp, conv_pad = _pad_input(xc, padding)
     padded = xp is not xc                      # asymmetric padding, applied to xp
-    if ((R, S) == (1, 1) and _pair(stride) != (1, 1) and xp.device.type == "cpu"
+    if ((R, S) == (1, 1) and stride != (1, 1) and xp.device.type == "cpu"
             and not xp.is_contiguous()):
         # torch 2.13's oneDNN weight gradient of a strided 1×1 convolution of a channels-last
         # input corrupts the heap (7–15 channels at stride 3 crash; F.conv2d's backward too)
@@ -319,9 +320,9 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
             xp.view(N, G, C // G, *xp.shape[-2:]), box.unsqueeze(2))
         top, _, left, _ = padding   # asymmetric padding was applied explicitly: crop it off
         grad_x = grad_xp[..., top:top + H, left:left + W] if padded else grad_xp
-        if not every_input_read((H, W), (OH, OW), (R, S), _pair(stride), tuple(padding),
-                                _pair(dilation)):
-            _zero_unread(grad_x, (OH, OW), (R, S), _pair(stride), padding, _pair(dilation))
+        if not every_input_read((H, W), (OH, OW), (R, S), stride, tuple(padding),
+                                dilation):
+            _zero_unread(grad_x, (OH, OW), (R, S), stride, padding, dilation)
         grad_x = grad_x.to(x.dtype).contiguous(memory_format=memory_format(x))
     if not need_grad_params:
         return grad_x, None, None, None
