@@ -3,7 +3,7 @@
 Launchers are imported lazily, so that ``scd_triton.kernels.shapes`` (used by the pure-PyTorch
 path) does not import Triton.
 """
-_LAUNCHERS = {"scd2d_fwd": "fwd", "scd2d_bwd": "bwd", "uses_direct_kernel": "fwd",
+_LAUNCHERS = {"scd2d_fwd": "fwd", "scd2d_bwd": "bwd", "uses_direct_kernel": "shapes",
               "normalize_weight": "weight", "normalize_weight_backward": "weight"}
 
 __all__ = list(_LAUNCHERS)

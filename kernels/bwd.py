@@ -7,8 +7,9 @@ prologue's launch (``scd2d_bwd_prologue_copy_kernel``).
   element ``G = grad_y·p·(|c|+eps)^(p−1)·[c≠0]`` with one lg2 and one ex2 (``(|c|+eps)^(p−1) =
   |y|/(|c|+eps)``); stores ``grad_d = G/a`` as ``[N, OH, OW, O]`` in the input dtype (the GEMM
   operand of both GEMMs, channels contiguous), ``grad_‖s‖/‖s‖`` per (n, group, position) in
-  float32 and per-block partial sums of ``grad_p``, ``grad_q`` (summed by the weight kernel, no
-  atomics). ``grad_d`` may take the memory of ``c``, which the forward saves channels-last.
+  float32 (in the saved norms' layout) and per-block partial sums of ``grad_p``, ``grad_q``
+  (summed by the weight kernel, no atomics). ``grad_d`` may take the memory of ``c``, which
+  the forward saves channels-last.
 - ``scd2d_dgrad_kernel``: implicit GEMM of ``grad_d`` with ``ŵ`` onto the input positions of one
   stride phase ``(ih mod sh, iw mod sw)`` (grid axis 2), so that the kernel taps that reach them
   are the same for the whole tile and the K loop runs over those taps only (no zero insertion,
@@ -27,13 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import every_input_read, memory_format
+from .shapes import (every_input_read, memory_format, saved_norm_format,
+                     uses_direct_kernel)
 from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps, fast_div,
                       fast_exp2, fast_log2, in_units, input_offsets, position_cursor, tile_positions,
                       with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
-from .fwd import dot_precision, pow2_between, uses_direct_kernel
+from .fwd import dot_precision, pow2_between
 from .launch import (Launch, cdiv, channel_unit, divisor_magic, next_power_of_2,
                      vector_unit)
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
@@ -49,11 +51,12 @@ def scd2d_bwd_prologue_kernel(
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
     FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, GV: tl.constexpr,
+    NORM_CL: tl.constexpr,
 ):
     """Program (i_m, i_g): the :func:`prologue_tile` (i_m, i_g)."""
     prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, tl.program_id(0), tl.program_id(1), M,
                   TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG, BO,
-                  PER_IMAGE, FAST, OV, CV, GV)
+                  PER_IMAGE, FAST, OV, CV, GV, NORM_CL)
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -64,7 +67,7 @@ def scd2d_bwd_prologue_copy_kernel(
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
     FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, GV: tl.constexpr,
-    BC: tl.constexpr, BPX: tl.constexpr,
+    NORM_CL: tl.constexpr, BC: tl.constexpr, BPX: tl.constexpr,
 ):
     """The prologue and the channels-contiguous copy of NCHW x in one launch (independent jobs;
     a launch costs ~10 µs of host time): programs below ``PROLOGUE_PROGRAMS`` are prologue
@@ -73,7 +76,7 @@ def scd2d_bwd_prologue_copy_kernel(
     if pid < PROLOGUE_PROGRAMS:
         prologue_tile(GY, Cin, Norm, P, Q, GD, GNS, PART, pid // G_TILES, pid % G_TILES, M,
                       TILES, G, Og, O, P_IMG, sgn, sgc, sgp, scn, scc, scp, sp, sq, eps, BP, BG,
-                      BO, PER_IMAGE, FAST, OV, CV, GV)
+                      BO, PER_IMAGE, FAST, OV, CV, GV, NORM_CL)
     else:
         i_x = pid - PROLOGUE_PROGRAMS
         i_np = i_x // XC_TILES
@@ -89,6 +92,7 @@ def prologue_tile(
     eps,
     BP: tl.constexpr, BG: tl.constexpr, BO: tl.constexpr, PER_IMAGE: tl.constexpr,
     FAST: tl.constexpr, OV: tl.constexpr, CV: tl.constexpr, GV: tl.constexpr,
+    NORM_CL: tl.constexpr,
 ):
     """BP output positions (tile ``i_m``) × BG groups (tile ``i_g``) × all O/G channels of each
     group, in blocks of BO ([BP, BG, BO] tiles: narrow groups share a tile, wide ones loop).
@@ -103,6 +107,8 @@ def prologue_tile(
     ``GV``: c's / grad_y's sample and position strides are (``_common.in_units``; OV for the
     channels-last c the forward makes and a channels-last grad_y, 1 for other strides: NCHW
     grad_y, a c that a saved-tensor hook has given other strides; ``prologue_launches``).
+    ``NORM_CL``: the norms (and grad_‖s‖/‖s‖) are [N, OH, OW, G] in memory, groups innermost,
+    else [N, G, OH, OW] (``shapes.saved_norm_format``).
     """
     Og, O, scn, scp = in_units(Og, OV), in_units(O, OV), in_units(scn, CV), in_units(scp, CV)
     sgn, sgp = in_units(sgn, GV), in_units(sgp, GV)
@@ -113,7 +119,10 @@ def prologue_tile(
     o_gd = (o_n64 * P_IMG + o_p) * O                                     # [BP] rows of grad_d
     o_g = i_g * BG + tl.arange(0, BG)                                    # [BG]
     m_g = o_g < G
-    o_norm = (o_n64 * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]  # [BP, BG]
+    if NORM_CL:
+        o_norm = ((o_n64 * P_IMG + o_p) * G)[:, None] + o_g[None, :]      # [BP, BG]
+    else:
+        o_norm = (o_n64 * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
     m_pg = m_m[:, None] & m_g[None, :]
     b_norm = tl.load(Norm + o_norm, mask=m_pg, other=1.0)                # [BP, BG]
     b_ns = tl.zeros((BP, BG), dtype=tl.float32)
@@ -473,6 +482,7 @@ def _position_strides(t):
 
 class _Plan(NamedTuple):
     """What a backward needs that follows from shapes, layouts and arguments."""
+    norm_format: torch.memory_format   # of the norms the kernels read (``saved_norm_format``)
     n_blk: int                # prologue blocks: rows of the grad_p / grad_q partials
     prologue: Launch
     prologue_copy: Launch     # the prologue and the copy of NCHW x in one (copies_by_kernel)
@@ -513,6 +523,9 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
 
     BP, BG, BO, tiles, n_blk, warps, stages = _prologue_blocks(per_image, N, OH * OW, G, Og,
                                                                cuda, sms)
+    norm_format = saved_norm_format(torch.contiguous_format if per_image else torch.channels_last,
+                                    w_shape, G, "triton")
+    norm_cl = norm_format == torch.channels_last
     prologue_ints = (M, tiles, G, Og, O, OH * OW)
     # vector units (``_common.in_units``): grad_d, c and ŵ have rows of O/G channels; x is read
     # as it is when its channels are contiguous, else as the channels-contiguous copy
@@ -521,7 +534,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     x_cl_strides = x_strides if x_strides[1] == 1 or C == 1 else cl_strides
     grad_x_strides = (C * H * W, H * W, W, 1) if per_image else cl_strides
     prologue_constexprs = dict(BP=BP, BG=BG, BO=BO, PER_IMAGE=per_image, FAST=fast, OV=o_unit,
-                               CV=o_unit, GV=1 if per_image else o_unit)
+                               CV=o_unit, GV=1 if per_image else o_unit, NORM_CL=norm_cl)
     prologue = Launch(scd2d_bwd_prologue_kernel, (n_blk, cdiv(G, BG)), prologue_ints, (eps,),
                       prologue_constexprs, warps, stages)
     BC, BPX, _ = COPY_CONFIG
@@ -531,7 +544,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
         scd2d_bwd_prologue_copy_kernel, (programs + N * xp_tiles * xc_tiles,),
         (*prologue_ints, cdiv(G, BG), programs, C, H * W, xp_tiles, xc_tiles), (eps,),
         dict(prologue_constexprs, BC=BC, BPX=BPX), warps, stages)
-    prologues = (n_blk, prologue, prologue_copy)
+    prologues = (norm_format, n_blk, prologue, prologue_copy)
 
     if uses_direct_kernel(G, Cg, Og):
         BM, BC, warps, stages = DGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(C, 16, 64), 4, 1)
@@ -547,7 +560,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                         (H, W, G, Cg, Og, O, C, OH, OW, H * W, N * H * W, tiles), conv,
                         dict(R=R, S=S, BM=BM, BC=BC, PLANES=planes, OV=d_unit,
                              XV=units(x_strides if planes else x_cl_strides),
-                             DV=units(grad_x_strides), UNREAD=unread),
+                             DV=units(grad_x_strides), UNREAD=unread, NORM_CL=norm_cl),
                         warps, stages)
         BP, BO, warps, stages = WGRAD_DIRECT_CONFIG if cuda else (64, pow2_between(O, 16, 64), 4, 1)
         splits = _splits(cdiv(O, BO) * Cg * R * S, M, BP, sms, O * Cg * R * S * 4,
@@ -687,21 +700,25 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     N, O, OH, OW = c.shape
     G = groups
 
-    # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW], partial grad_p / grad_q
+    # 1. prologue: grad_d [N, OH, OW, O], grad_‖s‖/‖s‖ [N, G, OH, OW] (``plan.norm_format``),
+    # partial grad_p / grad_q
     if c_is_free and c.dtype == x.dtype and c.stride() == (OH * OW * O, 1, OW * O, O):
         grad_d = c.permute(0, 2, 3, 1)
     else:
         grad_d = torch.empty((N, OH, OW, O), dtype=x.dtype, device=dev)
     (grad_y, sg), (c, sc) = _position_strides(grad_y), _position_strides(c)
-    # grad_‖s‖/‖s‖ [N, G, OH, OW] in the saved norms' memory when autograd frees them too
-    # (each prologue program reads its norms before it writes the same elements): depthwise
-    # layers, whose norms are output-sized float32, then hold one such tensor fewer
-    if c_is_free and norm.is_contiguous():
+    # the norms in the layout the kernels read (a saved-tensor hook may have changed it), and
+    # grad_‖s‖/‖s‖ [N, G, OH, OW] in their memory when autograd frees them or that copy is
+    # ours (each prologue program reads its norms before it writes the same elements):
+    # depthwise layers, whose norms are output-sized float32, then hold one such tensor fewer
+    saved_norm, norm = norm, norm.contiguous(memory_format=plan.norm_format)
+    if c_is_free or norm is not saved_norm:
         gns = norm
     else:
-        gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev)
+        gns = torch.empty((N, G, OH, OW), dtype=torch.float32, device=dev,
+                          memory_format=plan.norm_format)
     partials = torch.empty((plan.n_blk, 2, O), dtype=torch.float32, device=dev)
-    tensors = (grad_y, c, norm.contiguous(), p, q, grad_d, gns, partials)
+    tensors = (grad_y, c, norm, p, q, grad_d, gns, partials)
     strides = (*sg, *sc, p.stride(0), q.stride(0))
     prologue, prologue_copy = prologue_launches(plan, sg, sc)
     # NCHW x is copied channels-contiguous once (2·|x| of traffic) for the wgrad GEMM's x
@@ -862,7 +879,7 @@ def report_jobs():
                     ("", 64, 56, (BP, 1, BO, warps, stages)),
                     ("7^2 O512 ", 512, 7, (dBP, dBG, dBO, dwarps, dstages))):
                 lay, _ = layer(layout, C_, C_, 1, tBP, H=side, W=side)
-                tile = dict(BP=tBP, BG=tBG, BO=tBO, PER_IMAGE=nchw, FAST=True,
+                tile = dict(BP=tBP, BG=tBG, BO=tBO, PER_IMAGE=nchw, FAST=True, NORM_CL=False,
                             **units(scd2d_bwd_prologue_kernel, lay, itemsize))
                 name = f"{pre}BP{tBP}-BG{tBG}-BO{tBO}"
                 jobs.append(job(scd2d_bwd_prologue_kernel, f"{name}-w{twarps}", dtype, layout,
@@ -904,15 +921,21 @@ def report_jobs():
                                      UNREAD=True,
                                      **units(scd2d_dgrad_kernel, lay, itemsize)),
                                 dgrad_ptrs(dt), warps, stages))
-                pBP, pBG, pBO, _, _, pwarps, pstages = _prologue_blocks(False, 64, 64, 1, 40,
-                                                                        True, 132)
-                lay, _ = layer(layout, 40, 40, 1, pBP, N=64, H=8, W=8)
-                jobs.append(job(scd2d_bwd_prologue_kernel,
-                                f"40-40 8^2 BP{pBP}-BG{pBG}-BO{pBO}-w{pwarps}", dtype, layout,
-                                ints(scd2d_bwd_prologue_kernel, lay),
-                                dict(BP=pBP, BG=pBG, BO=pBO, PER_IMAGE=False, FAST=True,
-                                     **units(scd2d_bwd_prologue_kernel, lay, itemsize)),
-                                prologue_ptrs, pwarps, pstages))
+                # the prologue's GPU tiles of 3×3 40→40 8² b64, and of a depthwise layer (3×3,
+                # 80 channels, 16² b64), whose narrow groups share a tile and whose norms run
+                # along the groups (``NORM_CL``)
+                for pre, C_, G_, side, norm_cl in (("40-40 8^2", 40, 1, 8, False),
+                                                    ("dw 80 16^2", 80, 80, 16, True)):
+                    pBP, pBG, pBO, _, _, pwarps, pstages = _prologue_blocks(
+                        False, 64, side * side, G_, C_ // G_, True, 132)
+                    lay, _ = layer(layout, C_, C_, G_, pBP, N=64, H=side, W=side)
+                    jobs.append(job(scd2d_bwd_prologue_kernel,
+                                    f"{pre} BP{pBP}-BG{pBG}-BO{pBO}-w{pwarps}", dtype, layout,
+                                    ints(scd2d_bwd_prologue_kernel, lay),
+                                    dict(BP=pBP, BG=pBG, BO=pBO, PER_IMAGE=False, FAST=True,
+                                         NORM_CL=norm_cl,
+                                         **units(scd2d_bwd_prologue_kernel, lay, itemsize)),
+                                    prologue_ptrs, pwarps, pstages))
             BM, BC, warps, stages = DGRAD_DIRECT_CONFIG
             wBP, wBO, wwarps, wstages = WGRAD_DIRECT_CONFIG
             # 128 channels, and 40 (channels_last bf16), whose rows the vector units align
@@ -923,6 +946,7 @@ def report_jobs():
                                 f"{pre}BM{BM}-BC{BC}-w{warps}-s{stages}", dtype, layout,
                                 ints(scd2d_dgrad_direct_kernel, dw),
                                 dict(R=3, S=3, BM=BM, BC=BC, PLANES=nchw, UNREAD=False,
+                                     NORM_CL=not nchw,
                                      **units(scd2d_dgrad_direct_kernel, dw, itemsize)),
                                 dgrad_ptrs(dt), warps, stages))
                 jobs.append(job(scd2d_wgrad_direct_kernel,
@@ -937,6 +961,7 @@ def report_jobs():
                 jobs.append(job(scd2d_dgrad_direct_kernel, f"s2 BM{BM}-BC{BC}-w{warps}-s{stages}",
                                 dtype, layout, ints(scd2d_dgrad_direct_kernel, dw),
                                 dict(R=3, S=3, BM=BM, BC=BC, PLANES=False, UNREAD=False,
+                                     NORM_CL=True,
                                      **units(scd2d_dgrad_direct_kernel, dw, itemsize)),
                                 dgrad_ptrs(dt), warps, stages))
     return jobs

@@ -14,16 +14,18 @@ def scd2d_dgrad_direct_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
     PLANES: tl.constexpr, OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
-    UNREAD: tl.constexpr,
+    UNREAD: tl.constexpr, NORM_CL: tl.constexpr,
 ):
     """Program (i_m, i_c): BM input positions × BC global input channels (M = N·H·W); W is ŵ
     as given, [O, C/G, R, S]. Each tap gathers the output position it maps to, if any.
     ``PLANES`` (x and grad_x NCHW-contiguous): tiles run over one image (``TILES`` per image,
     ``P_IMG = H·W``), one contiguous run of each (n, c) plane: 16-byte loads and stores.
-    Depthwise (one channel a group in and out): O and C are multiples of ``OV``, x's and
+    Depthwise (one channel a group in and out): O, C and G are multiples of ``OV``, x's and
     grad_x's strides but the channels' of ``XV`` / ``DV`` (``_common.in_units``; else 1).
-    ``UNREAD``: some input pixels lie in no patch; their x term is 0, not x·0."""
-    O, C = in_units(O, OV), in_units(C, OV)
+    ``UNREAD``: some input pixels lie in no patch; their x term is 0, not x·0. ``NORM_CL``:
+    GNS (grad_‖s‖/‖s‖) is [N, OH, OW, G] in memory, so a tap loads it along the tile's
+    channels as grad_d, else [N, G, OH, OW]."""
+    O, C, G = in_units(O, OV), in_units(C, OV), in_units(G, OV)
     sxn, sxh, sxw = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
     sdn, sdh, sdw = in_units(sdn, DV), in_units(sdh, DV), in_units(sdw, DV)
     i_m, i_c = tl.program_id(0), tl.program_id(1)
@@ -59,8 +61,11 @@ def scd2d_dgrad_direct_kernel(
             b_read = b_read | m_t
         m = m_t[:, None] & m_c[None, :]
         o_pos = (o_n * OH + o_oh) * OW + o_ow                            # [BM]
-        b_box += tl.load(GNS + (o_n * G * OH * OW + o_oh * OW + o_ow)[:, None]
-                         + (o_g * OH * OW)[None, :], mask=m, other=0.0)  # [BM, BC]
+        if NORM_CL:
+            o_gns = (o_pos * G)[:, None] + o_g[None, :]
+        else:
+            o_gns = (o_n * G * OH * OW + o_oh * OW + o_ow)[:, None] + (o_g * OH * OW)[None, :]
+        b_box += tl.load(GNS + o_gns, mask=m, other=0.0)                 # [BM, BC]
         p_gd = GD + o_pos[:, None] * O + (o_g * Og)[None, :]
         for o in range(Og):
             b_gd = tl.load(p_gd + o, mask=m, other=0.0).to(tl.float32)  # [BM, BC]

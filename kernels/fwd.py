@@ -14,7 +14,7 @@ Two main kernels:
 Both end in the same epilogue (``_common.sharpen``, lg2/ex2 approximations on CUDA), store
 ``y`` in the input dtype and, when saving for backward, ``c`` (channels-last for either input
 layout: the backward writes its GEMM operand there) and the float32 per-(n, group, position)
-norms.
+norms (groups innermost for channels_last depthwise-like layers: ``shapes.saved_norm_format``).
 
 Before the GEMM, one launch of ``scd2d_fwd_prepare_kernel`` normalises the kernels into the
 GEMM's B matrix, writes the per-pixel ``Σ_c x²`` and, for NCHW x, copies x channels-contiguous.
@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import memory_format, output_hw, saved_c_format  # what the fake op promises
+from .shapes import (memory_format, output_hw, saved_c_format,  # what the fake op promises
+                     saved_norm_format, uses_direct_kernel)
 from ._common import in_units, sharpen, tile_positions
 from .launch import Launch, cdiv, channel_unit, exact_log2, next_power_of_2, vector_unit
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
@@ -175,7 +176,7 @@ def scd2d_fwd_direct_kernel(
     eps, norm_eps,
     R: tl.constexpr, S: tl.constexpr, CG: tl.constexpr, OG: tl.constexpr, OGP: tl.constexpr,
     BM: tl.constexpr, BG: tl.constexpr, X_ROWS: tl.constexpr, PER_IMAGE: tl.constexpr,
-    SAVE: tl.constexpr, FAST: tl.constexpr, XV: tl.constexpr,
+    SAVE: tl.constexpr, FAST: tl.constexpr, XV: tl.constexpr, NORM_CL: tl.constexpr,
 ):
     """Multiply-accumulate on [BM positions, BG groups, OGP channels per group] tiles.
 
@@ -186,6 +187,8 @@ def scd2d_fwd_direct_kernel(
     one contiguous run and the loads coalesce along them without a layout change. ``XV``
     (depthwise, one channel in and out per group, channels contiguous): G, x's strides but the
     channels' and channels-last y's position strides are multiples of it (``in_units``).
+    ``NORM_CL``: the norms are stored groups innermost (``shapes.saved_norm_format``), along
+    the tile's groups as y is, not one 4-byte store per (position, group) a plane apart.
     """
     G, sxn, sxh, sxw = in_units(G, XV), in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
     if not PER_IMAGE:
@@ -239,7 +242,10 @@ def scd2d_fwd_direct_kernel(
             o_cout = (((o_n.to(tl.int64) * P_IMG + o_p) * (G * OG))[:, None, None]
                       + o_o[None, :, :])
         tl.store(Cout + o_cout, b_c.to(Cout.dtype.element_ty), mask=m_y)
-        o_norm = (o_n.to(tl.int64) * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
+        if NORM_CL:
+            o_norm = ((o_n.to(tl.int64) * P_IMG + o_p) * G)[:, None] + o_g[None, :]
+        else:
+            o_norm = (o_n.to(tl.int64) * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
         tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
 
 
@@ -310,11 +316,6 @@ def scd2d_fwd_prepare_kernel(
 
 FAST_MATH = True   # lg2/ex2/div approximations on CUDA in the forward's epilogue and the
                    # backward's prologue; False: libdevice log2/exp2 and IEEE division
-
-
-def uses_direct_kernel(groups, in_per_group, out_per_group):
-    """Grouped layers with at most 4 input and 4 output channels per group (depthwise-like)."""
-    return groups > 1 and in_per_group <= 4 and out_per_group <= 4
 
 
 def pow2_between(n, lo, hi):
@@ -397,6 +398,7 @@ class _Plan(NamedTuple):
     """What a forward launch needs that follows from shapes, layouts and arguments."""
     y_shape: tuple
     norm_shape: tuple
+    norm_format: torch.memory_format   # ``shapes.saved_norm_format``
     transpose_x: bool         # NCHW x: copy it channels-contiguous first
     w_layout: tuple           # (shape, out_strides, slots) of the GEMM's ŵ; None: direct
     main: Launch              # its strides: x's
@@ -454,7 +456,8 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     y_strides = (O * P_img, P_img, 1) if per_image else (O * P_img, 1, O)
     conv = (*stride, padding[0], padding[2], *dilation, p_stride, q_stride, eps, norm_eps)
     flags = dict(PER_IMAGE=per_image, SAVE=save, FAST=fast)
-    shapes = ((N, O, OH, OW), (N, G, OH, OW), transpose_x)
+    norm_format = saved_norm_format(fmt, w_shape, G, "triton")
+    shapes = ((N, O, OH, OW), (N, G, OH, OW), norm_format, transpose_x)
     itemsize = 4 if fp32 else 2
     cl_strides = (C * H * W, 1, W * C, C)
     main_x_strides = cl_strides if transpose_x else x_strides     # what the main kernel reads
@@ -468,7 +471,9 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
         return _Plan(*shapes, None, Launch(
             scd2d_fwd_direct_kernel, grid, (H, W, G, OH, OW, P_img, M, tiles),
             (*y_strides, *conv), dict(R=R, S=S, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG,
-                                      X_ROWS=in_place, XV=unit, **flags), warps, stages),
+                                      X_ROWS=in_place, XV=unit,
+                                      NORM_CL=norm_format == torch.channels_last, **flags),
+            warps, stages),
             x_strides=restrided)
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
     w_layout = _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k)
@@ -519,7 +524,8 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     y = torch.empty(plan.y_shape, dtype=x.dtype, device=dev, memory_format=fmt)
     if save_for_backward:
         c = torch.empty_like(y, memory_format=saved_c_format(x, "triton"))
-        norm = torch.empty(plan.norm_shape, dtype=torch.float32, device=dev)
+        norm = torch.empty(plan.norm_shape, dtype=torch.float32, device=dev,
+                           memory_format=plan.norm_format)
     else:
         c = norm = None
     if y.numel() == 0:
@@ -637,7 +643,7 @@ def report_jobs():
                         del ints[k]
                     unit = channel_unit(itemsize, groups, x_strides) if Cg == 1 and Og == 1 else 1
                     consts = dict(flags, CG=Cg, OG=Og, OGP=OGP, BM=BM, BG=BG, X_ROWS=in_place,
-                                  XV=unit)
+                                  XV=unit, NORM_CL=layout == "channels_last")
                     name, kernel = f"{label} BM{BM}-BG{BG}-OGP{OGP}", scd2d_fwd_direct_kernel
                 else:
                     BM, BN, BK, flat_k, warps, stages = gemm_config(

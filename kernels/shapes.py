@@ -28,6 +28,24 @@ def saved_c_format(x: torch.Tensor, backend: str) -> torch.memory_format:
     return torch.channels_last if backend == "triton" else memory_format(x)
 
 
+def uses_direct_kernel(groups, in_per_group, out_per_group):
+    """Grouped layers with at most 4 input and 4 output channels per group (depthwise-like)."""
+    return groups > 1 and in_per_group <= 4 and out_per_group <= 4
+
+
+def saved_norm_format(x_format: torch.memory_format, weight_shape, groups: int,
+                      backend: str) -> torch.memory_format:
+    """The layout of the forward's saved norms ``[N, G, OH, OW]`` (float32, one per group and
+    position) for an x of layout ``x_format`` (``memory_format``): channels_last (groups
+    innermost) on the triton backend for a channels_last x of a depthwise-like layer, whose
+    direct kernels and backward prologue run along groups (there the norms are output-sized
+    and go 16 bytes at a time, not 4 bytes a plane apart); else positions innermost."""
+    if (backend == "triton" and x_format == torch.channels_last
+            and uses_direct_kernel(groups, weight_shape[1], weight_shape[0] // groups)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def output_hw(x_hw, kernel_hw, stride, padding, dilation):
     """Output height and width of a convolution with (top, bottom, left, right) padding."""
     pads = (padding[0] + padding[1], padding[2] + padding[3])

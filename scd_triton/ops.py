@@ -21,7 +21,8 @@ from torch.autograd import forward_ad
 
 from . import reference
 from .constants import under_func_transform
-from .kernels.shapes import compute_dtype, memory_format, output_hw, saved_c_format
+from .kernels.shapes import (compute_dtype, memory_format, output_hw, saved_c_format,
+                             saved_norm_format)
 
 WEIGHT_NORMS = ("none", "norm", "norm_q")
 
@@ -111,7 +112,8 @@ def _(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, weight_
     y = x.new_empty((N, O, OH, OW)).contiguous(memory_format=memory_format(x))
     if not save_for_backward:
         return y, x.new_empty((0,)), x.new_empty((0,), dtype=compute_dtype(x.dtype))
-    norm = x.new_empty((N, groups, OH, OW), dtype=compute_dtype(x.dtype))
+    norm = x.new_empty((N, groups, OH, OW), dtype=compute_dtype(x.dtype)).contiguous(
+        memory_format=saved_norm_format(memory_format(x), weight.shape, groups, backend))
     return y, torch.empty_like(y, memory_format=saved_c_format(x, backend)), norm
 
 

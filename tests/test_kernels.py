@@ -122,6 +122,35 @@ def test_direct_kernel_choice():
     assert not uses_direct_kernel(groups=4, in_per_group=8, out_per_group=64)
 
 
+@pytest.mark.parametrize("groups, in_per_group, out_per_group, layout, groups_innermost", [
+    (8, 1, 1, "channels_last", True),      # depthwise: the direct kernels run along groups
+    (4, 2, 3, "channels_last", True),      # direct, several channels a group
+    (8, 1, 1, "nchw", False),              # NCHW: the direct kernels run along positions
+    (2, 16, 16, "channels_last", False),   # grouped GEMM: a [BM] column of positions a tile
+])
+def test_saved_norms_are_groups_innermost_where_the_kernels_run_along_groups(
+        groups, in_per_group, out_per_group, layout, groups_innermost):
+    """The forward's norms [N, G, OH, OW] are stored [N, OH, OW, G] for a channels_last x of a
+    depthwise-like layer, so that its direct kernels and the backward prologue load and store
+    them 16 bytes at a time, and positions-innermost elsewhere; the op's fake implementation
+    (what torch.compile traces) promises the same strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    C, O = groups * in_per_group, groups * out_per_group
+    x = torch.randn(2, C, 5, 6, device=DEVICE).contiguous(memory_format=fmt)
+    w = torch.randn(O, in_per_group, 3, 3, device=DEVICE)
+    p, q = torch.full((O,), 2.0, device=DEVICE), torch.full((O,), 0.1, device=DEVICE)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], groups, 1e-6, 1e-6, "none", 0.0, "triton", True)
+    norm = torch.ops.scd_triton.scd2d_core(x, w, p, q, *args)[2]
+    assert norm.shape == (2, groups, 5, 6)
+    assert norm.stride() == ((30 * groups, 1, 6 * groups, groups) if groups_innermost
+                             else (30 * groups, 30, 6, 1))
+    with FakeTensorMode() as mode:
+        fake = torch.ops.scd_triton.scd2d_core(*(mode.from_tensor(t) for t in (x, w, p, q)),
+                                               *args)[2]
+    assert fake.stride() == norm.stride()
+
+
 def test_heuristic_configs():
     """(BM, BN, BK, FLAT_K, warps, stages) per layer kind: one config, no autotuning."""
     big = 64 * 56 * 56

@@ -732,26 +732,27 @@ def test_gradients_of_channel_rows_in_vector_units(channels, C, unit, grad_forma
                      reduce_dim=C * 9 * C)
 
 
-@pytest.mark.parametrize("O", [40, 24])
-def test_a_saved_tensor_hook_that_changes_c_layout(O):
+@pytest.mark.parametrize("O, groups", [(40, 1), (24, 1), (40, 40)])
+def test_a_saved_tensor_hook_that_changes_c_layout(O, groups):
     """A saved-tensor hook may give the forward's tensors back in other strides (``save_on_cpu``
     returns them NCHW): the prologue then reads ``c`` without the vector unit it takes for the
     channels-last ``c`` the forward makes (with it, every position read position 0's c: grad_x
-    was 0.36 off). All four gradients against the float64 oracle; found by a second reading."""
+    was 0.36 off), and a depthwise layer's norms, saved groups-innermost, positions-innermost.
+    All four gradients against the float64 oracle; found by a second reading."""
     torch.manual_seed(0)
     x = torch.randn(2, 40, 5, 6, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(O, 40, 3, 3, dtype=torch.float16)
+    w = torch.randn(O, 40 // groups, 3, 3, dtype=torch.float16)
     p, q = torch.rand(O) + 1.0, torch.rand(O) * 0.3
     leaves = [t.to(DEVICE).requires_grad_() for t in (x, w, p, q)]
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t):
-        y = scd_triton.scd2d(*leaves, padding=1, backend="triton")
+        y = scd_triton.scd2d(*leaves, padding=1, groups=groups, backend="triton")
     grad_y = torch.randn(y.shape, dtype=torch.float64)
     y.backward(grad_y.to(DEVICE, torch.float16))
     ref = [t.detach().double().requires_grad_() for t in (x, w, p, q)]
-    oracle.scd2d(*ref, padding=(1, 1, 1, 1)).backward(grad_y)
+    oracle.scd2d(*ref, padding=(1, 1, 1, 1), groups=groups).backward(grad_y)
     for name, got, want in zip("xwpq", leaves, ref):
         assert_close(f"grad_{name}", got.grad.cpu(), want.grad, torch.float16, grad=True,
-                     reduce_dim=40 * 9 * O)
+                     reduce_dim=40 // groups * 9 * O)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
