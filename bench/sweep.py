@@ -12,8 +12,8 @@ the prologue's, the split sum's and the forward prepare's Σ_c x² tiles were ch
 SASS alone, untimed), the next two the kernels' vector units and the forward's K blocks for
 channel counts that are not multiples of 16 (section 17: 3×3 40→40 and 1×1 80→40); the others
 try candidates: for the deep layers on small images, whose GEMMs fill under one wave of SMs,
-a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two), and the direct
-(depthwise) dgrad with 8 warps. Writes
+a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two); the last puts back the
+depthwise layers' norms positions-innermost (section 20). Writes
 ``<out-dir>/<gpu>-sweep.json``. Needs torch with CUDA and the project installed; on the whole
 suite, expect a few minutes, most of them compiling each variant's kernels (``--shapes`` /
 ``--variants`` narrow it).
@@ -108,10 +108,9 @@ VARIANTS = {
     "wgrad small tiles": _patched(
         bwd, "_wgrad_config", lambda f: lambda dtype, Cg, Og, cuda, flat_cols=0, large=True:
         f(dtype, Cg, Og, cuda, flat_cols, False)),
-    # Triton 3.6 (the lent GPUs') compiles the 4-warp direct dgrad at 240-255 registers, some
-    # rows spilling 8-32 B; with 8 warps at 96-160 and none (docs/GPU_NOTES.md section 19)
-    "direct dgrad 8 warps": _patched(
-        bwd, "DGRAD_DIRECT_CONFIG", lambda config: (*config[:2], 8, config[3])),
+    # depthwise layers on channels_last x: the norms positions-innermost, as before section 20
+    "norms positions innermost": _patched(
+        (fwd, bwd), "saved_norm_format", lambda f: lambda *a: torch.contiguous_format),
 }
 
 
