@@ -57,7 +57,8 @@ DTYPES = ["bfloat16", "float32"]
 # the wgrad's position cursor, the prepare's spread sums of squares and strides past int32
 # since, (2026-12-07) the Jacobian of a tiny kernel and second derivatives: 192 tests; then the
 # kernels' vector units (channel slices, 14×14 NCHW planes), on the GPU their wide accesses: 204;
-# then the strided dgrad's carried loop and the zero gradient of pixels no patch reads: 224
+# then the strided dgrad's carried loop and the zero gradient of pixels no patch reads: 224;
+# then the depthwise norms groups-innermost (their layout, a hook that changes it): 231
 GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels_weight.py "
              "tests/test_ops.py tests/test_functional.py tests/test_modules.py -k 'bfloat16 or "
              "tf32 or synchronises or capturable or autocast or nan or int64 or nchw or wide or "
@@ -65,7 +66,7 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "or c_memory or freed_graph or deterministic or eps_zero or in_place or "
              "zero_input_channels or gpu_tile or shared_p_q or dgrad_goes_first or gpu_blocks or "
              "cursor or sum_of_squares or past_int32 or tiny_kernel or second_derivatives or "
-             "vector_units or strided_dilated'")
+             "vector_units or strided_dilated or groups_innermost or hook_that_changes'")
 
 
 def _run_processes(commands, envs, timeouts_s):
@@ -338,7 +339,7 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
     args = parser.parse_args(argv)
     # a test process compiles its kernels one after another on one core: with nothing beside
-    # them, as many processes as cores (8 shards of the suite compile up to 119 distinct
+    # them, as many processes as cores (8 shards of the suite compile up to 118 distinct
     # kernel variants each, 16 up to 61, counted in the interpreter: bench.pytest_shard)
     args.jobs = args.jobs or min(16 if args.tests_only else 8, os.cpu_count() or 1)
     if not torch.cuda.is_available():
