@@ -147,10 +147,11 @@ def normalize_weight_backward_kernel(
     GW_HAT, W, Q, GW, GQ, PART, GP, W_HAT, O, ROWS, Og, Cg, sq, sw_o, sw_c, sw_r, sw_s,
     s_g, s_j, s_c, s_t, eps, RS: tl.constexpr, S: tl.constexpr, W_DENSE: tl.constexpr,
     MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, PARTIALS: tl.constexpr,
-    BR: tl.constexpr, W_HAT_OUT: tl.constexpr,
+    BR: tl.constexpr, W_HAT_OUT: tl.constexpr, TAP_MAJOR: tl.constexpr,
 ):
-    """grad_w and grad_q (MODE 2) from grad_ŵ [O, K]; W and GW [O, C/G, R, S] share the
-    strides ``sw_*`` (``W_DENSE``: contiguous). ``PARTIALS``: PART [ROWS, 2, O] holds
+    """grad_w and grad_q (MODE 2) from grad_ŵ [O, C/G, R, S] (``TAP_MAJOR``: [O, R, S, C/G], as
+    the GEMM wgrad stores it); W and GW [O, C/G, R, S] share the strides ``sw_*``
+    (``W_DENSE``: contiguous). ``PARTIALS``: PART [ROWS, 2, O] holds
     per-block partial sums of grad_p and grad_q (the backward prologue's), summed here in a
     fixed order into GP and into GQ (added to the normalisation's term). ``W_HAT_OUT``: also
     writes ŵ, as ``normalize_weight_kernel`` does (strides ``s_*``), for a GEMM that runs
@@ -165,10 +166,11 @@ def normalize_weight_backward_kernel(
     dot = tl.zeros((BO,), dtype=tl.float32)
     if MODE != 0:
         for k0 in range(0, K, BK):
-            o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
+            o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
+            o_g = o_t * Cg + o_c if TAP_MAJOR else k0 + o_k
             m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
             b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
-            b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+            b_g = tl.load(GW_HAT + row + o_g[None, :], mask=m, other=0.0).to(tl.float32)
             sumsq += tl.sum(b_w * b_w, axis=1)
             dot += tl.sum(b_g * b_w, axis=1)
     b_q = tl.load(Q + o_o * sq, mask=m_o, other=0.0)
@@ -192,8 +194,9 @@ def normalize_weight_backward_kernel(
     p_dst = W_HAT + i_g.to(tl.int64) * s_g + o_j[:, None] * s_j          # [BO, 1] in ŵ
     for k0 in range(0, K, BK):
         o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
+        o_g = o_t * Cg + o_c if TAP_MAJOR else k0 + o_k
         m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
-        b_g = tl.load(GW_HAT + row + (k0 + o_k)[None, :], mask=m, other=0.0).to(tl.float32)
+        b_g = tl.load(GW_HAT + row + o_g[None, :], mask=m, other=0.0).to(tl.float32)
         if MODE != 0 or W_HAT_OUT:
             b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
         if MODE == 0:
@@ -341,14 +344,15 @@ def normalize_weight(w, q, mode, eps, out=None, out_strides=None, groups=1, slot
 
 
 def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=None, w_hat=None,
-                              w_hat_strides=None, groups=1):
+                              w_hat_strides=None, groups=1, tap_major=False):
     """``(grad_w, grad_p, grad_q)`` of :func:`normalize_weight`; ``grad_w_hat`` may hold
     ``splits`` partial sums ([splits, *w.shape], e.g. a split-K workspace), reduced here into its
     first split (in place, by ``sum_splits_kernel``, when contiguous) before the Jacobian.
     ``partials`` [rows, 2, O] (float32): per-block partial sums of grad_p and grad_q, summed
     into grad_p and added to grad_q (without it grad_p is None, and so is grad_q unless the
     mode is "norm_q"). ``w_hat``: also write ŵ there, at ``w_hat_strides`` as
-    :func:`normalize_weight` takes them (the same launch: it computes the scale anyway)."""
+    :func:`normalize_weight` takes them (the same launch: it computes the scale anyway).
+    ``tap_major``: each split of ``grad_w_hat`` is [O, R, S, C/G], not [O, C/G, R, S]."""
     O = w.shape[0]
     grad_w_hat = grad_w_hat.contiguous()
     if splits > 1:
@@ -367,7 +371,7 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
     grid, scalars, constexprs = _backward_args(
         w.shape, w.stride(), q.stride(0), mode, eps, has_partials,
         partials.shape[0] if has_partials else 0, groups,
-        None if w_hat is None else tuple(w_hat_strides), w.is_cuda)
+        None if w_hat is None else tuple(w_hat_strides), spread=w.is_cuda, tap_major=tap_major)
     launch(normalize_weight_backward_kernel, grid,
            (grad_w_hat, w, q, grad_w, unused if grad_q is None else grad_q,
             partials if has_partials else unused, grad_p if has_partials else unused,
@@ -377,7 +381,7 @@ def normalize_weight_backward(grad_w_hat, w, q, mode, eps, splits=1, partials=No
 
 @functools.lru_cache(maxsize=4096)
 def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, groups,
-                   w_hat_strides, spread=False):
+                   w_hat_strides, spread=False, tap_major=False):
     """(grid, scalars, constexprs) of ``normalize_weight_backward_kernel``, once per layer;
     ``spread`` (a GPU launch): ``_gpu_blocks``. The interpreter keeps the forward's blocks
     (the same Σw² order, the same ŵ bits)."""
@@ -391,7 +395,7 @@ def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, 
             (O, rows, Og, Cg, q_stride, *w_strides, *(w_hat_strides or (0, 0, 0, 0)), eps),
             dict(RS=R * S, S=S, W_DENSE=_dense(w_shape, w_strides), MODE=MODES[mode], BO=BO,
                  BK=BK, PARTIALS=has_partials, BR=TILE // BO,
-                 W_HAT_OUT=w_hat_strides is not None))
+                 W_HAT_OUT=w_hat_strides is not None, TAP_MAJOR=tap_major))
 
 
 
@@ -404,9 +408,10 @@ def report_jobs():
     w = dict(sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1)
     fwd_b = normalize_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, 1,
                            (O * K, K, 1, Cg), (Cg, RS, K), True)[2]   # the forward's B on a GPU
-    # the Jacobian on a GPU, writing the dgrad's ŵ (channels contiguous)
+    # the Jacobian on a GPU, reading the GEMM wgrad's tap-major workspace, writing the dgrad's
+    # ŵ (channels contiguous)
     bwd = _backward_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, True, 392, 1,
-                         (O * K, 1, O, O * Cg), True)[2]
+                         (O * K, 1, O, O * Cg), True, True)[2]
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"

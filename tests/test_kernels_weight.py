@@ -182,7 +182,8 @@ def test_gpu_blocks_of_the_jacobian_give_the_same_gradients(monkeypatch, w_hat_o
                   strides if w_hat_out else None, True)
     assert (blocks[0], blocks[2]["BO"], blocks[2]["BK"]) == (((2,), 4, 2048) if w_hat_out else
                                                              ((6,), 1, 2048))
-    monkeypatch.setattr(weight, "_backward_args", lambda *a: args(*a[:-1], True))
+    monkeypatch.setattr(weight, "_backward_args",
+                        lambda *a, **k: args(*a, **dict(k, spread=True)))
     for got, want in zip(run(), expected):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -201,3 +202,20 @@ def test_gpu_blocks_of_the_split_sum(monkeypatch, splits):
     grad_w, _, _ = normalize_weight_backward(parts.clone(), w, torch.zeros(5, device=DEVICE),
                                              "none", 0.0, splits=splits)
     torch.testing.assert_close(grad_w, parts.double().sum(0).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["norm_q", "norm", "none"])
+def test_a_tap_major_workspace_gives_the_same_gradients(mode):
+    """The GEMM wgrad stores its workspace tap-major, [splits, O, R, S, C/G] (16-byte stores
+    along channels); the Jacobian reads it so and gives the bits it gives for the same values
+    in [splits, O, C/G, R, S] order, split sum included."""
+    w = torch.randn(6, 5, 3, 2, device=DEVICE)
+    q = torch.rand(6, device=DEVICE) * 0.3
+    parts = torch.randn(3, 6, 5, 3, 2, device=DEVICE)
+    want = normalize_weight_backward(parts.clone(), w, q, mode, 1e-6, splits=3)
+    got = normalize_weight_backward(parts.permute(0, 1, 3, 4, 2).contiguous(), w, q, mode, 1e-6,
+                                    splits=3, tap_major=True)
+    for g, h in zip(got, want):
+        assert (g is None) == (h is None)
+        if h is not None:
+            torch.testing.assert_close(g, h, rtol=0, atol=0)
