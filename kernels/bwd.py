@@ -580,7 +580,8 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                          *divisor_magic(OW)), conv,
                         dict(R=R, S=S, BP=BP, BO=BO, OV=d_unit, XV=units(x_cl_strides)),
                         warps, stages)
-        w_layout = (w_shape, (Og * Cg * R * S, Cg * R * S, R * S, 1))   # [O, C/G, R, S]
+        # ŵ tap-major, [R, S, O, C/G] in memory: (group, out channel in group, in channel, tap)
+        w_layout = (w_shape, (Og * Cg, Cg, 1, O * Cg))
         return _Plan(*prologues, w_layout, dgrad, planes, *_workspace(
             (splits, O, Cg, R, S), torch.float32, x_bytes, O * Cg * R * S * dtype.itemsize,
             out_bytes), wgrad)

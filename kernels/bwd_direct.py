@@ -17,7 +17,9 @@ def scd2d_dgrad_direct_kernel(
     UNREAD: tl.constexpr, NORM_CL: tl.constexpr,
 ):
     """Program (i_m, i_c): BM input positions × BC global input channels (M = N·H·W); W is ŵ
-    as given, [O, C/G, R, S]. Each tap gathers the output position it maps to, if any.
+    tap-major, [R, S, O, C/G] in memory, so that a tap's weights for the tile's channels are
+    one contiguous run when each group has one channel in and out (16-byte loads, not a 2-byte
+    load R·S elements apart). Each tap gathers the output position it maps to, if any.
     ``PLANES`` (x and grad_x NCHW-contiguous): tiles run over one image (``TILES`` per image,
     ``P_IMG = H·W``), one contiguous run of each (n, c) plane: 16-byte loads and stores.
     Depthwise (one channel a group in and out): O, C and G are multiples of ``OV``, x's and
@@ -36,7 +38,7 @@ def scd2d_dgrad_direct_kernel(
     o_c = i_c * BC + tl.arange(0, BC)                                    # [BC]
     m_c = o_c < C
     o_g = o_c // Cg
-    p_w = W + (o_g * Og * Cg + o_c % Cg) * R * S                         # [BC]
+    p_w = W + (o_g * Og * Cg + o_c % Cg)                                 # [BC] at tap 0
 
     # a tap of row offset t = r·dil_h reaches output row (ih + pad_h − t) / stride_h where that
     # divides. With ih + pad_h = qh·stride_h + rh, it divides where rh = t mod stride_h, and
@@ -69,7 +71,7 @@ def scd2d_dgrad_direct_kernel(
         p_gd = GD + o_pos[:, None] * O + (o_g * Og)[None, :]
         for o in range(Og):
             b_gd = tl.load(p_gd + o, mask=m, other=0.0).to(tl.float32)  # [BM, BC]
-            b_w = tl.load(p_w + o * Cg * R * S + tap, mask=m_c, other=0.0).to(tl.float32)
+            b_w = tl.load(p_w + (tap * O + o) * Cg, mask=m_c, other=0.0).to(tl.float32)
             acc += b_gd * b_w[None, :]
 
     m = m_m[:, None] & m_c[None, :]
