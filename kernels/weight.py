@@ -411,7 +411,7 @@ def report_jobs():
     # the Jacobian on a GPU, reading the GEMM wgrad's tap-major workspace, writing the dgrad's
     # ŵ (channels contiguous)
     bwd = _backward_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, True, 392, 1,
-                         (O * K, 1, O, O * Cg), True, True)[2]
+                         (O * K, 1, O, O * Cg), spread=True, tap_major=True)[2]
     jobs = []
     for dtype in ("bf16", "fp16", "fp32"):
         dt = f"*{dtype}"
