@@ -69,8 +69,10 @@ def _backend_setting(backend):
     return backend
 
 
+@torch.compiler.assume_constant_result
 def _triton_interpreter_on() -> bool:
-    """TRITON_INTERPRET as Triton itself reads it (1/true/on, any case)."""
+    """TRITON_INTERPRET as Triton itself reads it (1/true/on, any case); a constant to
+    ``torch.compile``, which cannot trace Triton's knobs."""
     from triton import knobs
     return bool(knobs.runtime.interpret)
 

@@ -87,6 +87,29 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(got, want)
 
 
+def test_compile_fullgraph_on_the_triton_backend():
+    """torch.compile traces a call on the triton backend, also on CPU tensors in Triton's
+    interpreter (whose TRITON_INTERPRET check is a constant to Dynamo: tracing Triton's knobs
+    failed); the compiled call runs the same kernels, so output and gradients are eager's bits."""
+    if not _triton_runs():
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = (t.to(device) for t in _args())
+    p, q = torch.full((6,), 2.0, device=device), torch.full((6,), 0.1, device=device)
+
+    def call(x, w, p, q):
+        return scd_triton.scd2d(x, w, p, q, padding=1, backend="triton")
+
+    results = []
+    for fn in (call, torch.compile(call, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, p, q)]
+        y = fn(*leaves)
+        y.square().sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_compile_fullgraph_with_a_python_float_p_that_changes():
     """torch.compile makes a Python float that changes between calls dynamic; its validation
     (comparisons, no math.isfinite) traces, and each value gives eager's output."""
