@@ -8,10 +8,10 @@ shards are cut along the kernel variants the tests launch (``COMPILE_KEYS``, rec
 interpreter): each test goes, largest first, to the shard where what it adds (a new variant
 ``KEY_SECONDS``, a test ``TEST_SECONDS``; a test the record does not know counts as one new
 variant), counted ``WORK_WEIGHT`` times, plus the shard's estimated time so far is least.
-By the interpreter's record of 2026-12-07 (893 variants in 589 tests), the busiest of 16
-shards of the whole suite compiles 62 variants instead of the 109 of a round-robin split, of 8
-shards 121 instead of 190. Tests that run on a GPU only are skipped in the interpreter, so
-the record lacks them (39 of 628): each counts as a variant of its own and they spread as in
+By the interpreter's record of 2026-12-07 (893 variants in 590 tests), the busiest of 16
+shards of the whole suite compiles 62 variants instead of the 100 of a round-robin split, of 8
+shards 120 instead of 180. Tests that run on a GPU only are skipped in the interpreter, so
+the record lacks them (39 of 629): each counts as a variant of its own and they spread as in
 a round-robin split. A stale record only costs time: every test still runs once.
 
 With ``SCD_RECORD_KEYS=path`` (and ``TRITON_INTERPRET=1``) it records instead, for every test,
