@@ -86,6 +86,18 @@ def dgrad_phase_taps(phase, pad, stride, dil, step, R: tl.constexpr):
 
 
 @triton.jit
+def norm_offsets(o_n, o_p, o_g, G, P, GROUPS_INNER: tl.constexpr):
+    """Offsets [len(o_p), len(o_g)] in the norms (or grad_‖s‖/‖s‖) [N, G, P], P = OH·OW, of
+    samples ``o_n`` at in-image positions ``o_p`` and groups ``o_g``: [N, P, G] in memory with
+    ``GROUPS_INNER`` (``shapes.saved_norm_format``'s channels_last), else [N, G, P]."""
+    if GROUPS_INNER:
+        o_norm = ((o_n * P + o_p) * G)[:, None] + o_g[None, :]
+    else:
+        o_norm = (o_n * G * P + o_p)[:, None] + (o_g * P)[None, :]
+    return o_norm
+
+
+@triton.jit
 def tile_positions(i_m, M, P, TILES, BM: tl.constexpr, PER_IMAGE: tl.constexpr):
     """Image ``n`` and in-image positions ``o_p`` [BM] of output tile ``i_m``, and their mask.
 

@@ -31,8 +31,8 @@ import triton.language as tl
 from .shapes import (every_input_read, memory_format, saved_norm_format,
                      uses_direct_kernel)
 from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps, fast_div,
-                      fast_exp2, fast_log2, in_units, input_offsets, position_cursor, tile_positions,
-                      with_sign_of)
+                      fast_exp2, fast_log2, in_units, input_offsets, norm_offsets,
+                      position_cursor, tile_positions, with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
 from .fwd import dot_precision, pow2_between
@@ -119,10 +119,7 @@ def prologue_tile(
     o_gd = (o_n64 * P_IMG + o_p) * O                                     # [BP] rows of grad_d
     o_g = i_g * BG + tl.arange(0, BG)                                    # [BG]
     m_g = o_g < G
-    if NORM_CL:
-        o_norm = ((o_n64 * P_IMG + o_p) * G)[:, None] + o_g[None, :]      # [BP, BG]
-    else:
-        o_norm = (o_n64 * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
+    o_norm = norm_offsets(o_n64, o_p, o_g, G, P_IMG, NORM_CL)           # [BP, BG]
     m_pg = m_m[:, None] & m_g[None, :]
     b_norm = tl.load(Norm + o_norm, mask=m_pg, other=1.0)                # [BP, BG]
     b_ns = tl.zeros((BP, BG), dtype=tl.float32)

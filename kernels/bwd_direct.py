@@ -3,7 +3,7 @@ dgrad and wgrad of ``kernels/bwd.py`` as memory-bound multiply-accumulate loops,
 import triton
 import triton.language as tl
 
-from ._common import in_units, input_offsets, tap_offsets, tile_positions
+from ._common import in_units, input_offsets, norm_offsets, tap_offsets, tile_positions
 
 
 @triton.jit(do_not_specialize=["M", "TILES"])
@@ -62,11 +62,9 @@ def scd2d_dgrad_direct_kernel(
         if UNREAD:
             b_read = b_read | m_t
         m = m_t[:, None] & m_c[None, :]
-        o_pos = (o_n * OH + o_oh) * OW + o_ow                            # [BM]
-        if NORM_CL:
-            o_gns = (o_pos * G)[:, None] + o_g[None, :]
-        else:
-            o_gns = (o_n * G * OH * OW + o_oh * OW + o_ow)[:, None] + (o_g * OH * OW)[None, :]
+        o_q = o_oh * OW + o_ow                                           # [BM] in-image
+        o_pos = o_n * (OH * OW) + o_q
+        o_gns = norm_offsets(o_n, o_q, o_g, G, OH * OW, NORM_CL)
         b_box += tl.load(GNS + o_gns, mask=m, other=0.0)                 # [BM, BC]
         p_gd = GD + o_pos[:, None] * O + (o_g * Og)[None, :]
         for o in range(Og):

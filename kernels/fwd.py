@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .shapes import (memory_format, output_hw, saved_c_format,  # what the fake op promises
                      saved_norm_format, uses_direct_kernel)
-from ._common import in_units, sharpen, tile_positions
+from ._common import in_units, norm_offsets, sharpen, tile_positions
 from .launch import Launch, cdiv, channel_unit, exact_log2, next_power_of_2, vector_unit
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
 from .layout import transpose_tile
@@ -242,10 +242,7 @@ def scd2d_fwd_direct_kernel(
             o_cout = (((o_n.to(tl.int64) * P_IMG + o_p) * (G * OG))[:, None, None]
                       + o_o[None, :, :])
         tl.store(Cout + o_cout, b_c.to(Cout.dtype.element_ty), mask=m_y)
-        if NORM_CL:
-            o_norm = ((o_n.to(tl.int64) * P_IMG + o_p) * G)[:, None] + o_g[None, :]
-        else:
-            o_norm = (o_n.to(tl.int64) * G * P_IMG + o_p)[:, None] + (o_g * P_IMG)[None, :]
+        o_norm = norm_offsets(o_n.to(tl.int64), o_p, o_g, G, P_IMG, NORM_CL)
         tl.store(Norm + o_norm, b_norm, mask=m_m[:, None] & m_g[None, :])          # [BM, BG]
 
 

@@ -168,7 +168,7 @@ def test_the_direct_dgrad_reads_depthwise_norms_along_channels(rows):
     """With channels_last x a depthwise layer's norms (here grad_‖s‖/‖s‖, in their memory)
     are stored groups-innermost, so the direct dgrad loads a tap's [positions, channels] of
     them 16 bytes at a time, as grad_d: positions-innermost, they were 32 scalar loads a
-    thread and tap, and the loop 399 SASS instructions (bf16, sm_90; 294 since, ŵ tap-major
+    thread and tap, and the loop 399 SASS instructions (bf16, sm_90; 289 since, ŵ tap-major
     too)."""
     direct = [r for r in rows if r["kernel"] == "scd2d_dgrad_direct_kernel"]
     assert {r["config"].split("-")[0] for r in direct} == {"BM64", "s2 BM64"}
