@@ -282,7 +282,7 @@ def scd2d_fwd_prepare_kernel(
     COPY_PROGRAMS, sxn, sxc, sxh, sxw, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
     s_c, s_t, eps, BC: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BCQ: tl.constexpr,
     PIX_FLAT: tl.constexpr, SUM_IN_COPY: tl.constexpr, RS: tl.constexpr, S: tl.constexpr,
-    TP: tl.constexpr, W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr,
+    TP: tl.constexpr, W_ORDER: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr,
     BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr, XV: tl.constexpr,
 ):
     """What the GEMM forward needs before it runs, in one launch (a launch costs ~10 µs of host
@@ -296,7 +296,7 @@ def scd2d_fwd_prepare_kernel(
     pid = tl.program_id(0)
     if pid < W_PROGRAMS:
         normalize_rows(W, Q, W_HAT, pid, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,
-                       s_c, s_t, eps, RS, S, TP, W_DENSE, TAP_MAJOR, MODE, BO, BK, BCP)
+                       s_c, s_t, eps, RS, S, TP, W_ORDER, TAP_MAJOR, MODE, BO, BK, BCP)
     elif pid < W_PROGRAMS + COPY_PROGRAMS:
         i_copy = pid - W_PROGRAMS
         i_np = i_copy // C_TILES

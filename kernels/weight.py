@@ -46,25 +46,47 @@ def _scale(sumsq, q, eps, MODE: tl.constexpr):
 
 
 @triton.jit
-def _weight_offsets(o_kk, TAPS: tl.constexpr, S: tl.constexpr, sw_c, sw_r, sw_s,
-                    DENSE: tl.constexpr):
-    """Offsets in w of the flat (channel, tap) indices ``o_kk`` with ``TAPS`` tap slots per
-    channel (w of any strides), and the channels and taps. ``DENSE``: w is a contiguous
-    [O, C/G, R, S] with ``TAPS = R·S``, so the offset is the index itself (vector loads)."""
-    o_c = o_kk // TAPS
-    o_t = o_kk - o_c * TAPS
-    if DENSE:
+def _weight_offsets(o_kk, TAPS: tl.constexpr, S: tl.constexpr, Cg, sw_c, sw_r, sw_s,
+                    ORDER: tl.constexpr):
+    """Offsets in w of the flat indices ``o_kk`` of a kernel row, and their channels and taps.
+    ``ORDER`` (``w_order``) 1: w is a contiguous [O, C/G, R, S], ``o_kk`` runs (channel, tap)
+    with ``TAPS = R·S``; 2: a dense channels_last w ([O, R, S, C/G] in memory), ``o_kk`` runs
+    (tap, channel) with C/G channels a tap. Then the offset is the index itself (vector loads
+    and stores). 0: any strides, (channel, tap) with ``TAPS`` tap slots a channel."""
+    if ORDER == 2:
+        o_t = o_kk // Cg
+        o_c = o_kk - o_t * Cg
         o_w = o_kk
     else:
-        o_r = o_t // S
-        o_w = o_c * sw_c + o_r * sw_r + (o_t - o_r * S) * sw_s
+        o_c = o_kk // TAPS
+        o_t = o_kk - o_c * TAPS
+        if ORDER == 1:
+            o_w = o_kk
+        else:
+            o_r = o_t // S
+            o_w = o_c * sw_c + o_r * sw_r + (o_t - o_r * S) * sw_s
     return o_w, o_c, o_t
+
+
+@triton.jit
+def _workspace_offsets(o_kk, o_c, o_t, Cg, RS: tl.constexpr, TAP_MAJOR: tl.constexpr,
+                       ORDER: tl.constexpr):
+    """Offsets in a kernel row of grad_ŵ ([C/G, R, S]; ``TAP_MAJOR``: [R, S, C/G]) of the
+    flat indices ``o_kk`` of ``_weight_offsets`` and their channels and taps: the index itself
+    where the two orders agree."""
+    if TAP_MAJOR == (ORDER == 2):
+        o_g = o_kk
+    elif TAP_MAJOR:
+        o_g = o_t * Cg + o_c
+    else:
+        o_g = o_c * RS + o_t
+    return o_g
 
 
 @triton.jit
 def normalize_weight_kernel(
     W, Q, W_HAT, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c, s_t, eps,
-    RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, W_DENSE: tl.constexpr,
+    RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr, W_ORDER: tl.constexpr,
     TAP_MAJOR: tl.constexpr, MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
     BCP: tl.constexpr,
 ):
@@ -72,13 +94,13 @@ def normalize_weight_kernel(
     (``o = g·Og + j``); W [O, C/G, R, S] has strides ``sw_*`` (channels_last too, no copy), Q
     stride ``sq`` (0 when shared). The destination has ``CP ≥ C/G`` channel slots for each of
     ``TP ≥ R·S`` tap slots; slots outside w with row ``tap·CP + c < ROWS`` get 0 (a GEMM's
-    padded K rows, which its unmasked loads multiply by zeros of x). ``W_DENSE``: W is
-    contiguous, ``TP = R·S`` and ``CP·TP ≤ ROWS``. ``TAP_MAJOR`` (``s_c = 1``, the forward
-    GEMM's B matrix, K-major): written tap by tap in runs of BCP channel slots, contiguous there;
-    otherwise in the weight's (channel, tap) order, [BO, BK] tiles (stored along channels when
-    ``s_j = 1``, the dgrad's)."""
+    padded K rows, which its unmasked loads multiply by zeros of x). ``TAP_MAJOR`` (``s_c = 1``,
+    the forward GEMM's B matrix, K-major): written tap by tap in runs of BCP channel slots,
+    contiguous there; otherwise in [BO, BK] tiles in the weight's memory order (``W_ORDER``,
+    ``_slot_order``; (channel, tap) for strided weights), stored along channels when
+    ``s_j = 1`` (the dgrad's)."""
     normalize_rows(W, Q, W_HAT, tl.program_id(0), Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s,
-                   s_g, s_j, s_c, s_t, eps, RS, S, TP, W_DENSE, TAP_MAJOR, MODE, BO, BK, BCP)
+                   s_g, s_j, s_c, s_t, eps, RS, S, TP, W_ORDER, TAP_MAJOR, MODE, BO, BK, BCP)
 
 
 @triton.jit
@@ -95,7 +117,7 @@ def _channel_block(i_b, Og, BO: tl.constexpr):
 @triton.jit
 def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j, s_c,
                    s_t, eps, RS: tl.constexpr, S: tl.constexpr, TP: tl.constexpr,
-                   W_DENSE: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr,
+                   W_ORDER: tl.constexpr, TAP_MAJOR: tl.constexpr, MODE: tl.constexpr,
                    BO: tl.constexpr, BK: tl.constexpr, BCP: tl.constexpr):
     """The work of ``normalize_weight_kernel``'s program ``i_b`` (``_channel_block``)."""
     i_g, o_j, m_o = _channel_block(i_b, Og, BO)                         # [BO]
@@ -105,7 +127,7 @@ def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_
     p_w = W + o_o.to(tl.int64)[:, None] * sw_o                           # [BO, 1]
     sumsq = tl.zeros((BO,), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
+        o_w, _, _ = _weight_offsets(k0 + o_k, RS, S, Cg, sw_c, sw_r, sw_s, W_ORDER)
         m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
         b_w = tl.load(p_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)  # [BO, BK]
         if MODE == 0:   # ŵ given: only an Inf tap matters, which makes w·0 NaN
@@ -130,8 +152,8 @@ def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_
     else:
         for k0 in range(0, CP * TP, BK):
             o_kk = k0 + o_k                                              # [BK] (c, tap) slots
-            o_w, o_c, o_t = _weight_offsets(o_kk, TP, S, sw_c, sw_r, sw_s, W_DENSE)
-            if W_DENSE:   # every slot's row is below ROWS; w's are the first K (masks along K)
+            o_w, o_c, o_t = _weight_offsets(o_kk, TP, S, Cg, sw_c, sw_r, sw_s, W_ORDER)
+            if W_ORDER != 0:   # every slot's row is below ROWS; w's are the first K
                 m = m_o[:, None] & (o_kk < CP * TP)[None, :]
                 m_w = m_o[:, None] & (o_kk < K)[None, :]
             else:
@@ -145,15 +167,16 @@ def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_
 @triton.jit
 def normalize_weight_backward_kernel(
     GW_HAT, W, Q, GW, GQ, PART, GP, W_HAT, O, ROWS, Og, Cg, sq, sw_o, sw_c, sw_r, sw_s,
-    s_g, s_j, s_c, s_t, eps, RS: tl.constexpr, S: tl.constexpr, W_DENSE: tl.constexpr,
+    s_g, s_j, s_c, s_t, eps, RS: tl.constexpr, S: tl.constexpr, W_ORDER: tl.constexpr,
     MODE: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, PARTIALS: tl.constexpr,
     BR: tl.constexpr, W_HAT_OUT: tl.constexpr, TAP_MAJOR: tl.constexpr,
 ):
     """grad_w and grad_q (MODE 2) from grad_ŵ [O, C/G, R, S] (``TAP_MAJOR``: [O, R, S, C/G], as
     the GEMM wgrad stores it); W and GW [O, C/G, R, S] share the strides ``sw_*``
-    (``W_DENSE``: contiguous). ``PARTIALS``: PART [ROWS, 2, O] holds
-    per-block partial sums of grad_p and grad_q (the backward prologue's), summed here in a
-    fixed order into GP and into GQ (added to the normalisation's term). ``W_HAT_OUT``: also
+    (``W_ORDER``: ``w_order``; both loops run a dense w in its memory order). ``PARTIALS``:
+    PART [ROWS, 2, O] holds per-block partial sums of grad_p and grad_q (the backward
+    prologue's), summed here in a fixed order into GP and into GQ (added to the normalisation's
+    term). ``W_HAT_OUT``: also
     writes ŵ, as ``normalize_weight_kernel`` does (strides ``s_*``), for a GEMM that runs
     next. Programs as there (``_channel_block``)."""
     i_g, o_j, m_o = _channel_block(tl.program_id(0), Og, BO)
@@ -166,8 +189,8 @@ def normalize_weight_backward_kernel(
     dot = tl.zeros((BO,), dtype=tl.float32)
     if MODE != 0:
         for k0 in range(0, K, BK):
-            o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
-            o_g = o_t * Cg + o_c if TAP_MAJOR else k0 + o_k
+            o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, Cg, sw_c, sw_r, sw_s, W_ORDER)
+            o_g = _workspace_offsets(k0 + o_k, o_c, o_t, Cg, RS, TAP_MAJOR, W_ORDER)
             m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
             b_w = tl.load(W + row_w + o_w[None, :], mask=m, other=0.0).to(tl.float32)
             b_g = tl.load(GW_HAT + row + o_g[None, :], mask=m, other=0.0).to(tl.float32)
@@ -193,8 +216,8 @@ def normalize_weight_backward_kernel(
         tl.store(GQ + o_o, b_gq, mask=m_o)
     p_dst = W_HAT + i_g.to(tl.int64) * s_g + o_j[:, None] * s_j          # [BO, 1] in ŵ
     for k0 in range(0, K, BK):
-        o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, sw_c, sw_r, sw_s, W_DENSE)
-        o_g = o_t * Cg + o_c if TAP_MAJOR else k0 + o_k
+        o_w, o_c, o_t = _weight_offsets(k0 + o_k, RS, S, Cg, sw_c, sw_r, sw_s, W_ORDER)
+        o_g = _workspace_offsets(k0 + o_k, o_c, o_t, Cg, RS, TAP_MAJOR, W_ORDER)
         m = m_o[:, None] & ((k0 + o_k) < K)[None, :]
         b_g = tl.load(GW_HAT + row + o_g[None, :], mask=m, other=0.0).to(tl.float32)
         if MODE != 0 or W_HAT_OUT:
@@ -292,10 +315,26 @@ def _gpu_blocks(programs, Og, BO, K, along_channels):
     return programs, BO, _chunk(BO, K)
 
 
-def _dense(w_shape, w_strides):
-    """Whether w is a contiguous [O, C/G, R, S] (the kernels then index it by the flat K)."""
+def w_order(w_shape, w_strides):
+    """The ``W_ORDER`` of w's strides: 1, a contiguous [O, C/G, R, S]; 2, a dense channels_last
+    one (``[O, R, S, C/G]`` in memory, as ``model.to(memory_format=torch.channels_last)`` makes
+    it); 0, any other. With 1 and 2 the weight kernels run a kernel row in its memory order,
+    16 bytes a load and a store."""
     O, Cg, R, S = w_shape
-    return tuple(w_strides) == (Cg * R * S, R * S, S, 1)
+    strides = tuple(w_strides)
+    if strides == (Cg * R * S, R * S, S, 1):
+        return 1
+    return 2 if strides == (Cg * R * S, 1, S * Cg, Cg) else 0
+
+
+def _slot_order(order, Cg, RS, CP, TP, ROWS, tap_major):
+    """``normalize_rows``' W_ORDER for a destination of CP channel slots × TP tap slots: its
+    Σw² loop may run w in any order, but its (channel, tap) write loop only where the slots
+    are w's own (1: ``TP = R·S``, ``CP·TP ≤ ROWS``; 2: also ``CP = C/G``). The tap-major write
+    loop (the forward's B matrix) indexes w by its strides."""
+    if tap_major or (TP == RS and CP * TP <= ROWS and (order == 1 or CP == Cg)):
+        return order
+    return 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -321,7 +360,8 @@ def normalize_args(w_shape, w_strides, q_stride, mode, eps, groups, out_strides,
         programs, BO, BK = _gpu_blocks(programs, Og, BO, Cg * R * S, True)
     return ((programs,), (Og, Cg, CP, ROWS, q_stride, *w_strides, *out_strides, eps),
             dict(RS=R * S, S=S, TP=TP,
-                 W_DENSE=_dense(w_shape, w_strides) and TP == R * S and CP * TP <= ROWS,
+                 W_ORDER=_slot_order(w_order(w_shape, w_strides), Cg, R * S, CP, TP, ROWS,
+                                     tap_major),
                  TAP_MAJOR=tap_major, MODE=MODES[mode], BO=BO, BK=BK,
                  BCP=max(16, min(BK, next_power_of_2(CP)))))
 
@@ -393,7 +433,7 @@ def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, 
                                        and w_hat_strides[1] == 1)
     return ((programs,),
             (O, rows, Og, Cg, q_stride, *w_strides, *(w_hat_strides or (0, 0, 0, 0)), eps),
-            dict(RS=R * S, S=S, W_DENSE=_dense(w_shape, w_strides), MODE=MODES[mode], BO=BO,
+            dict(RS=R * S, S=S, W_ORDER=w_order(w_shape, w_strides), MODE=MODES[mode], BO=BO,
                  BK=BK, PARTIALS=has_partials, BR=TILE // BO,
                  W_HAT_OUT=w_hat_strides is not None, TAP_MAJOR=tap_major))
 
@@ -402,34 +442,35 @@ def _backward_args(w_shape, w_strides, q_stride, mode, eps, has_partials, rows, 
 def report_jobs():
     """The two kernels for a 3×3 128→128 layer (mode norm_q), writing ŵ as the GEMMs read it:
     the forward's K-major B matrix (K steps of 64) and the dgrad's channels-contiguous one, for
-    ``kernels/report.py``."""
-    O, Cg, RS = 128, 128, 9
-    K = Cg * RS
-    w = dict(sq=1, sw_o=K, sw_c=RS, sw_r=3, sw_s=1)
-    fwd_b = normalize_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, 1,
-                           (O * K, K, 1, Cg), (Cg, RS, K), True)[2]   # the forward's B on a GPU
-    # the Jacobian on a GPU, reading the GEMM wgrad's tap-major workspace, writing the dgrad's
-    # ŵ (channels contiguous)
-    bwd = _backward_args((O, Cg, 3, 3), (K, RS, 3, 1), 1, "norm_q", 1e-12, True, 392, 1,
-                         (O * K, 1, O, O * Cg), spread=True, tap_major=True)[2]
+    a contiguous ("nchw") and a channels_last weight, for ``kernels/report.py``."""
+    O, Cg, R, S = 128, 128, 3, 3
+    K = Cg * R * S
     jobs = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        dt = f"*{dtype}"
-        jobs.append(dict(kernel=normalize_weight_kernel,
-                         name=f"BO{fwd_b['BO']}-BK{fwd_b['BK']}-BCP{fwd_b['BCP']}-w4",
-                         dtype=dtype, ints=dict(Og=O, Cg=Cg, CP=Cg, ROWS=K, s_g=O * K, s_j=K,
-                                                s_c=1, s_t=Cg, **w),
-                         constexprs=fwd_b,
-                         pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
-                         num_warps=4, num_stages=1))
-        jobs.append(dict(kernel=normalize_weight_backward_kernel,
-                         name=f"BO{bwd['BO']}-BK{bwd['BK']}-w8",
-                         dtype=dtype, ints=dict(O=O, ROWS=392, Og=O, Cg=Cg, s_g=O * K, s_j=1,
-                                                s_c=O, s_t=O * Cg, **w),
-                         constexprs=bwd,
-                         pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt, GQ="*fp32",
-                                             PART="*fp32", GP="*fp32", W_HAT=dt),
-                         num_warps=8, num_stages=1))
+    for layout, w_strides in (("nchw", (K, R * S, S, 1)), ("channels_last", (K, 1, S * Cg, Cg))):
+        w = dict(sq=1, **dict(zip(("sw_o", "sw_c", "sw_r", "sw_s"), w_strides)))
+        fwd_b = normalize_args((O, Cg, R, S), w_strides, 1, "norm_q", 1e-12, 1,
+                               (O * K, K, 1, Cg), (Cg, R * S, K), True)[2]   # the forward's B
+        # the Jacobian on a GPU, reading the GEMM wgrad's tap-major workspace, writing the
+        # dgrad's ŵ (channels contiguous)
+        bwd = _backward_args((O, Cg, R, S), w_strides, 1, "norm_q", 1e-12, True, 392, 1,
+                             (O * K, 1, O, O * Cg), spread=True, tap_major=True)[2]
+        for dtype in ("bf16", "fp16", "fp32"):
+            dt = f"*{dtype}"
+            jobs.append(dict(kernel=normalize_weight_kernel, layout=layout,
+                             name=f"BO{fwd_b['BO']}-BK{fwd_b['BK']}-BCP{fwd_b['BCP']}-w4",
+                             dtype=dtype, ints=dict(Og=O, Cg=Cg, CP=Cg, ROWS=K, s_g=O * K, s_j=K,
+                                                    s_c=1, s_t=Cg, **w),
+                             constexprs=fwd_b,
+                             pointer_dtypes=dict(W=dt, Q="*fp32", W_HAT=dt),
+                             num_warps=4, num_stages=1))
+            jobs.append(dict(kernel=normalize_weight_backward_kernel, layout=layout,
+                             name=f"BO{bwd['BO']}-BK{bwd['BK']}-w8",
+                             dtype=dtype, ints=dict(O=O, ROWS=392, Og=O, Cg=Cg, s_g=O * K, s_j=1,
+                                                    s_c=O, s_t=O * Cg, **w),
+                             constexprs=bwd,
+                             pointer_dtypes=dict(GW_HAT="*fp32", W=dt, Q="*fp32", GW=dt,
+                                                 GQ="*fp32", PART="*fp32", GP="*fp32", W_HAT=dt),
+                             num_warps=8, num_stages=1))
     # on a GPU: this layer's 10 splits, and the 3-channel stem's 187 (5×5 3→80)
     for n, splits in ((O * K, 10), (80 * 75, 187)):
         SB, BLOCK = _sum_splits_blocks(n, splits, True)

@@ -195,6 +195,7 @@ def test_direct_prologue_and_weight_kernels_have_no_spills(rows):
         "normalize_weight_backward_kernel", "sum_splits_kernel", "nchw_to_channels_last_kernel",
         "scd2d_fwd_prepare_kernel", "scd2d_bwd_prologue_copy_kernel")]
     assert len({r["kernel"] for r in others}) == 8
-    assert {r["layout"] for r in others if r["kernel"] == "scd2d_bwd_prologue_kernel"} == {
-        "channels_last", "nchw"}
+    for kernel in ("scd2d_bwd_prologue_kernel", "normalize_weight_kernel",
+                   "normalize_weight_backward_kernel"):   # the weight kernels: w's layout
+        assert {r["layout"] for r in others if r["kernel"] == kernel} == {"channels_last", "nchw"}
     assert all(r["spill_bytes"] == 0 and r["mma_instructions"] == 0 for r in others), others

@@ -56,13 +56,15 @@ def test_normalize_weight_and_its_jacobian(mode, eps, dtype, layout):
                  reduce_dim=Cg * R * S)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("mode", ["norm_q", "none"])
 @pytest.mark.parametrize("writer", ["normalize_weight", "normalize_weight_backward"])
-def test_writes_into_any_layout(writer, mode):
+def test_writes_into_any_layout(writer, mode, layout):
     """ŵ lands at the strides the GEMM asks for: here [G, R·S, C/G, O/G] for 2 groups, from the
-    forward's kernel or as the Jacobian kernel's side output (for the dgrad)."""
+    forward's kernel or as the Jacobian kernel's side output (for the dgrad), from a weight of
+    either layout."""
     G, Og, Cg, R, S = 2, 3, 4, 3, 3
-    w = torch.randn(G * Og, Cg, R, S, device=DEVICE)
+    w = torch.randn(G * Og, Cg, R, S, device=DEVICE).contiguous(memory_format=layout)
     q = torch.full((G * Og,), 0.1, device=DEVICE)
     out = torch.full((G, R * S, Cg, Og), float("nan"), device=DEVICE)
     strides = (R * S * Cg * Og, 1, Og, Cg * Og)
@@ -138,22 +140,31 @@ def test_padded_gemm_rows_are_zeroed(Cg, flat_k):
     assert torch.isnan(got[:, Og:]).all()
 
 
-def test_contiguous_kernels_take_the_dense_path():
-    """A contiguous weight is read by its flat K index (vector loads); a channels_last one, or
-    a B matrix whose tap slots outnumber the taps (flat K), through its strides."""
+def test_dense_weights_are_read_in_their_memory_order():
+    """A contiguous weight is read by its flat (channel, tap) index, a channels_last one by its
+    flat (tap, channel) index (vector loads both); a weight of other strides, or slots that are
+    not the weight's own in the (channel, tap) write loop, through its strides."""
     from scd_triton.kernels.fwd import _gemm_weight_layout
-    from scd_triton.kernels.weight import normalize_args
+    from scd_triton.kernels.weight import _backward_args, normalize_args, w_order
     w = torch.empty(32, 16, 3, 3)
     cl = w.contiguous(memory_format=torch.channels_last)
+    strided = w[:, ::2]
+    assert [w_order(t.shape, t.stride()) for t in (w, cl, strided)] == [1, 2, 0]
 
-    def dense(w, flat_k):
+    def order(w, flat_k):
         shape, out_strides, slots = _gemm_weight_layout(32, w.shape[1], 3, 3, 1, 32, 16, flat_k)
         return normalize_args(w.shape, w.stride(), 1, "norm", 0.0, 1, out_strides,
-                              slots)[2]["W_DENSE"]
+                              slots)[2]["W_ORDER"]
 
-    assert dense(w, False) and not dense(cl, False)
-    narrow = torch.empty(32, 3, 3, 3)          # 27 (channel, tap) rows padded to 32: 11 slots
-    assert not dense(narrow, True)
+    assert (order(w, False), order(cl, False)) == (1, 2)    # the forward's B (tap-major)
+    narrow = torch.empty(32, 3, 3, 3)         # 27 (channel, tap) rows padded to 32: 11 slots
+    for t, slots, want in ((cl, None, 2), (cl, (32, 9, 32 * 9), 0), (narrow, (3, 11, 32), 0)):
+        Cg = t.shape[1]     # the dgrad's ŵ [R·S, C/G, O], written in (channel, tap) slots
+        got = normalize_args(t.shape, t.stride(), 1, "norm", 0.0, 1, (32 * Cg * 9, 1, 32, 32 * Cg),
+                             slots)[2]["W_ORDER"]
+        assert got == want, (t.shape, slots)
+    assert _backward_args(cl.shape, cl.stride(), 1, "norm", 0.0, False, 0, 1, None)[2][
+        "W_ORDER"] == 2
 
 
 @pytest.mark.parametrize("w_hat_out", [False, True])
@@ -204,12 +215,13 @@ def test_gpu_blocks_of_the_split_sum(monkeypatch, splits):
     torch.testing.assert_close(grad_w, parts.double().sum(0).float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("mode", ["norm_q", "norm", "none"])
-def test_a_tap_major_workspace_gives_the_same_gradients(mode):
+def test_a_tap_major_workspace_gives_the_same_gradients(mode, layout):
     """The GEMM wgrad stores its workspace tap-major, [splits, O, R, S, C/G] (16-byte stores
     along channels); the Jacobian reads it so and gives the bits it gives for the same values
-    in [splits, O, C/G, R, S] order, split sum included."""
-    w = torch.randn(6, 5, 3, 2, device=DEVICE)
+    in [splits, O, C/G, R, S] order, split sum included, for a weight of either layout."""
+    w = torch.randn(6, 5, 3, 2, device=DEVICE).contiguous(memory_format=layout)
     q = torch.rand(6, device=DEVICE) * 0.3
     parts = torch.randn(3, 6, 5, 3, 2, device=DEVICE)
     want = normalize_weight_backward(parts.clone(), w, q, mode, 1e-6, splits=3)
