@@ -14,8 +14,9 @@
 3. the same steps of conv2d and the triton provider captured in CUDA graphs (bfloat16): the
    kernels alone, which the wall time of a host-bound step hides;
 4. the ``torch.compile`` providers on a few shapes (bfloat16);
-5. a profile summary per shape: host time of one ``scd2d`` call against the GPU time of its
-   kernels (forward, and forward+backward), and the costliest kernels of each;
+5. a profile summary per shape and input layout: host time of one ``scd2d`` call against the
+   GPU time of its kernels (forward, and forward+backward; the steps of 2 and 3), and the
+   costliest kernels of each;
 6. the eager baselines (the published formulations, the reference backend) on the suite.
 It writes ``<out-dir>/<gpu>.json`` (rows, profile, test summary, seconds per phase) after
 every shape and phase, so that a run cut short keeps what it measured, and ``<gpu>.png`` after
@@ -58,7 +59,8 @@ DTYPES = ["bfloat16", "float32"]
 # since, (2026-12-07) the Jacobian of a tiny kernel and second derivatives: 192 tests; then the
 # kernels' vector units (channel slices, 14×14 NCHW planes), on the GPU their wide accesses: 204;
 # then the strided dgrad's carried loop and the zero gradient of pixels no patch reads: 224;
-# then the depthwise norms groups-innermost (their layout, a hook that changes it): 231
+# then the depthwise norms groups-innermost (their layout, a hook that changes it): 231;
+# then the weight kernels on a channels_last weight (its memory order): 241
 GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels_weight.py "
              "tests/test_ops.py tests/test_functional.py tests/test_modules.py -k 'bfloat16 or "
              "tf32 or synchronises or capturable or autocast or nan or int64 or nchw or wide or "
@@ -66,7 +68,8 @@ GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels
              "or c_memory or freed_graph or deterministic or eps_zero or in_place or "
              "zero_input_channels or gpu_tile or shared_p_q or dgrad_goes_first or gpu_blocks or "
              "cursor or sum_of_squares or past_int32 or tiny_kernel or second_derivatives or "
-             "vector_units or strided_dilated or groups_innermost or hook_that_changes'")
+             "vector_units or strided_dilated or groups_innermost or hook_that_changes or "
+             "tap_major_workspace'")
 
 
 def _run_processes(commands, envs, timeouts_s):
@@ -223,29 +226,25 @@ def _host_and_kernel_us(step, calls=20):
     return host, sum(_device_us(e) for e in events) / calls, per_kernel_us(events, calls)
 
 
-def profile_summary(shapes, dtype=torch.bfloat16):
-    """Per shape: host and kernel time of the triton provider's forward and forward+backward."""
-    device = torch.device("cuda")
+def profile_summary(shapes, dtype=torch.bfloat16, device=torch.device("cuda")):
+    """Per shape and input layout: host and kernel time of the triton provider's forward and
+    forward+backward, on the steps the benchmark times (``bench.run.make_step``: x and w in
+    the layout, p and q requiring grad), so that the channels_last kernels add up to what
+    ``graphed_summary`` times."""
     rows = []
     for shape in shapes:
         fn = bench.make_provider("triton", shape, device)
-        x, w, p, q = bench.make_inputs(shape, dtype, device)
-        def fwd():
-            with torch.no_grad():
-                fn(x, w, p, q)
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        grad = torch.randn_like(fn(x, w, p, q))
-        def train():
-            torch.autograd.grad(fn(xg, wg, p, q), (xg, wg), grad)
-        row = dict(shape=shape.label)
-        row["fwd_host_us"], row["fwd_kernel_us"], row["fwd_kernels"] = _host_and_kernel_us(fwd)
-        row["train_host_us"], row["train_kernel_us"], row["train_kernels"] = \
-            _host_and_kernel_us(train)
-        rows.append(row)
-        print(f"{shape.label:40s} fwd host {row['fwd_host_us']:7.1f} µs kernels "
-              f"{row['fwd_kernel_us']:8.1f} µs | fwd+bwd host {row['train_host_us']:7.1f} µs "
-              f"kernels {row['train_kernel_us']:8.1f} µs")
-        print("    fwd+bwd: " + ", ".join(f"{k} {v}" for k, v in row["train_kernels"].items()))
+        for layout in ("nchw", "channels_last"):
+            row = dict(shape=shape.label, layout=layout)
+            for key, pass_ in zip(("fwd", "train"), bench.PASSES):
+                step = bench.make_step(fn, shape, dtype, device, pass_, layout)[0]
+                row[f"{key}_host_us"], row[f"{key}_kernel_us"], row[f"{key}_kernels"] = \
+                    _host_and_kernel_us(step)
+            rows.append(row)
+            print(f"{shape.label:40s} {layout:13s} fwd host {row['fwd_host_us']:7.1f} µs kernels "
+                  f"{row['fwd_kernel_us']:8.1f} µs | fwd+bwd host {row['train_host_us']:7.1f} µs "
+                  f"kernels {row['train_kernel_us']:8.1f} µs")
+            print("    fwd+bwd: " + ", ".join(f"{k} {v}" for k, v in row["train_kernels"].items()))
     return rows
 
 

@@ -239,6 +239,34 @@ def test_kernel_only_phase_times_both_passes_of_conv2d_and_triton(monkeypatch):
                          **{"ratio_fwd": 1.0, "ratio_fwd+bwd": 1.0})]
 
 
+def test_profile_phase_profiles_the_benchmarks_steps_in_both_layouts(monkeypatch):
+    """gpu-check's profile: per shape, the forward and the training step that the benchmark
+    and the CUDA-graph phase time (x and w in the input layout, p and q requiring grad), once
+    per input layout (here on CPU: conv2d stands in for triton, a fake profiler)."""
+    from dataclasses import replace
+    from bench import gpu_check
+    seen = []
+
+    def provider(name, shape, device):
+        def fn(x, w, p, q):
+            seen.append((x.is_contiguous(), w.is_contiguous(), p.requires_grad, q.requires_grad,
+                         torch.is_grad_enabled()))
+            return torch.nn.functional.conv2d(x, w, None, 1, shape.k // 2)
+        return fn
+
+    monkeypatch.setattr(bench_run, "make_provider", provider)
+    monkeypatch.setattr(gpu_check, "_host_and_kernel_us", lambda step: step() or (1.0, 2.0, {}))
+    shape = replace(bench_run.suite(True, "cuda")[3], N=1)
+    rows = gpu_check.profile_summary([shape], torch.float32, torch.device("cpu"))
+    assert [(r["shape"], r["layout"]) for r in rows] == [(shape.label, "nchw"),
+                                                          (shape.label, "channels_last")]
+    assert rows[0]["train_kernel_us"] == 2.0 and rows[1]["fwd_host_us"] == 1.0
+    # forward without grad; training step: one call to make grad_y, one timed; per layout
+    nchw, cl = (True, True, False, False, False), (False, False, False, False, False)
+    pq = (True, True, True)
+    assert seen == [nchw, nchw[:2] + pq, nchw[:2] + pq, cl, cl[:2] + pq, cl[:2] + pq]
+
+
 def test_per_call_times_the_tiny_layer_against_conv2d(capsys):
     from bench import per_call
     calls = per_call.tiny_layer_calls()
