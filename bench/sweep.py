@@ -12,9 +12,9 @@ the prologue's, the split sum's and the forward prepare's Σ_c x² tiles were ch
 SASS alone, untimed), the next two the kernels' vector units and the forward's K blocks for
 channel counts that are not multiples of 16 (section 17: 3×3 40→40 and 1×1 80→40); the others
 try candidates: for the deep layers on small images, whose GEMMs fill under one wave of SMs,
-a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two); the last two put back
+a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two); the next two put back
 the depthwise layers' norms positions-innermost and the weight gradient's workspace tap-minor
-(section 20). Writes
+(section 20), and the last puts back the forward's K unsplit (section 21). Writes
 ``<out-dir>/<gpu>-sweep.json``. Needs torch with CUDA and the project installed; on the whole
 suite, expect a few minutes, most of them compiling each variant's kernels (``--shapes`` /
 ``--variants`` narrow it).
@@ -114,6 +114,8 @@ VARIANTS = {
         (fwd, bwd), "saved_norm_format", lambda f: lambda *a: torch.contiguous_format),
     # the GEMM wgrad's workspace [splits, O, C/G, R, S] (scalar epilogue stores), as before
     "wgrad workspace tap-minor": _patched(bwd, "WGRAD_WS_TAP_MAJOR", lambda tap_major: False),
+    # the forward of layers that fill under half the GPU in one launch, K unsplit, as before
+    "forward K not split": _patched(fwd, "split_k", lambda f: lambda *a: 1),
 }
 
 

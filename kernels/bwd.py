@@ -35,7 +35,7 @@ from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps
                       position_cursor, tile_positions, with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
-from .fwd import dot_precision, pow2_between
+from .fwd import dot_precision, pow2_between, sm_count
 from .launch import (Launch, cdiv, channel_unit, divisor_magic, next_power_of_2,
                      vector_unit)
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
@@ -393,11 +393,6 @@ WGRAD_WS_TAP_MAJOR = True
 WGRAD_DIRECT_CONFIG = (128, 64, 4, 2)             # (BP, BO, warps, stages)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _dgrad_config(dtype, Cg, Og, cuda):
     """BN (input channels) no wider than C/G needs: a 3-channel stem takes 16, not 64."""
     if not cuda:  # the interpreter: small tiles, few loop steps
@@ -523,7 +518,7 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     conv = (sh, sw, padding[0], padding[2], *dilation)
     x_bytes = N * C * H * W * dtype.itemsize if need_grad_x else 0     # grad_x
     out_bytes = M * O * dtype.itemsize
-    sms = _sm_count(device_index) if cuda else 0
+    sms = sm_count(device_index) if cuda else 0
     unread = not every_input_read((H, W), out_hw, (R, S), stride, padding, dilation)
 
     BP, BG, BO, tiles, n_blk, warps, stages = _prologue_blocks(per_image, N, OH * OW, G, Og,

@@ -47,8 +47,8 @@ from .weight import TAP_MAJOR_PROGRAMS, normalize_args, normalize_rows, normaliz
 
 @triton.jit(do_not_specialize=["M", "TILES"])
 def scd2d_fwd_kernel(
-    X, SQ, W, P, Q, Y, Cout, Norm,
-    H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS,
+    X, SQ, W, P, Q, Y, Cout, Norm, WS,
+    H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS, M_TILES, SPLIT_STEPS,
     sxn, sxc, sxh, sxw, syn, syc, syp,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sp, sq,
     eps, norm_eps,
@@ -57,7 +57,7 @@ def scd2d_fwd_kernel(
     EVEN_K: tl.constexpr, CB_SHIFT: tl.constexpr, X_PLANES: tl.constexpr,
     PER_IMAGE: tl.constexpr, SAVE: tl.constexpr, FAST: tl.constexpr,
     P_SHARED: tl.constexpr, Q_SHARED: tl.constexpr, XV: tl.constexpr, YV: tl.constexpr,
-    PV: tl.constexpr,
+    PV: tl.constexpr, PARTIAL: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """Implicit GEMM on one [BM positions, BN channels] tile of group ``i_g``.
 
@@ -74,6 +74,11 @@ def scd2d_fwd_kernel(
     channels-last y its position strides; ``PV``: with NCHW y, OH·OW and y's sample and channel
     strides are (``in_units``: 16-byte loads and stores for channel counts such as 40 too, 8-byte
     stores along 14×14 planes; 1 where x's channels are not contiguous).
+    Split K (layers whose tiles fill under half the SMs, ``split_k``) takes two launches:
+    ``PARTIAL`` runs K steps ``[s·SPLIT_STEPS, (s + 1)·SPLIT_STEPS)`` for split ``s`` (grid
+    axis 2 = s·G + group) and stores its float32 tile into the workspace WS [splits, G,
+    M_TILES, BM, W_COLS] instead of the epilogue; then ``SPLITS`` > 0 sums the SPLITS tiles,
+    in split order, where the K loop would run, and the epilogue follows as without a split.
     """
     sxn, sxh, sxw, Cg = in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV), in_units(Cg, XV)
     Og = in_units(Og, YV)
@@ -82,6 +87,12 @@ def scd2d_fwd_kernel(
     else:
         syn, syp = in_units(syn, YV), in_units(syp, YV)
     i_m, i_n, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_lo, k_hi = 0, N_K
+    if PARTIAL:
+        i_s = i_g // G
+        i_g = i_g - i_s * G
+        k_lo = i_s * SPLIT_STEPS
+        k_hi = tl.minimum(N_K, k_lo + SPLIT_STEPS)
     o_n, o_p, m_m = tile_positions(i_m, M, P_IMG, TILES, BM, PER_IMAGE)  # [BM]
     o_oh = o_p // OW
     o_ih0 = o_oh * stride_h - pad_h                                      # [BM]
@@ -94,7 +105,17 @@ def scd2d_fwd_kernel(
     n_cb = tl.cdiv(Cg, BK)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for i_k in range(N_K):
+    if PARTIAL or SPLITS > 0:
+        # split K: the workspace tile of (split 0, group, i_m, i_n); each split holds G·M_TILES
+        # (int32: a split workspace holds at most as many tiles as the GPU runs at once)
+        p_ws = (WS + ((i_g * M_TILES + i_m) * BM * W_COLS + i_n * BN)
+                + (tl.arange(0, BM)[:, None] * W_COLS + tl.arange(0, BN)[None, :]))  # [BM, BN]
+        ws_split = G * M_TILES * BM * W_COLS
+    if SPLITS > 0:                # the partial sums, in split order, instead of the K loop
+        for i_p in range(SPLITS):
+            acc += tl.load(p_ws + i_p * ws_split)
+        k_hi = 0
+    for i_k in range(k_lo, k_hi):
         if FLAT_K:
             o_kk = i_k * BK + o_k                                        # [BK] (tap, channel)
             o_tap = o_kk // Cg
@@ -132,6 +153,9 @@ def scd2d_fwd_kernel(
         b_x = tl.load(p_tile, mask=m_x, other=0.0)                       # [BM, BK]
         b_w = tl.load(p_w + i_k * BK)                                    # [BK, BN]
         acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+    if PARTIAL:
+        tl.store(p_ws + i_s * ws_split, acc)
+        return
 
     # Σs² of each patch: its taps' per-pixel Σ_c x² (padding taps are 0)
     p_sq = SQ + (o_n.to(tl.int64) * G + i_g) * H * Wd                   # [BM]
@@ -337,6 +361,30 @@ def _block_k(n, choices, issue_bound=False):
 
 
 @functools.lru_cache(maxsize=None)
+def sm_count(index):
+    """The SMs of CUDA device ``index``: the launchers size their grids by them."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+NOMINAL_SMS = 132     # the interpreter splits the forward's K as a 132-SM GPU would (H100/H200)
+SPLIT_MIN_STEPS = 8   # K steps a split at least: a 3-stage pipeline fills in 2
+
+
+def split_k(programs, n_k, sms, warps):
+    """Splits of the forward GEMM's K for ``programs`` tiles of ``warps`` warps and ``n_k`` K
+    steps on ``sms`` SMs, which hold one tile of 8 warps each (184–255 registers a thread, the
+    kernel report: all 64 K registers) or two of 4: as many splits as the GPU holds, each at
+    least ``SPLIT_MIN_STEPS`` long, so only layers whose tiles fill under half of it split.
+    Their time is one chain of dependent K steps: 3×3 512→512 7² b32 took the same ~27 µs (on
+    an H200, where cuDNN took 17 µs for the whole forward) in 52 tiles of 128×128 as in 100 of
+    64×128, 72 steps each (docs/GPU_NOTES.md section 10). Two splits halve the chain, for a
+    float32 workspace of at most as many tiles as the GPU holds and a second launch that sums
+    it and runs the epilogue."""
+    slots = sms * (1 if warps == 8 else 2)
+    return max(1, min(slots // max(programs, 1), n_k // SPLIT_MIN_STEPS))
+
+
+@functools.lru_cache(maxsize=None)
 def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
 
@@ -400,6 +448,8 @@ class _Plan(NamedTuple):
     w_layout: tuple           # (shape, out_strides, slots) of the GEMM's ŵ; None: direct
     main: Launch              # its strides: x's
     prepare: Launch = None    # the GEMM's (``prepare_launch``); its strides: x's
+    partial: Launch = None    # a split K's first launch (``split_k``), before ``main``
+    ws_numel: int = 0         # its float32 workspace
     copy: bool = False        # the prepare launch copies x channels-contiguous
     x_strides: tuple = None   # x viewed with these strides first (``_in_sample_strides``)
 
@@ -428,8 +478,8 @@ def _in_sample_strides(x_shape, x_strides, out_hw, kernel, stride, padding, dila
 
 @functools.lru_cache(maxsize=1024)
 def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_norm,
-          weight_norm_eps, fmt, p_stride, q_stride, fp32, cuda, fast, stride, padding, dilation,
-          groups, eps, norm_eps, save, precision):
+          weight_norm_eps, fmt, p_stride, q_stride, fp32, cuda, sms, fast, stride, padding,
+          dilation, groups, eps, norm_eps, save, precision):
     """The forward's launches of one layer signature, worked out once (host time per call)."""
     N, C, H, W = x_shape
     O, Cg, R, S = w_shape
@@ -477,6 +527,9 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
     tiles = cdiv(P_img, BM)
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
+    splits = split_k(grid[0] * grid[1] * G, n_k, sms, warps)
+    split_steps = cdiv(n_k, splits)
+    splits = cdiv(n_k, split_steps)         # none empty
     copy = transpose_x and x_copies_by_kernel
     # the prepare launch reads x, or torch's channels_last copy of it; the GEMM reads that copy
     prepare_strides = cl_strides if transpose_x and not copy else x_strides
@@ -484,17 +537,23 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     prepare = prepare_launch(x_shape, w_shape, w_strides, q_stride, weight_norm, weight_norm_eps,
                              groups, w_layout, copy, pix_flat, cuda, prepare_strides[1] == 1,
                              channel_unit(itemsize, Cg, prepare_strides))
-    return _Plan(*shapes, w_layout, Launch(
+    main = Launch(
         scd2d_fwd_kernel, grid, (H, W, G, Cg, Og, OH, OW, P_img, M, tiles, Cg * R * S, n_k,
-                                 n_k * BK, w_layout[0][1]), (*y_strides, *conv),
+                                 n_k * BK, w_layout[0][1], grid[0], split_steps),
+        (*y_strides, *conv),
         dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
              EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)), X_PLANES=in_place,
              P_SHARED=p_stride == 0, Q_SHARED=q_stride == 0,
              XV=channel_unit(itemsize, Cg, main_x_strides),
              YV=vector_unit(itemsize, Og), PV=vector_unit(itemsize, P_img) if per_image else 1,
-             **flags), warps, stages),
-        prepare, copy, restrided)
-
+             PARTIAL=False, SPLITS=0, **flags), warps, stages)
+    partial, ws_numel = None, 0
+    if splits > 1:
+        partial = main._replace(grid=(*grid[:2], G * splits),
+                                constexprs=dict(main.constexprs, PARTIAL=True))
+        main = main._replace(constexprs=dict(main.constexprs, SPLITS=splits), stages=1)
+        ws_numel = splits * G * grid[0] * BM * w_layout[0][1]
+    return _Plan(*shapes, w_layout, main, prepare, partial, ws_numel, copy, restrided)
 
 
 def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
@@ -512,7 +571,9 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
     fmt = memory_format(x)
     plan = _plan(x.shape, x.stride(), copies_by_kernel(x), weight.shape, weight.stride(),
                  weight_norm, weight_norm_eps, fmt, p.stride(0), q.stride(0),
-                 x.dtype == torch.float32, x.is_cuda, x.is_cuda and FAST_MATH, tuple(stride),
+                 x.dtype == torch.float32, x.is_cuda,
+                 sm_count(x.device.index) if x.is_cuda else NOMINAL_SMS,
+                 x.is_cuda and FAST_MATH, tuple(stride),
                  tuple(padding), tuple(dilation), groups, eps, norm_eps, save_for_backward,
                  dot_precision(x.dtype))
     if plan.x_strides is not None:   # a size-1 dimension's stride past int32: 0 serves
@@ -539,9 +600,16 @@ def scd2d_fwd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps,
         x_gemm = torch.empty_like(x, memory_format=torch.channels_last) if plan.copy else x
         plan.prepare((x, x_gemm, sq, weight, q, w_hat), x.stride())
         x, x_sq = x_gemm, (sq,)
-    # without SAVE the kernel stores y only: y stands in for the c and norm pointers
-    plan.main((x, *x_sq, w_hat, p, q, y, y if c is None else c, y if norm is None else norm),
-              x.stride())
+    # without SAVE the kernel stores y only: y stands in for the c and norm pointers, and for
+    # the GEMM's workspace when K is not split
+    tensors = (x, *x_sq, w_hat, p, q, y, y if c is None else c, y if norm is None else norm)
+    if plan.partial is not None:
+        ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=dev)
+        plan.partial((*tensors, ws), x.stride())
+        tensors = (*tensors, ws)
+    elif plan.w_layout is not None:
+        tensors = (*tensors, y)
+    plan.main(tensors, x.stride())
     return y, c, norm
 
 
@@ -617,6 +685,7 @@ def report_jobs():
         ("3x3 40-40 8^2 (40 channels)", 64, 40, 40, 8, 8, 3, 1, ("bf16",)),
         ("3x3 256-256 14^2 (196 positions)", 32, 256, 256, 14, 14, 3, 1, ("bf16",)),
         ("dw 3x3 40 56^2 (40 channels)", 32, 40, 40, 56, 56, 3, 40, ("bf16",)),
+        ("3x3 512-512 7^2 (split K)", 32, 512, 512, 7, 7, 3, 1, ("bf16", "fp32")),
     ]
     jobs = []
     for label, N, C, O, H, W, R, groups, dtypes in layers:
@@ -632,7 +701,7 @@ def report_jobs():
                 itemsize = 4 if dtype == "fp32" else 2
                 x_strides = tuple(ints[k] for k in ("sxn", "sxc", "sxh", "sxw"))
                 ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", Y=f"*{dtype}", Cout=f"*{dtype}",
-                            P="*fp32", Q="*fp32", Norm="*fp32")
+                            P="*fp32", Q="*fp32", Norm="*fp32", WS="*fp32")
                 if uses_direct_kernel(groups, Cg, Og):
                     BM, BG, OGP, warps, stages = direct_config(Og)
                     ints["TILES"] = cdiv(H * W, BM)
@@ -646,21 +715,30 @@ def report_jobs():
                     BM, BN, BK, flat_k, warps, stages = gemm_config(
                         Cg, Og, R, R, groups, N * H * W, dtype == "fp32")
                     n_k = cdiv(Cg * R * R, BK) if flat_k else R * R * cdiv(Cg, BK)
+                    m_tiles = N * cdiv(H * W, BM) if layout == "nchw" else cdiv(N * H * W, BM)
+                    splits = split_k(m_tiles * cdiv(Og, BN) * groups, n_k, NOMINAL_SMS, warps)
                     ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
-                                W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN)
+                                W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN, M_TILES=m_tiles,
+                                SPLIT_STEPS=cdiv(n_k, splits))
                     ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
                                   EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),
                                   X_PLANES=in_place, P_SHARED=False, Q_SHARED=True,
                                   XV=channel_unit(itemsize, Cg, x_strides),
                                   YV=vector_unit(itemsize, Og),
-                                  PV=vector_unit(itemsize, H * W) if layout == "nchw" else 1)
+                                  PV=vector_unit(itemsize, H * W) if layout == "nchw" else 1,
+                                  PARTIAL=splits > 1, SPLITS=0)
                     name = f"{label} BM{BM}-BN{BN}-BK{BK}{'-flatK' if flat_k else ''}"
                     kernel = scd2d_fwd_kernel
                 job = dict(kernel=kernel, name=f"{name}-w{warps}-s{stages}", layout=layout,
                            dtype=dtype, ints=ints, constexprs=consts, pointer_dtypes=ptrs,
                            num_warps=warps, num_stages=stages)
                 jobs.append(job)
+                if kernel is scd2d_fwd_kernel and splits > 1:   # the second launch: sum, epilogue
+                    jobs[-1] = dict(job, name=f"{name}-w{warps}-s{stages} partial")
+                    jobs.append(dict(job, name=f"{name}-w{warps}-s1 {splits} splits, epilogue",
+                                     constexprs=dict(consts, PARTIAL=False, SPLITS=splits),
+                                     num_stages=1))
                 if label.startswith("3x3 128-128") and dtype == "bf16":
                     # p and q of shape [O] (the functional API with tensors): a reciprocal an element
                     jobs.append(dict(job, name=f"{job['name']} per-channel q", ints=dict(ints, sq=1),

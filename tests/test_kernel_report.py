@@ -39,6 +39,8 @@ def picked():
             jobs += [(j, a) for a in (80, 90)]
         if j["name"].startswith("3x3 40-40") and j["layout"] == "channels_last":
             jobs += [(j, a) for a in (80, 90)]
+        if "(split K)" in j["name"] and j["dtype"] == "bf16":
+            jobs += [(j, a) for a in (80, 90)]
         if j["name"].startswith("dw") and j["dtype"] == "bf16" and j["layout"] == "nchw":
             jobs.append((j, 90))
         if j["kernel"].__name__ == "scd2d_fwd_prepare_kernel" and j["dtype"] == "bf16":
@@ -108,7 +110,7 @@ def _tensor_cores(r):
 
 
 def test_main_forward_configs_have_no_spills_and_use_tensor_cores(rows):
-    gemm = [r for r in rows if r["kernel"] == "scd2d_fwd_kernel"]
+    gemm = [r for r in rows if r["kernel"] == "scd2d_fwd_kernel" and "split K" not in r["config"]]
     assert {(r["layout"], r["dtype"], r["arch"]) for r in gemm} == {
         (lay, d, a) for lay in ("channels_last", "nchw") for d in ("bf16", "fp16")
         for a in ("sm_80", "sm_90")}
@@ -121,6 +123,23 @@ def test_main_forward_configs_have_no_spills_and_use_tensor_cores(rows):
         # 1920-2152 with a reciprocal per element for a shared q too (now one a row)
         per_channel_q = r["config"].endswith("per-channel q")
         assert 0 < r["instructions"] <= (2200 if per_channel_q else 1900), r
+
+
+def test_a_split_k_keeps_the_forward_loop_and_sums_its_parts_without_mma(rows):
+    """3×3 512→512 7² b32 splits K: the partial launch's loop is the unsplit tile's (tensor
+    cores, within the forward's bound, no spills); the second launch sums the parts with no
+    MMA and runs the epilogue, no spills either."""
+    split = [r for r in rows if "(split K)" in r["config"]]
+    partial = [r for r in split if r["config"].endswith("partial")]
+    summing = [r for r in split if r["config"].endswith("epilogue")]
+    both = {(lay, a) for lay in ("channels_last", "nchw") for a in ("sm_80", "sm_90")}
+    assert {(r["layout"], r["arch"]) for r in partial} == both
+    assert {(r["layout"], r["arch"]) for r in summing} == both
+    for r in partial:
+        _tensor_cores(r)
+        assert 0 < r["loop_instructions"] <= LOOP_BOUND[r["arch"]], r
+    for r in summing:
+        assert r["spill_bytes"] == 0 and r["mma_instructions"] == 0 and r["registers"] <= 255, r
 
 
 @pytest.mark.parametrize("kernel", ["scd2d_dgrad_kernel", "scd2d_wgrad_kernel"])

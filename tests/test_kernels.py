@@ -172,6 +172,64 @@ def test_heuristic_configs():
     assert not isinstance(fwd.scd2d_fwd_kernel, triton.runtime.Autotuner)
 
 
+def test_split_k_only_where_the_tiles_fill_under_half_the_gpu():
+    """Splits of the forward's K (``fwd.split_k``) on 132 SMs, with the configs' tiles: 3×3
+    512→512 7² b32 (100 tiles of 72 steps, two a SM) takes two, batch-1 inference on 3×3
+    128→128 28² (13 tiles of 18 steps) two, layers that fill the GPU or have short K none."""
+    def splits(N, C, O, side, R, fp32=False):
+        BM, BN, BK, flat_k, warps, _ = gemm_config(C, O, R, R, 1, N * side * side, fp32)
+        programs = -(-N * side * side // BM) * -(-O // BN)
+        n_k = R * R * -(-C // BK)
+        return fwd.split_k(programs, n_k, 132, warps)
+    assert splits(32, 512, 512, 7, 3) == 2
+    assert splits(1, 128, 128, 28, 3) == 2
+    assert splits(32, 256, 256, 14, 3) == 1       # 196 tiles
+    assert splits(64, 40, 40, 8, 3) == 1          # 9 steps
+    assert splits(64, 128, 128, 56, 3) == 1
+    assert fwd.split_k(1, 72, 132, 8) == 9        # at least 8 steps a split
+
+
+SPLIT_CASES = [   # float32 K blocks of 32 (16 for 40 channels): 18, 27 and 25 K steps
+    Case(2, 64, 5, 5, 24, (3, 3), padding=1),
+    Case(1, 40, 6, 5, 70, (3, 3), padding=1, stride=2),
+    Case(2, 32, 4, 4, 16, (5, 5), padding=2, per_channel=False),
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", params(SPLIT_CASES))
+def test_a_split_k_matches_the_oracle_and_the_unsplit_kernel(case, channels_last, monkeypatch):
+    """Small layers split K over two launches (partial sums into a float32 workspace, then
+    their sum in split order and the epilogue): y and the four gradients against the oracle,
+    and y, c and the norms as the unsplit kernel gives them but for the order of the sums."""
+    launched = []
+    launch = fwd.Launch.__call__
+    monkeypatch.setattr(fwd.Launch, "__call__",
+                        lambda self, *a: launched.append(self.constexprs) or launch(self, *a))
+    x = torch.randn(case.N, case.C, case.H, case.W)
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton",
+                       channels_last=channels_last, device=DEVICE, x=x)
+    steps = [(c["PARTIAL"], c["SPLITS"]) for c in launched if "PARTIAL" in c]
+    assert steps[:2] == [(True, 0), (False, 3 if case.C == 40 or case.kernel == (5, 5) else 2)]
+    w = torch.randn(case.O, case.C, *case.kernel, device=DEVICE)
+    p, q = torch.rand(case.O, device=DEVICE) + 1, torch.rand(case.O, device=DEVICE) * 0.2
+    x = x.to(DEVICE).contiguous(memory_format=torch.channels_last if channels_last
+                                else torch.contiguous_format)
+    conv = case.oracle_kwargs()
+    call = lambda: scd2d_fwd(x, w, p, q, conv["stride"], conv["padding"], conv["dilation"],
+                             conv["groups"], 1e-6, 1e-12, "norm_q", 1e-12)
+    split = call()
+    monkeypatch.setattr(fwd, "split_k", lambda *a: 1)
+    fwd._plan.cache_clear()
+    try:
+        unsplit = call()
+    finally:
+        fwd._plan.cache_clear()
+    for name, a, b in zip(("y", "c", "norm"), split, unsplit):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(split[2], unsplit[2])     # the norms do not depend on K's sums
+
+
 @pytest.mark.parametrize("channels, C, unit", [(40, 40, 8), (44, 40, 4), (42, 40, 2),
                                                 (40, 39, 1), (48, 48, 1)])
 def test_channel_rows_in_vector_units(channels, C, unit):
@@ -366,22 +424,57 @@ def test_forward_is_deterministic_and_accurate_on_a_wide_layer(dtype, tile, monk
         monkeypatch.setattr(fwd, "gemm_config", lambda *a: tuple(
             tile.get(n, v) for n, v in zip(names, shipped(*a))))
         fwd._plan.cache_clear()
-    torch.manual_seed(0)
-    x = torch.randn(32, 128, 28, 28, device=DEVICE, dtype=dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(128, 128, 3, 3, device=DEVICE, dtype=dtype)
-    p = torch.empty(128, device=DEVICE).uniform_(1.0, 3.0)
-    q = torch.full((128,), 0.1, device=DEVICE)
+    x, w, p, q = _square_layer(32, 128, 28, dtype)
     try:
         with torch.no_grad():
             ys = [scd_triton.scd2d(x, w, p, q, padding=1) for _ in range(4)]
     finally:
         fwd._plan.cache_clear()     # no plan of the patched tiles outlives the test
     assert all(torch.equal(y, ys[0]) for y in ys[1:])
+    _assert_near_the_oracle(ys[0], x, w, p, q)
+
+
+def _square_layer(N, C, side, dtype):
+    """Seeded GPU inputs of a 3×3 C→C layer on ``side``² images: channels_last x, w, p, q."""
+    torch.manual_seed(0)
+    x = torch.randn(N, C, side, side, device=DEVICE, dtype=dtype)
+    w = torch.randn(C, C, 3, 3, device=DEVICE, dtype=dtype)
+    p = torch.empty(C, device=DEVICE).uniform_(1.0, 3.0)
+    q = torch.full((C,), 0.1, device=DEVICE)
+    return x.contiguous(memory_format=torch.channels_last), w, p, q
+
+
+def _assert_near_the_oracle(y, x, w, p, q):
+    """y of a padding-1 layer on its first two samples against the float64 oracle."""
     ref = oracle.scd2d(x[:2].double().cpu(), w.double().cpu(), p.double().cpu(),
                        q.double().cpu(), padding=(1, 1, 1, 1))
-    err = ((ys[0][:2].double().cpu() - ref).norm() / ref.norm()).item()
-    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), err   # TF32: ~9e-4
+    err = ((y[:2].double().cpu() - ref).norm() / ref.norm()).item()
+    assert err < (1e-2 if y.dtype == torch.bfloat16 else 2e-3), err   # TF32: ~9e-4
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_split_k_forward_is_deterministic_on_a_deep_layer(dtype, monkeypatch):
+    """3×3 512→512 7² b32 (100 tiles of 72 K steps) splits K on an H100/H200: four identical
+    calls give the same bits (the parts are summed in split order, no atomics), close to the
+    unsplit kernel and to the oracle."""
+    launched = []
+    launch = fwd.Launch.__call__
+    monkeypatch.setattr(fwd.Launch, "__call__",
+                        lambda self, *a: launched.append(self.constexprs) or launch(self, *a))
+    x, w, p, q = _square_layer(32, 512, 7, dtype)
+    with torch.no_grad():
+        ys = [scd_triton.scd2d(x, w, p, q, padding=1) for _ in range(4)]
+        assert any(c.get("PARTIAL") for c in launched), "no split on this GPU"
+        monkeypatch.setattr(fwd, "split_k", lambda *a: 1)
+        fwd._plan.cache_clear()
+        try:
+            unsplit = scd_triton.scd2d(x, w, p, q, padding=1)
+        finally:
+            fwd._plan.cache_clear()
+    assert all(torch.equal(y, ys[0]) for y in ys[1:])
+    assert ((ys[0].double() - unsplit.double()).norm() / unsplit.double().norm()).item() < 1e-2
+    _assert_near_the_oracle(ys[0], x, w, p, q)
 
 
 @gpu

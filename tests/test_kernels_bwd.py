@@ -601,7 +601,7 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
     the workspace leaves grad_x only when the splits that fit there would not fill the SMs
     once (3×3 128→256 16²: 7 splits in grad_x rather than 11 beside it)."""
     from scd_triton.kernels import bwd
-    monkeypatch.setattr(bwd, "_sm_count", lambda device_index: 132)
+    monkeypatch.setattr(bwd, "sm_count", lambda device_index: 132)
     N, C, H, O, s = layer
     k = 5 if C == 3 else 3
     OH = H // s
