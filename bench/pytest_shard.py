@@ -8,10 +8,10 @@ shards are cut along the kernel variants the tests launch (``COMPILE_KEYS``, rec
 interpreter): each test goes, largest first, to the shard where what it adds (a new variant
 ``KEY_SECONDS``, a test ``TEST_SECONDS``; a test the record does not know counts as one new
 variant), counted ``WORK_WEIGHT`` times, plus the shard's estimated time so far is least.
-By the interpreter's record of 2026-12-07 (893 variants in 590 tests), the busiest of 16
-shards of the whole suite compiles 62 variants instead of the 100 of a round-robin split, of 8
-shards 120 instead of 180. Tests that run on a GPU only are skipped in the interpreter, so
-the record lacks them (39 of 629): each counts as a variant of its own and they spread as in
+By the interpreter's record of 2026-12-07 (952 variants in 609 tests), the busiest of 16
+shards of the whole suite compiles 66 variants instead of the 105 of a round-robin split, of 8
+shards 130 instead of 181. Tests that run on a GPU only are skipped in the interpreter, so
+the record lacks them (41 of 650): each counts as a variant of its own and they spread as in
 a round-robin split. A stale record only costs time: every test still runs once.
 
 With ``SCD_RECORD_KEYS=path`` (and ``TRITON_INTERPRET=1``) it records instead, for every test,
@@ -21,7 +21,8 @@ the kernel variants it launches, and writes them to ``path`` at the end of the s
         python -m pytest -q tests -p bench.pytest_shard
 
 A variant is what Triton compiles once: the kernel, its warps and stages, constexprs, tensor
-dtypes and how each int argument specialises (1, a multiple of 16, other). The interpreter's
+dtypes and how each int argument specialises (1, a multiple of 16, other; not at all where the
+kernel says ``do_not_specialize``, as the forward does for the batch's ints). The interpreter's
 configs are not the GPU's, but tests that launch the same layer alike share variants on both.
 """
 import json
@@ -79,16 +80,23 @@ def pytest_collection_modifyitems(config, items):
 
 def _variant(kernel, tensors, scalars, constexprs, num_warps, num_stages):
     """What Triton compiles a launch as (see the module docstring), as a string."""
-    def spec(v):
+    # the decorator's do_not_specialize: a JITFunction's, or the interpreter's kwargs
+    fixed = (getattr(kernel, "do_not_specialize", None)
+             or getattr(kernel, "kwargs", {}).get("do_not_specialize") or ())
+    names = getattr(kernel, "arg_names", [])[len(tensors):len(tensors) + len(scalars)]
+
+    def spec(name, v):
         if isinstance(v, bool) or not isinstance(v, int):
             return type(v).__name__
+        if name in fixed:
+            return "int"
         return "1" if v == 1 else "16" if v % 16 == 0 else "i"
     name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__",
                                                         type(kernel).__name__)
     return json.dumps([name, num_warps, num_stages, sorted((k, repr(v)) for k, v in
                                                            constexprs.items()),
                        [str(getattr(t, "dtype", None)) for t in tensors],
-                       [spec(s) for s in scalars]])
+                       [spec(n, v) for n, v in zip(names or [None] * len(scalars), scalars)]])
 
 
 class _Recorder:

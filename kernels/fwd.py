@@ -45,7 +45,7 @@ from .layout import transpose_tile
 from .weight import TAP_MAJOR_PROGRAMS, normalize_args, normalize_rows, normalize_weight
 
 
-@triton.jit(do_not_specialize=["M", "TILES"])
+@triton.jit(do_not_specialize=["M", "TILES", "M_TILES"])   # a new batch size compiles nothing
 def scd2d_fwd_kernel(
     X, SQ, W, P, Q, Y, Cout, Norm, WS,
     H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS, M_TILES, SPLIT_STEPS,

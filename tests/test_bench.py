@@ -163,6 +163,18 @@ def test_the_compile_key_record_is_written_and_read_back(tmp_path):
     assert json.loads(record.read_text())["variants"] == len(keys["test_rec.py::test_launches"])
 
 
+def test_a_variant_ignores_the_ints_a_kernel_does_not_specialise():
+    """The record's variant of a launch: an int the kernel names in ``do_not_specialize`` (the
+    forward's batch-dependent ints) does not make a new one; another int's class does."""
+    from bench.pytest_shard import _variant
+
+    class Kernel:         # what the recorder reads of a JITFunction
+        __name__, arg_names, do_not_specialize = "k", ["X", "M", "N"], ["M"]
+
+    variant = lambda m, n: _variant(Kernel, (torch.empty(1),), (m, n), {}, 4, 1)
+    assert variant(32, 7) == variant(31, 7) != variant(32, 16)
+
+
 def test_the_compile_record_knows_most_collected_tests(request):
     """``bench/test_compile_keys.json`` names most of the suite's tests (all but those that run
     on a GPU only and those added since it was recorded; the command that rewrites it is in

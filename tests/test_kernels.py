@@ -189,6 +189,25 @@ def test_split_k_only_where_the_tiles_fill_under_half_the_gpu():
     assert fwd.split_k(1, 72, 132, 8) == 9        # at least 8 steps a split
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_a_new_batch_size_changes_only_ints_the_forward_does_not_specialise(layout):
+    """The GEMM forward's launch ints that follow the batch size (M, the M tiles) are not
+    specialised (``do_not_specialize``): a last, smaller batch reuses the compiled kernel."""
+    def ints(N):
+        x = torch.empty(N, 64, 56, 56).contiguous(memory_format=layout)
+        plan = fwd._plan(x.shape, x.stride(), False, (64, 64, 3, 3), (576, 9, 3, 1), "norm_q",
+                         1e-12, layout, 0, 0, False, True, 132, True, (1, 1), (1, 1, 1, 1),
+                         (1, 1), 1, 1e-6, 1e-12, True, "tf32")
+        assert plan.partial is None
+        names = fwd.scd2d_fwd_kernel.arg_names[9:]
+        return dict(zip(names, (*plan.main.head, *x.stride(), *plan.main.tail)))
+    full, last = ints(32), ints(31)
+    changed = {name for name in full if full[name] != last[name]}
+    kernel = fwd.scd2d_fwd_kernel      # the decorator's argument (the interpreter keeps kwargs)
+    unspecialised = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"]
+    assert changed and changed <= set(unspecialised), changed
+
+
 SPLIT_CASES = [   # float32 K blocks of 32 (16 for 40 channels): 18, 27 and 25 K steps
     Case(2, 64, 5, 5, 24, (3, 3), padding=1),
     Case(1, 40, 6, 5, 70, (3, 3), padding=1, stride=2),
