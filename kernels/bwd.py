@@ -59,7 +59,7 @@ def scd2d_bwd_prologue_kernel(
                   PER_IMAGE, FAST, OV, CV, GV, NORM_CL)
 
 
-@triton.jit(do_not_specialize=["M", "TILES"])
+@triton.jit(do_not_specialize=["M", "TILES", "PROLOGUE_PROGRAMS"])
 def scd2d_bwd_prologue_copy_kernel(
     GY, Cin, Norm, P, Q, GD, GNS, PART, X, X_CL,
     M, TILES, G, Og, O, P_IMG, G_TILES, PROLOGUE_PROGRAMS, C, XP, XP_TILES, XC_TILES,

@@ -45,7 +45,7 @@ from .layout import transpose_tile
 from .weight import TAP_MAJOR_PROGRAMS, normalize_args, normalize_rows, normalize_weight
 
 
-@triton.jit(do_not_specialize=["M", "TILES", "M_TILES"])   # a new batch size compiles nothing
+@triton.jit(do_not_specialize=["M", "TILES", "M_TILES"])   # ints that follow the batch size
 def scd2d_fwd_kernel(
     X, SQ, W, P, Q, Y, Cout, Norm, WS,
     H, Wd, G, Cg, Og, OH, OW, P_IMG, M, TILES, K, N_K, W_ROWS, W_COLS, M_TILES, SPLIT_STEPS,
@@ -300,7 +300,7 @@ def pixel_sumsq(X, SQ, i_b, G, Cg, P, Wd, P_TILES, sxn, sxc, sxh, sxw, BQ: tl.co
     tl.store(SQ + (i_n.to(tl.int64) * G + i_g) * P + o_p, tl.sum(acc, axis=1), mask=m_p)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["COPY_PROGRAMS"])
 def scd2d_fwd_prepare_kernel(
     X, X_CL, SQ, W, Q, W_HAT, C, P, Wd, G, P_TILES, C_TILES, Q_TILES, W_PROGRAMS,
     COPY_PROGRAMS, sxn, sxc, sxh, sxw, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_s, s_g, s_j,

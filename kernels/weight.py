@@ -151,7 +151,7 @@ def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_
                          mask=m)
     else:
         for k0 in range(0, CP * TP, BK):
-            o_kk = k0 + o_k                                              # [BK] (c, tap) slots
+            o_kk = k0 + o_k                                              # [BK] slots
             o_w, o_c, o_t = _weight_offsets(o_kk, TP, S, Cg, sw_c, sw_r, sw_s, W_ORDER)
             if W_ORDER != 0:   # every slot's row is below ROWS; w's are the first K
                 m = m_o[:, None] & (o_kk < CP * TP)[None, :]
@@ -164,7 +164,7 @@ def normalize_rows(W, Q, W_HAT, i_b, Og, Cg, CP, ROWS, sq, sw_o, sw_c, sw_r, sw_
                      (b_w * b_scale[:, None]).to(W_HAT.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ROWS"])   # the prologue's partial rows follow the batch size
 def normalize_weight_backward_kernel(
     GW_HAT, W, Q, GW, GQ, PART, GP, W_HAT, O, ROWS, Og, Cg, sq, sw_o, sw_c, sw_r, sw_s,
     s_g, s_j, s_c, s_t, eps, RS: tl.constexpr, S: tl.constexpr, W_ORDER: tl.constexpr,
@@ -176,9 +176,8 @@ def normalize_weight_backward_kernel(
     (``W_ORDER``: ``w_order``; both loops run a dense w in its memory order). ``PARTIALS``:
     PART [ROWS, 2, O] holds per-block partial sums of grad_p and grad_q (the backward
     prologue's), summed here in a fixed order into GP and into GQ (added to the normalisation's
-    term). ``W_HAT_OUT``: also
-    writes ŵ, as ``normalize_weight_kernel`` does (strides ``s_*``), for a GEMM that runs
-    next. Programs as there (``_channel_block``)."""
+    term). ``W_HAT_OUT``: also writes ŵ, as ``normalize_weight_kernel`` does (strides
+    ``s_*``), for a GEMM that runs next. Programs as there (``_channel_block``)."""
     i_g, o_j, m_o = _channel_block(tl.program_id(0), Og, BO)
     o_o = i_g * Og + o_j
     K = Cg * RS

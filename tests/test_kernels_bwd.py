@@ -815,3 +815,40 @@ def test_depthwise_rows_in_vector_units(channels, C, unit, monkeypatch):
     for name, got, ref in zip("xwpq", (x, w, p, q), leaves):
         assert_close(f"grad_{name}", got.grad.cpu(), ref.grad, torch.float16, grad=True,
                      reduce_dim=9 * C)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])      # not in gpu-check's selection
+@pytest.mark.parametrize("C, O, groups", [(16, 16, 1), (8, 8, 8)])   # GEMMs, direct kernels
+def test_a_smaller_last_batch_compiles_only_the_wgrads_ragged_loop(C, O, groups, layout,
+                                                                    monkeypatch):
+    """A training step at batch 31 launches batch 32's kernel variants (what Triton compiles
+    once: ``bench.pytest_shard._variant``): the launch ints that follow the batch size are in
+    the kernels' ``do_not_specialize``. Only the GEMM wgrad differs, by ``EVEN_M`` (BK divides
+    N·OH·OW: its loop drops the position masks), where a GEMM wgrad runs."""
+    from bench.pytest_shard import _variant
+    from scd_triton.kernels import launch, layout as layout_module, weight
+    variants = []
+    real_launch = launch.launch
+
+    def record(kernel, grid, tensors, scalars, constexprs, warps, stages):
+        variants.append(_variant(kernel, tensors, scalars, constexprs, warps, stages))
+        return real_launch(kernel, grid, tensors, scalars, constexprs, warps, stages)
+
+    for module in (launch, layout_module, weight):
+        monkeypatch.setattr(module, "launch", record)
+
+    def step(N):
+        variants.clear()
+        x, w, p, q = _leaves((N, C, 5, 6), (O, C // groups, 3, 3), (O,), (O,))
+        y = scd_triton.scd2d(x.contiguous(memory_format=layout), w, p.detach().abs() + 1, q,
+                             padding=1, groups=groups, backend="triton")
+        y.backward(torch.randn_like(y))
+        return list(variants)
+
+    full, last = step(32), step(31)
+    assert len(full) == len(last)
+    differ = [(a, b) for a, b in zip(full, last) if a != b]
+    assert all('"scd2d_wgrad_kernel"' in a and a.replace('["EVEN_M", "True"]',
+                                                         '["EVEN_M", "False"]') == b
+               for a, b in differ), differ
