@@ -14,7 +14,8 @@ channel counts that are not multiples of 16 (section 17: 3×3 40→40 and 1×1 8
 try candidates: for the deep layers on small images, whose GEMMs fill under one wave of SMs,
 a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two); the next two put back
 the depthwise layers' norms positions-innermost and the weight gradient's workspace tap-minor
-(section 20), and the last puts back the forward's K unsplit (section 21). Writes
+(section 20), and the last two the forward's K unsplit and channels_last weights read
+through their strides (section 21). Writes
 ``<out-dir>/<gpu>-sweep.json``. Needs torch with CUDA and the project installed; on the whole
 suite, expect a few minutes, most of them compiling each variant's kernels (``--shapes`` /
 ``--variants`` narrow it).
@@ -116,6 +117,9 @@ VARIANTS = {
     "wgrad workspace tap-minor": _patched(bwd, "WGRAD_WS_TAP_MAJOR", lambda tap_major: False),
     # the forward of layers that fill under half the GPU in one launch, K unsplit, as before
     "forward K not split": _patched(fwd, "split_k", lambda f: lambda *a: 1),
+    # channels_last weights read through their strides, a channel apart, as before
+    "weights through their strides": _patched(
+        weight, "w_order", lambda f: lambda *a: 0 if f(*a) == 2 else f(*a)),
 }
 
 

@@ -307,20 +307,18 @@ def test_sweep_variants_give_the_shipped_results_and_put_the_launchers_back():
     """`python -m bench.sweep`: every variant runs a step, gives the shipped output and gradients
     (only the blocks change), and leaves the launchers and their plans as they were."""
     from bench import sweep
-    from scd_triton.kernels import bwd, fwd
-    from scd_triton.kernels import launch
-    originals = (bwd._prologue_blocks, bwd._splits, fwd.gemm_config, fwd.vector_unit,
-                 bwd.vector_unit, launch.vector_unit, fwd._block_k, fwd.saved_norm_format,
-                 bwd.saved_norm_format, bwd.WGRAD_WS_TAP_MAJOR)
+    from scd_triton.kernels import bwd, fwd, launch, weight
+    patched = lambda: (bwd._prologue_blocks, bwd._splits, fwd.gemm_config, fwd.vector_unit,
+                       bwd.vector_unit, launch.vector_unit, fwd._block_k, fwd.saved_norm_format,
+                       bwd.saved_norm_format, bwd.WGRAD_WS_TAP_MAJOR, fwd.split_k, weight.w_order)
+    originals = patched()
     shape = Shape("test", "tiny", 1, 16, 80, 5, 5, 3)     # BN 128 in the forward: narrowed
     rows = sweep.run([shape], list(sweep.VARIANTS), torch.device("cpu"), log=lambda line: None)
     assert [r["variant"] for r in rows] == list(sweep.VARIANTS)
     for r in rows:
         assert max(r["rel_err_y"], r["rel_err_grad_x"], r["rel_err_grad_w"]) < 1e-4, r
         assert r["fwd_us"] > 0 and r["train_us"] > 0
-    assert (bwd._prologue_blocks, bwd._splits, fwd.gemm_config, fwd.vector_unit,
-            bwd.vector_unit, launch.vector_unit, fwd._block_k, fwd.saved_norm_format,
-            bwd.saved_norm_format, bwd.WGRAD_WS_TAP_MAJOR) == originals
+    assert patched() == originals
     assert bwd._plan.cache_info().currsize == 0
     # the GPU-only candidate: BK 64 for the 16-bit small dgrad of narrow layers
     small = bwd.DGRAD_CONFIGS["small"]
