@@ -339,8 +339,8 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="*", choices=FAST_PROVIDERS, default=FAST_PROVIDERS)
     args = parser.parse_args(argv)
     # a test process compiles its kernels one after another on one core: with nothing beside
-    # them, as many processes as cores (8 shards of the suite compile up to 120 distinct
-    # kernel variants each, 16 up to 62, counted in the interpreter: bench.pytest_shard)
+    # them, as many processes as cores (8 shards of the suite compile up to 129 distinct
+    # kernel variants each, 16 up to 66, counted in the interpreter: bench.pytest_shard)
     args.jobs = args.jobs or min(16 if args.tests_only else 8, os.cpu_count() or 1)
     if not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA device")

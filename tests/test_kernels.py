@@ -39,6 +39,16 @@ def _ieee_float32(no_tf32):
     """float32 kernels compared with float64 use IEEE dots (TF32 is a GPU-only rounding)."""
 
 
+@pytest.fixture
+def launched(monkeypatch):
+    """The constexprs of every launch the launchers make (``Launch.__call__``), in order."""
+    constexprs = []
+    call = fwd.Launch.__call__
+    monkeypatch.setattr(fwd.Launch, "__call__",
+                        lambda self, *a: constexprs.append(self.constexprs) or call(self, *a))
+    return constexprs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", params(KERNEL_CASES))
 def test_forward_matches_oracle(case, dtype):
@@ -90,14 +100,10 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("C", [3, 32])     # flat-K and (tap, channel) GEMMs
-def test_shared_p_q_take_one_value_and_give_the_per_channel_bits(C, monkeypatch):
+def test_shared_p_q_take_one_value_and_give_the_per_channel_bits(C, launched):
     """Python-float p and q arrive as stride-0 tensors: the GEMM forward reads one value of each
     (``P_SHARED`` / ``Q_SHARED``: one reciprocal of ‖s‖ + q a row) and gives the same bits as
     the same values passed per channel, with and without the saved c."""
-    launched = []
-    launch = fwd.Launch.__call__
-    monkeypatch.setattr(fwd.Launch, "__call__",
-                        lambda self, *a: launched.append(self.constexprs) or launch(self, *a))
     x = torch.randn(2, C, 7, 6, device=DEVICE)
     w = torch.randn(16, C, 3, 3, device=DEVICE, requires_grad=True)
     full = lambda v: torch.full((16,), v, device=DEVICE)
@@ -217,14 +223,11 @@ SPLIT_CASES = [   # float32 K blocks of 32 (16 for 40 channels): 18, 27 and 25 K
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", params(SPLIT_CASES))
-def test_a_split_k_matches_the_oracle_and_the_unsplit_kernel(case, channels_last, monkeypatch):
+def test_a_split_k_matches_the_oracle_and_the_unsplit_kernel(case, channels_last, launched,
+                                                          monkeypatch):
     """Small layers split K over two launches (partial sums into a float32 workspace, then
     their sum in split order and the epilogue): y and the four gradients against the oracle,
     and y, c and the norms as the unsplit kernel gives them but for the order of the sums."""
-    launched = []
-    launch = fwd.Launch.__call__
-    monkeypatch.setattr(fwd.Launch, "__call__",
-                        lambda self, *a: launched.append(self.constexprs) or launch(self, *a))
     x = torch.randn(case.N, case.C, case.H, case.W)
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton",
                        channels_last=channels_last, device=DEVICE, x=x)
@@ -473,14 +476,10 @@ def _assert_near_the_oracle(y, x, w, p, q):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_split_k_forward_is_deterministic_on_a_deep_layer(dtype, monkeypatch):
+def test_a_split_k_forward_is_deterministic_on_a_deep_layer(dtype, launched, monkeypatch):
     """3×3 512→512 7² b32 (100 tiles of 72 K steps) splits K on an H100/H200: four identical
     calls give the same bits (the parts are summed in split order, no atomics), close to the
     unsplit kernel and to the oracle."""
-    launched = []
-    launch = fwd.Launch.__call__
-    monkeypatch.setattr(fwd.Launch, "__call__",
-                        lambda self, *a: launched.append(self.constexprs) or launch(self, *a))
     x, w, p, q = _square_layer(32, 512, 7, dtype)
     with torch.no_grad():
         ys = [scd_triton.scd2d(x, w, p, q, padding=1) for _ in range(4)]
