@@ -61,7 +61,8 @@ DTYPES = ["bfloat16", "float32"]
 # then the strided dgrad's carried loop and the zero gradient of pixels no patch reads: 224;
 # then the depthwise norms groups-innermost (their layout, a hook that changes it): 231;
 # then the weight kernels on a channels_last weight (its memory order): 241; then the forward's
-# split K (its determinism on a deep layer, small split layers): 246
+# split K (its determinism on a deep layer, small split layers): 246; then the dgrad's split K
+# (the same two): 252
 GPU_TESTS = ("tests/test_kernels.py tests/test_kernels_bwd.py tests/test_kernels_weight.py "
              "tests/test_ops.py tests/test_functional.py tests/test_modules.py -k 'bfloat16 or "
              "tf32 or synchronises or capturable or autocast or nan or int64 or nchw or wide or "

@@ -14,8 +14,9 @@ channel counts that are not multiples of 16 (section 17: 3×3 40→40 and 1×1 8
 try candidates: for the deep layers on small images, whose GEMMs fill under one wave of SMs,
 a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two); the next two put back
 the depthwise layers' norms positions-innermost and the weight gradient's workspace tap-minor
-(section 20), and the last two the forward's K unsplit and channels_last weights read
-through their strides (section 21). Writes
+(section 20), the next two the forward's K unsplit and channels_last weights read through
+their strides (section 21), and the last two the dgrad's K unsplit and a candidate, its K
+split without the memory cap (section 22). Writes
 ``<out-dir>/<gpu>-sweep.json``. Needs torch with CUDA and the project installed; on the whole
 suite, expect a few minutes, most of them compiling each variant's kernels (``--shapes`` /
 ``--variants`` narrow it).
@@ -120,6 +121,12 @@ VARIANTS = {
     # channels_last weights read through their strides, a channel apart, as before
     "weights through their strides": _patched(
         weight, "w_order", lambda f: lambda *a: 0 if f(*a) == 2 else f(*a)),
+    # the dgrad of layers that fill under half the GPU in one launch, K unsplit, as before;
+    # and a candidate: split also where the workspace outgrows the backward's other transients
+    # (3×3 40→40 8² b64: 2.1 MB against a 0.3 MB output)
+    "dgrad K not split": _patched(bwd, "split_k", lambda f: lambda *a: 1),
+    "dgrad K split beyond its memory room": _patched(
+        bwd, "_dgrad_splits", lambda f: lambda *a: f(*a[:5], 2**62)),
 }
 
 

@@ -14,6 +14,9 @@ prologue's launch (``scd2d_bwd_prologue_copy_kernel``).
   stride phase ``(ih mod sh, iw mod sw)`` (grid axis 2), so that the kernel taps that reach them
   are the same for the whole tile and the K loop runs over those taps only (no zero insertion,
   no scatter). The epilogue adds ``x ⊙ box_sum(grad_‖s‖/‖s‖)``, gathered over the same taps.
+  Layers whose tiles fill under half the GPU split its K as the forward does (two launches:
+  partial sums into a float32 workspace, then their sum and the epilogue), in the room of the
+  weight gradient's workspace (``_dgrad_splits``).
 - ``scd2d_wgrad_kernel``: implicit GEMM ``grad_d^T · patches(x)`` per kernel tap, split over
   ``N·OH·OW`` into a float32 workspace that the normalisation's backward kernel sums in a fixed
   order (deterministic) while applying its Jacobian.
@@ -35,7 +38,7 @@ from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps
                       position_cursor, tile_positions, with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
-from .fwd import dot_precision, pow2_between, sm_count
+from .fwd import NOMINAL_SMS, dot_precision, pow2_between, sm_count, split_k
 from .launch import (Launch, cdiv, channel_unit, divisor_magic, next_power_of_2,
                      vector_unit)
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
@@ -156,17 +159,17 @@ def prologue_tile(
     tl.store(GNS + o_norm, -b_ns / tl.where(b_norm == 0, 1.0, b_norm), mask=m_pg)
 
 
-@triton.jit(do_not_specialize=["M", "TILES"])
+@triton.jit(do_not_specialize=["M", "TILES", "SPLIT_STEPS"])
 def scd2d_dgrad_kernel(
-    GD, W, GNS, X, GX,
-    M, TILES, H, Wd, G, Cg, Og, O, OH, OW, HQ, WQ, P_Q,
+    GD, W, GNS, X, GX, WS,
+    M, TILES, H, Wd, G, Cg, Og, O, OH, OW, HQ, WQ, P_Q, SPLIT_STEPS,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, step_h, step_w,
     R: tl.constexpr, S: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PER_IMAGE: tl.constexpr, PLANES: tl.constexpr, EVEN_O: tl.constexpr, EVEN_C: tl.constexpr,
     OV: tl.constexpr, XV: tl.constexpr, DV: tl.constexpr,
-    UNREAD: tl.constexpr,
+    UNREAD: tl.constexpr, PARTIAL: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """Program (i_m, i_n, i_z): BM input positions of one stride phase × BN input channels.
 
@@ -180,11 +183,20 @@ def scd2d_dgrad_kernel(
     ŵ's rows), ``XV`` / ``DV``: C/G and x's / grad_x's strides but the channels' are
     (``_common.in_units``; 1 where their channels are not contiguous). ``UNREAD``: some input
     pixels lie in no patch (``shapes.every_input_read``); their x term is 0, not x·0.
+    Split K (tiles that fill under half the SMs, ``fwd.split_k``) takes two launches, as the
+    forward's: ``PARTIAL`` runs K steps ``[s·SPLIT_STEPS, (s + 1)·SPLIT_STEPS)`` of its phase
+    for split ``s`` (grid axis 2 = s·G·sh·sw + i_z) and stores its float32 tile into the
+    workspace WS [splits, G·sh·sw, M tiles, C/G tiles, BM·BN]; then ``SPLITS`` > 0 sums the
+    SPLITS tiles in split order, gathers the box sum and the read flags over all the phase's
+    taps (the unsplit loop's order: the same bits) and runs the epilogue.
     """
     Og, O = in_units(Og, OV), in_units(O, OV)
     Cg, sxn, sxh, sxw = in_units(Cg, XV), in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
     sdn, sdh, sdw = in_units(sdn, DV), in_units(sdh, DV), in_units(sdw, DV)
     i_m, i_n, i_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PARTIAL:
+        i_s = i_z // (G * stride_h * stride_w)
+        i_z = i_z - i_s * (G * stride_h * stride_w)
     ph_w = i_z % stride_w
     ph_h = (i_z // stride_w) % stride_h
     i_g = (i_z // (stride_w * stride_h)).to(tl.int64)
@@ -220,41 +232,79 @@ def scd2d_dgrad_kernel(
     i_ob = i_n * 0
     j_s = i_n * 0
     j_r = i_n * 0
+    k_lo, k_hi = 0, nr * ns * n_ob
+    if PARTIAL:   # this split's first step: its tap and channel block
+        k_lo = i_s * SPLIT_STEPS
+        k_hi = tl.minimum(k_hi, k_lo + SPLIT_STEPS)
+        tap = k_lo // n_ob
+        i_ob = k_lo - tap * n_ob
+        j_r = tap // tl.maximum(ns, 1)                 # a phase no tap reaches runs no step
+        j_s = tap - j_r * ns
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     b_box = tl.zeros((BM,), dtype=tl.float32)
     b_read = o_ihq < 0                     # [BM] False: positions some tap reaches (UNREAD)
-    for _ in range(nr * ns * n_ob):
-        r = r0 + j_r * step_h
-        s = s0 + j_s * step_w
-        o_oh = o_ihq + (d_h0 - j_r * dq_h)
-        o_ow = o_iwq + (d_w0 - j_s * dq_w)
-        m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
-        o_pos = o_oh * OW + o_ow                                         # [BM] in-image
-        o_o = i_ob * BK + o_k                                            # [BK] channel in group
-        p_w = W + ((i_g * R * S + r * S + s) * Cg * Og + i_ob * BK) + o_w
-        m_gd = m_t[:, None]
-        if EVEN_O and EVEN_C:
-            b_w = tl.load(p_w)                                           # [BK, BN]
+    if PARTIAL or SPLITS > 0:
+        # split K: the workspace tile of (split 0, i_z, i_m, i_n), BM·BN contiguous, positions
+        # innermost for NCHW grad_x (the epilogue's order); int32 (a split workspace holds at
+        # most as many tiles as the GPU runs at once)
+        ws_tiles = G * stride_h * stride_w * tl.num_programs(0) * tl.num_programs(1)
+        p_ws = WS + ((i_z * tl.num_programs(0) + i_m) * tl.num_programs(1) + i_n) * (BM * BN)
+        if PER_IMAGE:
+            p_ws += tl.arange(0, BM)[:, None] + tl.arange(0, BN)[None, :] * BM
         else:
-            m_o = o_o < Og
-            if not EVEN_O:
-                m_gd = m_gd & m_o[None, :]
-            b_w = tl.load(p_w, mask=m_o[:, None] & m_c[None, :], other=0.0)
-        b_gd = tl.load((p_gd + o_pos * O)[:, None] + o_o[None, :], mask=m_gd,
-                       other=0.0)                                        # [BM, BK]
-        acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
-        m_box = m_t & (o_ihq * 0 + i_ob == 0)  # once per tap (a [BM] mask: the interpreter's
-        b_box += tl.load(p_ns + o_pos, mask=m_box, other=0.0)  # scalar and [BM] mask do not mix)
-        if UNREAD:
-            b_read = b_read | m_t
-        i_ob += 1                          # the next channel block, tap column, tap row
-        tap_done = i_ob == n_ob
-        i_ob = tl.where(tap_done, 0, i_ob)
-        j_s += tap_done.to(tl.int32)
-        row_done = j_s == ns
-        j_s = tl.where(row_done, 0, j_s)
-        j_r += row_done.to(tl.int32)
+            p_ws += tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        ws_split = ws_tiles * (BM * BN)
+    if SPLITS > 0:              # the partial sums in split order, then the taps' box sum
+        for i_p in range(SPLITS):
+            acc += tl.load(p_ws + i_p * ws_split)
+        for _ in range(nr * ns):
+            o_oh = o_ihq + (d_h0 - j_r * dq_h)                 # as the unsplit loop's taps
+            o_ow = o_iwq + (d_w0 - j_s * dq_w)
+            m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
+            b_box += tl.load(p_ns + o_oh * OW + o_ow, mask=m_t, other=0.0)
+            if UNREAD:
+                b_read = b_read | m_t
+            j_s += 1                           # the next tap column, tap row
+            row_done = j_s == ns
+            j_s = tl.where(row_done, 0, j_s)
+            j_r += row_done.to(tl.int32)
+    else:
+        for _ in range(k_lo, k_hi):
+            r = r0 + j_r * step_h
+            s = s0 + j_s * step_w
+            o_oh = o_ihq + (d_h0 - j_r * dq_h)
+            o_ow = o_iwq + (d_w0 - j_s * dq_w)
+            m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
+            o_pos = o_oh * OW + o_ow                                         # [BM] in-image
+            o_o = i_ob * BK + o_k                                        # [BK] channel in group
+            p_w = W + ((i_g * R * S + r * S + s) * Cg * Og + i_ob * BK) + o_w
+            m_gd = m_t[:, None]
+            if EVEN_O and EVEN_C:
+                b_w = tl.load(p_w)                                       # [BK, BN]
+            else:
+                m_o = o_o < Og
+                if not EVEN_O:
+                    m_gd = m_gd & m_o[None, :]
+                b_w = tl.load(p_w, mask=m_o[:, None] & m_c[None, :], other=0.0)
+            b_gd = tl.load((p_gd + o_pos * O)[:, None] + o_o[None, :], mask=m_gd,
+                           other=0.0)                                    # [BM, BK]
+            acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
+            if not PARTIAL:   # once per tap (a [BM] mask: the interpreter's scalar and [BM]
+                m_box = m_t & (o_ihq * 0 + i_ob == 0)                    # masks do not mix)
+                b_box += tl.load(p_ns + o_pos, mask=m_box, other=0.0)
+                if UNREAD:
+                    b_read = b_read | m_t
+            i_ob += 1                          # the next channel block, tap column, tap row
+            tap_done = i_ob == n_ob
+            i_ob = tl.where(tap_done, 0, i_ob)
+            j_s += tap_done.to(tl.int32)
+            row_done = j_s == ns
+            j_s = tl.where(row_done, 0, j_s)
+            j_r += row_done.to(tl.int32)
+    if PARTIAL:
+        tl.store(p_ws + i_s * ws_split, acc)
+        return
 
     m = m_m[:, None] & m_c[None, :]
     o_cg = (i_g * Cg + o_c)[None, :]
@@ -467,6 +517,18 @@ def _splits(tiles, M, BK, sms, split_bytes, out_bytes, x_bytes):
     return in_grad_x if splits > in_grad_x >= 1 and in_grad_x * tiles >= sms else splits
 
 
+def _dgrad_splits(programs, n_k, sms, warps, split_bytes, room_bytes):
+    """Split-K count of the dgrad GEMM's ``programs`` tiles of ``n_k`` K steps: the forward's
+    rule (``split_k``: tiles that fill under half of the ``sms`` SMs, at least 8 steps a
+    split; the interpreter plans for a 132-SM GPU), as many as a float32 workspace of
+    ``split_bytes`` a split fits in ``room_bytes``: the weight gradient's workspace where that
+    lies beside grad_x (0 otherwise). The dgrad's workspace then holds no more than the
+    backward holds later, and ŵ no more than grad_w (same size), so the peak does not grow:
+    3×3 512→512 7² b32 splits in two (6.6 MB; the weight gradient's workspace 9.4 MB), 3×3
+    40→40 8² b64 not (2.1 MB; its weight gradient's workspace lies in grad_x)."""
+    return max(1, min(split_k(programs, n_k, sms, warps), room_bytes // split_bytes))
+
+
 def _position_strides(t):
     """``t`` [N, O, OH, OW] and its (sample, channel, position) strides, positions ``oh·OW + ow``
     (NCHW, channels_last and broadcast tensors as they are; other strides copied to NCHW). With
@@ -494,12 +556,14 @@ class _Plan(NamedTuple):
     ws_in_grad_x: bool        # the workspace fits in grad_x's memory, written only after it
     dgrad_first: bool         # with both sides: the dgrad before the workspace exists
     wgrad: Launch
+    dgrad_partial: Launch = None   # a split K's first launch (``split_k``), before dgrad
+    dgrad_ws_numel: int = 0        # its float32 workspace
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, cuda,
           device_index, stride, padding, dilation, groups, eps, weight_norm, precision,
-          need_grad_x, fast):
+          need_grad_x, need_grad_params, fast):
     """The backward's launches for one layer signature, worked out once (host time per call);
     ``fast``: the prologue's math as hardware approximations (``fwd.FAST_MATH`` on CUDA)."""
     N, C, H, W = x_shape
@@ -588,16 +652,19 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     # written as contiguous NCHW planes (x in place), otherwise x comes channels-contiguous
     planes = per_image and (sh, sw) == (1, 1) and x_contiguous
     tiles = cdiv(HQ * WQ, BM)
-    dgrad = Launch(scd2d_dgrad_kernel,
-                    (N * tiles if per_image else cdiv(N * HQ * WQ, BM), cdiv(Cg, BN), G * sh * sw),
-                    (N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ),
+    grid = (N * tiles if per_image else cdiv(N * HQ * WQ, BM), cdiv(Cg, BN), G * sh * sw)
+    n_k = cdiv(R, step_h) * cdiv(S, step_w) * cdiv(Og, BK)     # the phase with the most taps
+    dgrad = Launch(scd2d_dgrad_kernel, grid,
+                    (N * HQ * WQ, tiles, H, W, G, Cg, Og, O, OH, OW, HQ, WQ, HQ * WQ, n_k),
                     (*conv, step_h, step_w),
                     dict(R=R, S=S, PRECISION=precision, BM=BM, BN=BN, BK=BK,
                          PER_IMAGE=per_image, PLANES=planes, EVEN_O=Og % BK == 0,
                          EVEN_C=Cg % BN == 0, OV=o_unit,
                          XV=channel_unit(dtype.itemsize, Cg, x_strides if planes else x_cl_strides),
-                         DV=channel_unit(dtype.itemsize, Cg, grad_x_strides), UNREAD=unread),
+                         DV=channel_unit(dtype.itemsize, Cg, grad_x_strides), UNREAD=unread,
+                         PARTIAL=False, SPLITS=0),
                     warps, stages)
+    dgrad_tile = (math.prod(grid), n_k, warps, BM * BN)
 
     flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
     taps = 1 if flat else R * S
@@ -622,10 +689,24 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                     warps, stages)
     # float32 unless it is the final gradient: the normalisation's Jacobian cancels its radial part
     ws_dtype = torch.float32 if splits > 1 or weight_norm != "none" else dtype
-    return _Plan(*prologues, w_layout, dgrad, planes,
-                 *_workspace((splits, O, R, S, Cg) if tap_major else (splits, O, Cg, R, S),
-                             ws_dtype, x_bytes, math.prod(w_layout[0]) * dtype.itemsize,
-                             out_bytes), wgrad)
+    workspace = _workspace((splits, O, R, S, Cg) if tap_major else (splits, O, Cg, R, S),
+                           ws_dtype, x_bytes, math.prod(w_layout[0]) * dtype.itemsize, out_bytes)
+    # the dgrad's split K in the room of the weight gradient's workspace beside grad_x
+    beside = need_grad_params and not workspace[2]
+    room = math.prod(workspace[0]) * ws_dtype.itemsize if beside else 0
+    programs, n_k, warps, tile = dgrad_tile
+    splits = _dgrad_splits(programs, n_k, sms or NOMINAL_SMS, warps, programs * tile * 4, room)
+    dgrad_partial, dgrad_ws_numel = None, 0
+    if splits > 1:
+        split_steps = cdiv(n_k, splits)
+        splits = cdiv(n_k, split_steps)         # none empty
+        dgrad = dgrad._replace(head=(*dgrad.head[:-1], split_steps))
+        dgrad_partial = dgrad._replace(grid=(*dgrad.grid[:2], dgrad.grid[2] * splits),
+                                       constexprs=dict(dgrad.constexprs, PARTIAL=True))
+        dgrad = dgrad._replace(constexprs=dict(dgrad.constexprs, SPLITS=splits), stages=1)
+        dgrad_ws_numel = splits * programs * tile
+    return _Plan(*prologues, w_layout, dgrad, planes, *workspace, wgrad, dgrad_partial,
+                 dgrad_ws_numel)
 
 
 def prologue_launches(plan, grad_y_strides, c_strides):
@@ -700,7 +781,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     plan = _plan(x.shape, x.stride(), x.is_contiguous(), weight.shape, c.shape[-2:],
                  fmt == torch.contiguous_format, x.dtype, cuda, dev.index or 0, tuple(stride),
                  tuple(padding), tuple(dilation), groups, eps, weight_norm,
-                 dot_precision(x.dtype), need_grad_x, cuda and fwd.FAST_MATH)
+                 dot_precision(x.dtype), need_grad_x, need_grad_params, cuda and fwd.FAST_MATH)
     N, O, OH, OW = c.shape
     G = groups
 
@@ -740,7 +821,14 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
     x_d = x if plan.planes else x_cl
 
     def dgrad():
-        plan.dgrad((grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride()))
+        tensors, strides = (grad_d, w_hat, gns, x_d, grad_x), (*x_d.stride(), *grad_x.stride())
+        if plan.dgrad_partial is not None:     # split K: the parts, then their sum
+            ws = torch.empty(plan.dgrad_ws_numel, dtype=torch.float32, device=dev)
+            plan.dgrad_partial((*tensors, ws), strides)
+            tensors = (*tensors, ws)
+        elif plan.dgrad.kernel is scd2d_dgrad_kernel:
+            tensors = (*tensors, grad_x)       # stands in for the unsplit GEMM's workspace
+        plan.dgrad(tensors, strides)
 
     # the dgrad on ŵ from the forward's normalisation kernel when no Jacobian launch carries
     # ŵ, or first, when ŵ would share the peak with a workspace beside grad_x (``_workspace``)
@@ -772,6 +860,7 @@ def scd2d_bwd(grad_y, x, weight, p, q, c, norm, stride, padding, dilation, group
                                             splits=ws.shape[0], partials=partials, w_hat=w_hat,
                                             w_hat_strides=out_strides, groups=G,
                                             tap_major=tap_major)
+        ws = None   # read: a split dgrad's workspace takes its room (``_dgrad_splits``)
     if need_grad_x and not dgrad_first:
         dgrad()
     return (grad_x, *grads_w)
@@ -798,7 +887,8 @@ def report_jobs():
         magic = dict(zip(("oh_mul", "oh_shift", "ow_mul", "ow_shift"),
                          (*divisor_magic(H), *divisor_magic(W))))
         ints = dict(N=N, H=H, Wd=W, G=G, Cg=Cg, Og=Og, O=O, C=C, OH=H, OW=W, M=N * P, P_IMG=P,
-                    TILES=cdiv(P, BM), HQ=H, WQ=W, P_Q=P, step_h=1, step_w=1, **x, **gx,
+                    TILES=cdiv(P, BM), HQ=H, WQ=W, P_Q=P, SPLIT_STEPS=9, step_h=1, step_w=1,
+                    **x, **gx,
                     **out, **conv, **magic)
         return ints, dict(ints, **cl_x)  # the ints of the dgrad / prologue and of the wgrad
 
@@ -812,11 +902,12 @@ def report_jobs():
 
     def dgrad_ptrs(dt):
         """The pointer dtypes of both dgrad kernels (GEMM and direct) in dtype ``dt``."""
-        return dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt)
+        return dict(GD=dt, W=dt, GNS="*fp32", X=dt, GX=dt, WS="*fp32")
 
     def gemm_pair(dt, dcfg, wcfg, d_ints, w_ints, dgrad_flags, wgrad_flags):
         """(kernel, config, ints, pointer dtypes, flags) of a layer's dgrad and wgrad GEMMs."""
-        return ((scd2d_dgrad_kernel, dcfg, d_ints, dgrad_ptrs(dt), dict(dgrad_flags, UNREAD=False)),
+        return ((scd2d_dgrad_kernel, dcfg, d_ints, dgrad_ptrs(dt),
+                 dict(dgrad_flags, UNREAD=False, PARTIAL=False, SPLITS=0)),
                 (scd2d_wgrad_kernel, wcfg, w_ints, dict(GD=dt, X=dt, WS="*fp32"),
                  dict(wgrad_flags, FLAT=False, WIDE=False, WS_TAP_MAJOR=WGRAD_WS_TAP_MAJOR)))
 
@@ -861,6 +952,27 @@ def report_jobs():
                                     dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, **extra,
                                          **units(fn, lay, itemsize)),
                                     ptrs, warps, stages))
+            # split K (``fwd.split_k``): 3×3 512→512 7² b32 on 132 SMs, 100 tiles of 72 steps
+            # (NCHW: 128), 2 splits (float32 channels_last: 104 tiles of 144); the partial
+            # launch, then the sum and the epilogue
+            BM, BN, BK, warps, stages = gemm[-1][1]
+            lay, _ = layer(layout, 512, 512, 1, BM, H=7, W=7)
+            tiles = (32 * cdiv(49, BM) if nchw else cdiv(32 * 49, BM)) * cdiv(512, BN)
+            n_k = 9 * cdiv(512, BK)
+            splits = split_k(tiles, n_k, NOMINAL_SMS, warps)
+            if dtype != "fp16" and splits > 1:
+                lay["SPLIT_STEPS"] = cdiv(n_k, splits)
+                flags = dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, PER_IMAGE=nchw,
+                             PLANES=nchw, EVEN_O=True, EVEN_C=True, UNREAD=False,
+                             **units(scd2d_dgrad_kernel, lay, itemsize))
+                name = f"512-512 7^2 (split K) BM{BM}-BN{BN}-BK{BK}-w{warps}"
+                for suffix, st, partial, summed in ((f"-s{stages} partial", stages, True, 0),
+                                                    (f"-s1 {splits} splits, epilogue", 1, False,
+                                                     splits)):
+                    jobs.append(job(scd2d_dgrad_kernel, name + suffix, dtype, layout,
+                                    ints(scd2d_dgrad_kernel, lay),
+                                    dict(flags, PARTIAL=partial, SPLITS=summed), dgrad_ptrs(dt),
+                                    warps, st))
             if not nchw:   # the flat wgrad of a 3→80 5×5 stem (x always channels-contiguous)
                 BM, BN, BK, warps, stages = WGRAD_FLAT_CONFIG
                 _, stem = layer(layout, 3, 80, 1, BM, N=64, H=32, W=32)
@@ -925,7 +1037,7 @@ def report_jobs():
                                 layout, ints(scd2d_dgrad_kernel, lay),
                                 dict(R=1, S=1, PRECISION="tf32", BM=BM, BN=BN, BK=BK,
                                      PER_IMAGE=False, PLANES=False, EVEN_O=True, EVEN_C=True,
-                                     UNREAD=True,
+                                     UNREAD=True, PARTIAL=False, SPLITS=0,
                                      **units(scd2d_dgrad_kernel, lay, itemsize)),
                                 dgrad_ptrs(dt), warps, stages))
                 # the prologue's GPU tiles of 3×3 40→40 8² b64, and of a depthwise layer (3×3,

@@ -144,7 +144,8 @@ def test_a_split_k_keeps_the_forward_loop_and_sums_its_parts_without_mma(rows):
 
 @pytest.mark.parametrize("kernel", ["scd2d_dgrad_kernel", "scd2d_wgrad_kernel"])
 def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel):
-    every = [r for r in rows if r["kernel"] == kernel and " edge " not in r["config"]]
+    every = [r for r in rows if r["kernel"] == kernel and " edge " not in r["config"]
+             and "split K" not in r["config"]]
     mine = [r for r in every if not r["config"].startswith("flat")]
     for r in every:   # the flat (channel, tap) wgrad of narrow layers included
         _tensor_cores(r)
@@ -166,6 +167,24 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
     for r in mine:
         if r["layout"] == "nchw":
             assert 0 < r["loop_instructions"] <= cl[key(r)] * 1.05, r
+
+
+def test_a_split_dgrad_keeps_its_loop_and_sums_its_parts_without_mma(rows):
+    """3×3 512→512 7² b32 splits the dgrad's K too: the partial launch's loop (no box sum) is
+    within the unsplit dgrad's bound, on tensor cores, without spills; the second launch sums
+    the parts and the taps' box sums with no MMA and no spills (NCHW: its workspace tiles run
+    along positions, as grad_x: 120 B of spills with rows along channels, sm_90)."""
+    split = [r for r in rows if r["kernel"] == "scd2d_dgrad_kernel" and "split K" in r["config"]]
+    partial = [r for r in split if r["config"].endswith("partial")]
+    summing = [r for r in split if r["config"].endswith("epilogue")]
+    both = {(lay, a) for lay in ("channels_last", "nchw") for a in ("sm_80", "sm_90")}
+    assert {(r["layout"], r["arch"]) for r in partial if r["dtype"] == "bf16"} == both
+    assert {(r["layout"], r["arch"]) for r in summing if r["dtype"] == "bf16"} == both
+    for r in partial:
+        _tensor_cores(r)
+        assert 0 < r["loop_instructions"] <= BACKWARD_LOOP_BOUND["scd2d_dgrad_kernel"][r["arch"]], r
+    for r in summing:
+        assert r["spill_bytes"] == 0 and r["mma_instructions"] == 0 and r["registers"] <= 255, r
 
 
 def test_strided_dgrad_loops_do_not_divide(rows):

@@ -16,7 +16,7 @@ import scd_triton
 from cases import Case, params, run_against_oracle
 from helpers import DEVICE, assert_close, gpu
 from scd_triton.kernels.shapes import every_input_read, output_hw
-from test_kernels import KERNEL_CASES, NEW_PATH_CASES
+from test_kernels import KERNEL_CASES, NEW_PATH_CASES, _square_layer
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +53,122 @@ STRIDED_DILATED_CASES = [
 @pytest.mark.parametrize("case", params(STRIDED_DILATED_CASES))
 def test_strided_dilated_gradients(case):
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton", device=DEVICE)
+
+
+def test_the_dgrad_splits_k_where_its_tiles_fill_under_half_the_gpu_and_memory_allows(
+        monkeypatch):
+    """The dgrad GEMM splits K by the forward's rule (``fwd.split_k``) on 132 SMs, as far as its
+    float32 workspace fits in the room of the weight gradient's workspace beside grad_x: 3×3
+    512→512 7² b32 (100 tiles of 72 K steps; 128 per-image tiles with NCHW; float32 104 of
+    144), whose weight-gradient workspace takes 9.4 MB, splits in two, and not with frozen
+    weights; 3×3 40→40 8² b64 (32 tiles of 18) not (its weight-gradient workspace lies in
+    grad_x), though its tiles alone would; layers that fill the GPU not."""
+    from scd_triton.kernels import bwd
+    monkeypatch.setattr(bwd, "sm_count", lambda device_index: 132)
+
+    def splits(N, C, O, side, stride=1, nchw=False, dtype=torch.bfloat16, params=True,
+               any_room=False):
+        x_strides = (C * side * side, side * side, side, 1) if nchw else \
+            (C * side * side, 1, side * C, C)
+        out = (side - 1) // stride + 1
+        with pytest.MonkeyPatch.context() as patch:
+            if any_room:     # the tiles' rule alone
+                patch.setattr(bwd, "_dgrad_splits", lambda *a: bwd.split_k(*a[:4]))
+            plan = bwd._plan.__wrapped__((N, C, side, side), x_strides, nchw, (O, C, 3, 3),
+                                         (out, out), nchw, dtype, True, 0, (stride, stride),
+                                         (1, 1, 1, 1), (1, 1), 1, 1e-12, "norm_q", "tf32", True,
+                                         params, True)
+        summing = plan.dgrad.constexprs
+        if plan.dgrad_partial is None:
+            assert not summing["PARTIAL"] and summing["SPLITS"] == 0
+            return 1
+        assert plan.dgrad_partial.constexprs["PARTIAL"] and not summing["PARTIAL"]
+        assert plan.dgrad_partial.grid == (*plan.dgrad.grid[:2],
+                                           plan.dgrad.grid[2] * summing["SPLITS"])
+        return summing["SPLITS"]
+
+    for nchw in (False, True):
+        assert splits(32, 512, 512, 7, nchw=nchw) == 2
+        assert splits(32, 512, 512, 7, nchw=nchw, params=False) == 1
+        assert splits(64, 40, 40, 8, nchw=nchw) == 1
+        assert splits(64, 40, 40, 8, nchw=nchw, any_room=True) == 2
+        assert splits(32, 256, 256, 14, nchw=nchw, any_room=True) == 1     # 196 (NCHW 256) tiles
+        assert splits(32, 128, 128, 28, nchw=nchw, any_room=True) == 1
+        assert splits(32, 64, 128, 56, stride=2, nchw=nchw, any_room=True) == 1
+    assert splits(32, 512, 512, 7, dtype=torch.float32) == 2
+
+
+# the interpreter's dgrad takes K blocks of up to 64 output channels: O/G = 80 and 200 take 2
+# and 4 a tap, so these take two splits (``split_k``, as on 132 SMs)
+DGRAD_SPLIT_CASES = [
+    Case(2, 16, 6, 7, 80, (3, 3), padding=1),                   # 18 K steps
+    Case(1, 16, 9, 8, 80, (5, 5), stride=2, padding=2),         # phases of 18, 12, 12, 8 steps
+    Case(1, 16, 8, 8, 200, (3, 3), stride=2),                   # 16; last row, column unread
+    Case(2, 32, 5, 5, 160, (3, 3), padding=1, groups=2),        # 18 a group
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", params(DGRAD_SPLIT_CASES))
+def test_a_split_dgrad_matches_the_oracle_and_the_unsplit_dgrad(case, channels_last,
+                                                                monkeypatch):
+    """A split dgrad (partial sums of each split's K steps into a float32 workspace, then their
+    sum in split order, the box sum over all the phase's taps and the epilogue): the four
+    gradients against the oracle; then, from the same forward, grad_x as the unsplit dgrad
+    gives it but for the order of K's sums, the other gradients bit for bit, and 0 for the
+    pixels no patch reads, which hold NaN and Inf here."""
+    from scd_triton.kernels import bwd, scd2d_bwd, scd2d_fwd
+    dgrads = []
+    call = bwd.Launch.__call__
+
+    def recorded(self, *args):
+        if self.kernel is bwd.scd2d_dgrad_kernel:
+            dgrads.append((self.constexprs["PARTIAL"], self.constexprs["SPLITS"]))
+        return call(self, *args)
+
+    monkeypatch.setattr(bwd.Launch, "__call__", recorded)
+    bwd._plan.cache_clear()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton",
+                       channels_last=channels_last, device=DEVICE)
+    # the interpreter's plans; a GPU's configs and weight-gradient workspace differ
+    interpreted = DEVICE == "cpu"
+    if interpreted:
+        assert dgrads == [(True, 0), (False, 2)]
+
+    conv = case.oracle_kwargs()
+    args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], 1e-6)
+    x = torch.randn(case.N, case.C, case.H, case.W, device=DEVICE)
+    # pixels no patch reads: conv2d's input gradient of a ones kernel is 0 there
+    probe = x.clone().requires_grad_()
+    top, bottom, left, right = conv["padding"]
+    torch.nn.functional.conv2d(torch.nn.functional.pad(probe, (left, right, top, bottom)),
+                               torch.ones(case.O, case.C // case.groups, *case.kernel,
+                                          device=DEVICE),
+                               stride=conv["stride"], dilation=conv["dilation"],
+                               groups=conv["groups"]).sum().backward()
+    unread = probe.grad == 0
+    x[unread] = torch.where(torch.rand(int(unread.sum()), device=DEVICE) < 0.5,
+                            float("nan"), float("inf"))
+    x = x.contiguous(memory_format=fmt)
+    w = torch.randn(case.O, case.C // case.groups, *case.kernel, device=DEVICE)
+    p, q = torch.rand(case.O, device=DEVICE) + 1, torch.rand(case.O, device=DEVICE) * 0.2
+    y, c, norm = scd2d_fwd(x, w, p, q, *args, 1e-12, "norm_q", 1e-12)
+    grad_y = torch.randn_like(y)
+    backward = lambda: scd2d_bwd(grad_y, x, w, p, q, c, norm, *args, "norm_q", 1e-12)
+    split = backward()
+    monkeypatch.setattr(bwd, "split_k", lambda *a: 1)
+    bwd._plan.cache_clear()
+    try:
+        unsplit = backward()
+    finally:
+        bwd._plan.cache_clear()
+    if interpreted:
+        assert dgrads[-3:] == [(True, 0), (False, 2), (False, 0)]
+    assert (split[0][unread] == 0).all() and torch.isfinite(split[0]).all()
+    torch.testing.assert_close(split[0], unsplit[0], rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("w", "p", "q"), split[1:], unsplit[1:]):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("case", params([KERNEL_CASES[2], KERNEL_CASES[7]]))
@@ -97,7 +213,7 @@ def test_nchw_cases_run_masked_and_unmasked_channel_tiles():
         plan = bwd._plan((case.N, C, H, W), (C * H * W, H * W, W, 1), True,
                          (case.O, case.C // case.groups, *case.kernel), out_hw, True,
                          torch.float32, False, 0, stride, padding, dilation, case.groups, 1e-6,
-                         "none", "ieee", True, False)
+                         "none", "ieee", True, True, False)
         for name, launch in (("dgrad", plan.dgrad), ("wgrad", plan.wgrad)):
             seen |= {(name, flag, launch.constexprs[flag]) for flag in ("EVEN_O", "EVEN_C")}
         seen.add(("wgrad", "EVEN_M", plan.wgrad.constexprs["EVEN_M"]))
@@ -591,6 +707,77 @@ def test_the_dgrad_goes_first_when_the_workspace_is_beside_grad_x(monkeypatch):
     bwd._plan.cache_clear()
 
 
+@pytest.mark.parametrize("dgrad_first", [True, False], ids=["dgrad_first", "dgrad_last"])
+def test_a_split_dgrads_workspace_never_lives_beside_the_weight_gradients(dgrad_first,
+                                                                          monkeypatch):
+    """A deep layer on a small image splits the dgrad's K (3 splits) in the room of the weight
+    gradient's workspace (``bwd._dgrad_splits``): in either order of the two GEMMs, one
+    workspace is freed before the other is allocated (garbage collected first: the
+    interpreter keeps its arguments in reference cycles), so the peak holds the larger one."""
+    import gc
+    import weakref
+    from scd_triton.kernels import bwd
+    x, w, p, q = _leaves((1, 192, 3, 3), (192, 192, 3, 3), (192,), (192,))
+    grad_y = torch.randn(1, 192, 3, 3, device=DEVICE)
+    if not dgrad_first:      # ŵ small enough to go last (``bwd._workspace``)
+        workspace = bwd._workspace
+        monkeypatch.setattr(bwd, "_workspace", lambda *a: (*workspace(*a)[:3], False))
+    workspaces, overlaps, launch = {}, [], bwd.Launch.__call__
+
+    def recorded(self, tensors, strides):
+        name = {bwd.scd2d_wgrad_kernel: "wgrad", bwd.scd2d_dgrad_kernel: "dgrad"}.get(self.kernel)
+        if name == "wgrad" or name == "dgrad" and self.constexprs["PARTIAL"]:
+            gc.collect()
+            other = workspaces.get("dgrad" if name == "wgrad" else "wgrad")
+            overlaps.append((name, other is not None and other() is not None))
+            workspaces[name] = weakref.ref(tensors[-1])
+        return launch(self, tensors, strides)
+
+    monkeypatch.setattr(bwd.Launch, "__call__", recorded)
+    bwd._plan.cache_clear()
+    y = scd_triton.scd2d(x, w, p.detach().abs() + 1, q, padding=1, backend="triton")
+    torch.autograd.grad(y, (x, w, q), grad_y)
+    bwd._plan.cache_clear()
+    order = ["dgrad", "wgrad"] if dgrad_first else ["wgrad", "dgrad"]
+    assert overlaps == [(name, False) for name in order]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_split_dgrad_is_deterministic_on_a_deep_layer(dtype, monkeypatch):
+    """3×3 512→512 7² b32 splits the dgrad's K on an H100/H200 (100 tiles of 72 K steps; 104
+    of 144 in float32): four identical backward passes give the same grad_x bits (the parts
+    are summed in split order, no atomics), close to the unsplit dgrad's and, on two samples,
+    to the float64 oracle's."""
+    from scd_triton.kernels import bwd
+    x, w, p, q = _square_layer(32, 512, 7, dtype)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    grad_y = torch.randn(32, 512, 7, 7, device=DEVICE, dtype=dtype)
+    splits, launch = [], bwd.Launch.__call__
+    monkeypatch.setattr(bwd.Launch, "__call__", lambda self, *a: splits.append(
+        self.constexprs.get("SPLITS")) or launch(self, *a))
+
+    def grad_x():
+        y = scd_triton.scd2d(x, w, p, q, padding=1)
+        return torch.autograd.grad(y, (x, w), grad_y)[0]
+
+    got = [grad_x() for _ in range(4)]
+    assert 2 in splits, "no split on this GPU"
+    monkeypatch.setattr(bwd, "split_k", lambda *a: 1)
+    bwd._plan.cache_clear()
+    try:
+        unsplit = grad_x()
+    finally:
+        bwd._plan.cache_clear()
+    assert all(torch.equal(g, got[0]) for g in got[1:])
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+    assert rel(got[0], unsplit) < 1e-2
+    leaves = [t.detach()[:2].double().cpu().requires_grad_() if t is x else
+              t.detach().double().cpu() for t in (x, w, p, q)]
+    oracle.scd2d(*leaves, padding=(1, 1, 1, 1)).backward(grad_y[:2].double().cpu())
+    assert rel(got[0][:2].cpu(), leaves[0].grad) < (3e-2 if dtype == torch.bfloat16 else 1e-2)
+
+
 @pytest.mark.parametrize("need_grad_x", [True, False])
 @pytest.mark.parametrize("layer", [(32, 128, 28, 128, 1), (32, 64, 56, 128, 2), (64, 3, 32, 80, 1),
                                    (128, 128, 16, 256, 1)],
@@ -608,7 +795,7 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
     x_strides = (C * H * H, H * H, H, 1)
     plan = bwd._plan.__wrapped__((N, C, H, H), x_strides, True, (O, C, k, k), (OH, OH), False,
                                  torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
-                                 1e-12, "norm", "tf32", need_grad_x, True)
+                                 1e-12, "norm", "tf32", need_grad_x, True, True)
     ws_bytes = math.prod(plan.ws_shape) * plan.ws_dtype.itemsize
     x_bytes, out_bytes = N * C * H * H * 2, N * O * OH * OH * 2
     if plan.ws_in_grad_x:
@@ -622,7 +809,7 @@ def test_wgrad_workspace_costs_at_most_one_output_beyond_grad_x(layer, need_grad
         fewer = bwd._plan.__wrapped__((N, C, H, H), x_strides, True, (O, C, k, k), (OH, OH),
                                       False,
                                       torch.bfloat16, True, 0, (s, s), (k // 2,) * 4, (1, 1), 1,
-                                      1e-12, "norm", "tf32", False, True)
+                                      1e-12, "norm", "tf32", False, True, True)
         assert plan.ws_in_grad_x and plan.ws_shape[0] > fewer.ws_shape[0]
 
 
@@ -687,7 +874,7 @@ def test_positions_within_a_block_of_int32_are_refused():
     from scd_triton.kernels import bwd
     P = 2**31 - 100                                 # one 1-channel image of P positions
     args = ((1, 1, 1, P), (P, P, P, 1), True, (1, 1, 1, 1), (1, P), False, torch.float32, True, 0, (1, 1),
-            (0, 0, 0, 0), (1, 1), 1, 1e-12, "none", "tf32", True, True)
+            (0, 0, 0, 0), (1, 1), 1, 1e-12, "none", "tf32", True, True, True)
     with pytest.raises(ValueError, match="N·OH·OW = 2147483548 below 2\\*\\*31 - 128"):
         bwd._plan.__wrapped__(*args)
 
