@@ -1,6 +1,6 @@
 """Tolerances against the float64 oracle, per dtype, a comparison that names the tensor and
-prints the error, and the device the Triton tests run on (CUDA where there is one, else the
-interpreter on CPU)."""
+prints the error, the device the Triton tests run on (CUDA where there is one, else the
+interpreter on CPU), and a launcher's call with its K unsplit."""
 import pytest
 import torch
 
@@ -30,3 +30,14 @@ def assert_close(name, got, ref, dtype, grad=False, reduce_dim=1):
     assert diff.numel() == 0 or diff.max() <= 0, (
         f"{name}: elementwise mismatch at flat index {worst}: got {got.flatten()[worst].item():.6e}, "
         f"ref {ref.flatten()[worst].item():.6e} (rel {rel:.2e})")
+
+
+def unsplit(monkeypatch, launcher, call):
+    """``call()`` with the split-K rule of ``launcher`` (``kernels.fwd`` or ``kernels.bwd``)
+    giving one split, its launch plans worked out anew before and after."""
+    monkeypatch.setattr(launcher, "split_k", lambda *a: 1)
+    launcher._plan.cache_clear()
+    try:
+        return call()
+    finally:
+        launcher._plan.cache_clear()

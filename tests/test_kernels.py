@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import oracle
 import scd_triton
 from cases import CASES_2D, Case, params, run_against_oracle
-from helpers import DEVICE, assert_close, gpu
+from helpers import DEVICE, assert_close, gpu, unsplit
 from scd_triton.kernels import fwd, scd2d_fwd, uses_direct_kernel
 from scd_triton.kernels.fwd import gemm_config
 from scd_triton.kernels.launch import channel_unit
@@ -240,16 +240,10 @@ def test_a_split_k_matches_the_oracle_and_the_unsplit_kernel(case, channels_last
     conv = case.oracle_kwargs()
     call = lambda: scd2d_fwd(x, w, p, q, conv["stride"], conv["padding"], conv["dilation"],
                              conv["groups"], 1e-6, 1e-12, "norm_q", 1e-12)
-    split = call()
-    monkeypatch.setattr(fwd, "split_k", lambda *a: 1)
-    fwd._plan.cache_clear()
-    try:
-        unsplit = call()
-    finally:
-        fwd._plan.cache_clear()
-    for name, a, b in zip(("y", "c", "norm"), split, unsplit):
+    split, single = call(), unsplit(monkeypatch, fwd, call)
+    for name, a, b in zip(("y", "c", "norm"), split, single):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert torch.equal(split[2], unsplit[2])     # the norms do not depend on K's sums
+    assert torch.equal(split[2], single[2])      # the norms do not depend on K's sums
 
 
 @pytest.mark.parametrize("channels, C, unit", [(40, 40, 8), (44, 40, 4), (42, 40, 2),
@@ -484,14 +478,9 @@ def test_a_split_k_forward_is_deterministic_on_a_deep_layer(dtype, launched, mon
     with torch.no_grad():
         ys = [scd_triton.scd2d(x, w, p, q, padding=1) for _ in range(4)]
         assert any(c.get("PARTIAL") for c in launched), "no split on this GPU"
-        monkeypatch.setattr(fwd, "split_k", lambda *a: 1)
-        fwd._plan.cache_clear()
-        try:
-            unsplit = scd_triton.scd2d(x, w, p, q, padding=1)
-        finally:
-            fwd._plan.cache_clear()
+        single = unsplit(monkeypatch, fwd, lambda: scd_triton.scd2d(x, w, p, q, padding=1))
     assert all(torch.equal(y, ys[0]) for y in ys[1:])
-    assert ((ys[0].double() - unsplit.double()).norm() / unsplit.double().norm()).item() < 1e-2
+    assert ((ys[0].double() - single.double()).norm() / single.double().norm()).item() < 1e-2
     _assert_near_the_oracle(ys[0], x, w, p, q)
 
 

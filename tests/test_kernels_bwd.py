@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 import oracle
 import scd_triton
 from cases import Case, params, run_against_oracle
-from helpers import DEVICE, assert_close, gpu
+from helpers import DEVICE, assert_close, gpu, unsplit
 from scd_triton.kernels.shapes import every_input_read, output_hw
 from test_kernels import KERNEL_CASES, NEW_PATH_CASES, _square_layer
 
@@ -156,18 +156,12 @@ def test_a_split_dgrad_matches_the_oracle_and_the_unsplit_dgrad(case, channels_l
     y, c, norm = scd2d_fwd(x, w, p, q, *args, 1e-12, "norm_q", 1e-12)
     grad_y = torch.randn_like(y)
     backward = lambda: scd2d_bwd(grad_y, x, w, p, q, c, norm, *args, "norm_q", 1e-12)
-    split = backward()
-    monkeypatch.setattr(bwd, "split_k", lambda *a: 1)
-    bwd._plan.cache_clear()
-    try:
-        unsplit = backward()
-    finally:
-        bwd._plan.cache_clear()
+    split, single = backward(), unsplit(monkeypatch, bwd, backward)
     if interpreted:
         assert dgrads[-3:] == [(True, 0), (False, 2), (False, 0)]
     assert (split[0][unread] == 0).all() and torch.isfinite(split[0]).all()
-    torch.testing.assert_close(split[0], unsplit[0], rtol=1e-5, atol=1e-6)
-    for name, a, b in zip(("w", "p", "q"), split[1:], unsplit[1:]):
+    torch.testing.assert_close(split[0], single[0], rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("w", "p", "q"), split[1:], single[1:]):
         assert torch.equal(a, b), name
 
 
@@ -763,15 +757,10 @@ def test_a_split_dgrad_is_deterministic_on_a_deep_layer(dtype, monkeypatch):
 
     got = [grad_x() for _ in range(4)]
     assert 2 in splits, "no split on this GPU"
-    monkeypatch.setattr(bwd, "split_k", lambda *a: 1)
-    bwd._plan.cache_clear()
-    try:
-        unsplit = grad_x()
-    finally:
-        bwd._plan.cache_clear()
+    single = unsplit(monkeypatch, bwd, grad_x)
     assert all(torch.equal(g, got[0]) for g in got[1:])
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
-    assert rel(got[0], unsplit) < 1e-2
+    assert rel(got[0], single) < 1e-2
     leaves = [t.detach()[:2].double().cpu().requires_grad_() if t is x else
               t.detach().double().cpu() for t in (x, w, p, q)]
     oracle.scd2d(*leaves, padding=(1, 1, 1, 1)).backward(grad_y[:2].double().cpu())
