@@ -311,7 +311,7 @@ def test_sweep_variants_give_the_shipped_results_and_put_the_launchers_back():
     patched = lambda: (bwd._prologue_blocks, bwd._splits, fwd.gemm_config, fwd.vector_unit,
                        bwd.vector_unit, launch.vector_unit, fwd._block_k, fwd.saved_norm_format,
                        bwd.saved_norm_format, bwd.WGRAD_WS_TAP_MAJOR, fwd.split_k, bwd.split_k,
-                       bwd._dgrad_splits, weight.w_order)
+                       bwd._dgrad_splits, bwd._wgrad_config, weight.w_order)
     originals = patched()
     shape = Shape("test", "tiny", 1, 16, 80, 5, 5, 3)     # BN 128 in the forward: narrowed
     rows = sweep.run([shape], list(sweep.VARIANTS), torch.device("cpu"), log=lambda line: None)
