@@ -12,8 +12,9 @@ the prologue's, the split sum's and the forward prepare's Σ_c x² tiles were ch
 SASS alone, untimed), the next two the kernels' vector units and the forward's K blocks for
 channel counts that are not multiples of 16 (section 17: 3×3 40→40 and 1×1 80→40); the others
 try candidates: for the deep layers on small images, whose GEMMs fill under one wave of SMs,
-a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two), and 128×128
-weight-gradient tiles (a third less L2 traffic a MAC, section 22); the next two put back
+a dgrad K block of 64 for O/G ≤ 64 (one K step a tap instead of two), 128×128
+weight-gradient tiles (a third less L2 traffic a MAC) and, for short K, forward tiles of 64
+rows, two a SM (section 22); the next two put back
 the depthwise layers' norms positions-innermost and the weight gradient's workspace tap-minor
 (section 20), the next two the forward's K unsplit and channels_last weights read through
 their strides (section 21), and the last two the dgrad's K unsplit and a candidate, its K
@@ -90,6 +91,19 @@ def _square_wgrad(config):
         else config
 
 
+def _short_k_forward(config, Cg, R, S):
+    """A 16-bit forward config with 64×128 tiles of 4 warps where 128×128 ones of 8 run at most
+    8 K steps (conv1d k3 128→128: 6): two tiles a SM, so one's epilogue can overlap the
+    other's MMAs, where one 8-warp tile a SM leaves the tensor cores idle through it (sm_90
+    SASS, a warp: the whole kernel 1784 instructions, the split-K partial launch, which has no
+    epilogue, 928; a K step 139)."""
+    BM, BN, BK, flat_k, warps, stages = config
+    n_k = R * S * -(-Cg // BK)
+    if (BM, BN, warps) == (128, 128, 8) and not flat_k and n_k <= 8:
+        return 64, BN, BK, flat_k, 4, stages
+    return config
+
+
 def _narrow_forward(config):
     """A forward GEMM config with output-channel tiles of at most 64 (more programs)."""
     BM, BN, BK, flat_k, warps, stages = config
@@ -113,6 +127,9 @@ VARIANTS = {
     "wgrad splits halved": _patched(bwd, "_splits", lambda f: lambda *a: max(1, f(*a) // 2)),
     "wgrad splits doubled": _patched(bwd, "_splits", lambda f: lambda *a: 2 * f(*a)),
     "forward BN at most 64": _patched(fwd, "gemm_config", lambda f: lambda *a: _narrow_forward(f(*a))),
+    "forward 64-row tiles on short K": _patched(
+        fwd, "gemm_config", lambda f: lambda Cg, Og, R, S, G, M, fp32: _short_k_forward(
+            f(Cg, Og, R, S, G, M, fp32), Cg, R, S)),
     "dgrad BK 64 on narrow layers": _patched(   # one K step a tap for O/G ≤ 64, not two
         bwd, "_dgrad_config", lambda f: lambda dtype, Cg, Og, cuda: _wide_dgrad_k(
             f(dtype, Cg, Og, cuda), Og, cuda and dtype != torch.float32)),

@@ -326,6 +326,10 @@ def test_sweep_variants_give_the_shipped_results_and_put_the_launchers_back():
     assert sweep._wide_dgrad_k(small, 40, True) == (*small[:2], 64, *small[3:])
     assert sweep._wide_dgrad_k(small, 96, True) == small
     assert sweep._wide_dgrad_k(small, 40, False) == small
+    # the GPU-only candidate: 64-row forward tiles where 128×128 ones run at most 8 K steps
+    wide = fwd.gemm_config(128, 128, 1, 3, 1, 32 * 4096, False)
+    assert sweep._short_k_forward(wide, 128, 1, 3) == (64, *wide[1:4], 4, wide[5])
+    assert sweep._short_k_forward(wide, 128, 3, 3) == wide          # 18 steps
 
 
 def test_aligned_patches_report_what_readme_says():
