@@ -696,10 +696,10 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     room = math.prod(workspace[0]) * ws_dtype.itemsize if beside else 0
     programs, n_k, warps, tile = dgrad_tile
     splits = _dgrad_splits(programs, n_k, sms or NOMINAL_SMS, warps, programs * tile * 4, room)
+    split_steps = cdiv(n_k, splits)
+    splits = cdiv(n_k, split_steps)             # none empty
     dgrad_partial, dgrad_ws_numel = None, 0
     if splits > 1:
-        split_steps = cdiv(n_k, splits)
-        splits = cdiv(n_k, split_steps)         # none empty
         dgrad = dgrad._replace(head=(*dgrad.head[:-1], split_steps))
         dgrad_partial = dgrad._replace(grid=(*dgrad.grid[:2], dgrad.grid[2] * splits),
                                        constexprs=dict(dgrad.constexprs, PARTIAL=True))
