@@ -98,8 +98,8 @@ def _short_k_forward(config, Cg, R, S):
     SASS, a warp: the whole kernel 1784 instructions, the split-K partial launch, which has no
     epilogue, 928; a K step 139)."""
     BM, BN, BK, flat_k, warps, stages = config
-    n_k = R * S * -(-Cg // BK)
-    if (BM, BN, warps) == (128, 128, 8) and not flat_k and n_k <= 8:
+    short = not flat_k and fwd.k_steps(Cg, R, S, BK, flat_k) <= 8
+    if (BM, BN, warps) == (128, 128, 8) and short:
         return 64, BN, BK, flat_k, 4, stages
     return config
 

@@ -38,7 +38,7 @@ from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps
                       position_cursor, tile_positions, with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
-from .fwd import NOMINAL_SMS, dot_precision, pow2_between, sm_count, split_k
+from .fwd import NOMINAL_SMS, dot_precision, pow2_between, sm_count, split_k, split_launches
 from .launch import (Launch, cdiv, channel_unit, divisor_magic, next_power_of_2,
                      vector_unit)
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
@@ -664,7 +664,6 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
                          DV=channel_unit(dtype.itemsize, Cg, grad_x_strides), UNREAD=unread,
                          PARTIAL=False, SPLITS=0),
                     warps, stages)
-    dgrad_tile = (math.prod(grid), n_k, warps, BM * BN)
 
     flat = Cg < 16 and R * S > 1      # few channels: columns over (channel, tap), one tap axis
     taps = 1 if flat else R * S
@@ -694,17 +693,17 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     # the dgrad's split K in the room of the weight gradient's workspace beside grad_x
     beside = need_grad_params and not workspace[2]
     room = math.prod(workspace[0]) * ws_dtype.itemsize if beside else 0
-    programs, n_k, warps, tile = dgrad_tile
-    splits = _dgrad_splits(programs, n_k, sms or NOMINAL_SMS, warps, programs * tile * 4, room)
+    programs = math.prod(dgrad.grid)
+    tile_numel = dgrad.constexprs["BM"] * dgrad.constexprs["BN"]
+    splits = _dgrad_splits(programs, n_k, sms or NOMINAL_SMS, dgrad.warps,
+                           programs * tile_numel * 4, room)
     split_steps = cdiv(n_k, splits)
     splits = cdiv(n_k, split_steps)             # none empty
     dgrad_partial, dgrad_ws_numel = None, 0
     if splits > 1:
-        dgrad = dgrad._replace(head=(*dgrad.head[:-1], split_steps))
-        dgrad_partial = dgrad._replace(grid=(*dgrad.grid[:2], dgrad.grid[2] * splits),
-                                       constexprs=dict(dgrad.constexprs, PARTIAL=True))
-        dgrad = dgrad._replace(constexprs=dict(dgrad.constexprs, SPLITS=splits), stages=1)
-        dgrad_ws_numel = splits * programs * tile
+        dgrad_partial, dgrad = split_launches(
+            dgrad._replace(head=(*dgrad.head[:-1], split_steps)), splits)
+        dgrad_ws_numel = splits * programs * tile_numel
     return _Plan(*prologues, w_layout, dgrad, planes, *workspace, wgrad, dgrad_partial,
                  dgrad_ws_numel)
 

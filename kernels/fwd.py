@@ -384,6 +384,22 @@ def split_k(programs, n_k, sms, warps):
     return max(1, min(slots // max(programs, 1), n_k // SPLIT_MIN_STEPS))
 
 
+def split_launches(main, splits):
+    """The two launches of a K split ``splits`` ways (the forward's and the dgrad's GEMM):
+    ``PARTIAL`` programs over ``splits`` times grid axis 2 (split outermost), then ``main``
+    summing the ``SPLITS`` parts in one stage (no K loop to pipeline) and running the
+    epilogue."""
+    partial = main._replace(grid=(*main.grid[:2], main.grid[2] * splits),
+                            constexprs=dict(main.constexprs, PARTIAL=True))
+    return partial, main._replace(constexprs=dict(main.constexprs, SPLITS=splits), stages=1)
+
+
+def k_steps(Cg, R, S, BK, flat_k):
+    """K steps of the forward GEMM: (tap, channel block) pairs, or blocks of the flattened
+    (tap, channel) index with ``flat_k``."""
+    return cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
+
+
 @functools.lru_cache(maxsize=None)
 def gemm_config(Cg, Og, R, S, G, M, fp32):
     """One (BM, BN, BK, FLAT_K, num_warps, num_stages) per layer, no autotuning.
@@ -524,7 +540,7 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
             x_strides=restrided)
     BM, BN, BK, flat_k, warps, stages = gemm_config(Cg, Og, R, S, G, M, fp32)
     w_layout = _gemm_weight_layout(O, Cg, R, S, G, BN, BK, flat_k)
-    n_k = cdiv(Cg * R * S, BK) if flat_k else R * S * cdiv(Cg, BK)
+    n_k = k_steps(Cg, R, S, BK, flat_k)
     tiles = cdiv(P_img, BM)
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
     splits = split_k(grid[0] * grid[1] * G, n_k, sms, warps)
@@ -549,9 +565,7 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
              PARTIAL=False, SPLITS=0, **flags), warps, stages)
     partial, ws_numel = None, 0
     if splits > 1:
-        partial = main._replace(grid=(*grid[:2], G * splits),
-                                constexprs=dict(main.constexprs, PARTIAL=True))
-        main = main._replace(constexprs=dict(main.constexprs, SPLITS=splits), stages=1)
+        partial, main = split_launches(main, splits)
         ws_numel = splits * G * grid[0] * BM * w_layout[0][1]
     return _Plan(*shapes, w_layout, main, prepare, partial, ws_numel, copy, restrided)
 
@@ -714,7 +728,7 @@ def report_jobs():
                 else:
                     BM, BN, BK, flat_k, warps, stages = gemm_config(
                         Cg, Og, R, R, groups, N * H * W, dtype == "fp32")
-                    n_k = cdiv(Cg * R * R, BK) if flat_k else R * R * cdiv(Cg, BK)
+                    n_k = k_steps(Cg, R, R, BK, flat_k)
                     m_tiles = N * cdiv(H * W, BM) if layout == "nchw" else cdiv(N * H * W, BM)
                     splits = split_k(m_tiles * cdiv(Og, BN) * groups, n_k, NOMINAL_SMS, warps)
                     ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
