@@ -19,3 +19,12 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Every ``Launch`` the launchers make (``kernels.launch.Launch.__call__``), in order."""
+    from scd_triton.kernels.launch import Launch
+    made, call = [], Launch.__call__
+    monkeypatch.setattr(Launch, "__call__", lambda self, *a: made.append(self) or call(self, *a))
+    return made

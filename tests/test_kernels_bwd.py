@@ -110,7 +110,7 @@ DGRAD_SPLIT_CASES = [
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", params(DGRAD_SPLIT_CASES))
-def test_a_split_dgrad_matches_the_oracle_and_the_unsplit_dgrad(case, channels_last,
+def test_a_split_dgrad_matches_the_oracle_and_the_unsplit_dgrad(case, channels_last, launched,
                                                                 monkeypatch):
     """A split dgrad (partial sums of each split's K steps into a float32 workspace, then their
     sum in split order, the box sum over all the phase's taps and the epilogue): the four
@@ -118,15 +118,8 @@ def test_a_split_dgrad_matches_the_oracle_and_the_unsplit_dgrad(case, channels_l
     gives it but for the order of K's sums, the other gradients bit for bit, and 0 for the
     pixels no patch reads, which hold NaN and Inf here."""
     from scd_triton.kernels import bwd, scd2d_bwd, scd2d_fwd
-    dgrads = []
-    call = bwd.Launch.__call__
-
-    def recorded(self, *args):
-        if self.kernel is bwd.scd2d_dgrad_kernel:
-            dgrads.append((self.constexprs["PARTIAL"], self.constexprs["SPLITS"]))
-        return call(self, *args)
-
-    monkeypatch.setattr(bwd.Launch, "__call__", recorded)
+    dgrads = lambda: [(made.constexprs["PARTIAL"], made.constexprs["SPLITS"])
+                      for made in launched if made.kernel is bwd.scd2d_dgrad_kernel]
     bwd._plan.cache_clear()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     run_against_oracle(scd_triton.scd2d, case, torch.float32, "triton",
@@ -134,7 +127,7 @@ def test_a_split_dgrad_matches_the_oracle_and_the_unsplit_dgrad(case, channels_l
     # the interpreter's plans; a GPU's configs and weight-gradient workspace differ
     interpreted = DEVICE == "cpu"
     if interpreted:
-        assert dgrads == [(True, 0), (False, 2)]
+        assert dgrads() == [(True, 0), (False, 2)]
 
     conv = case.oracle_kwargs()
     args = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], 1e-6)
@@ -158,7 +151,7 @@ def test_a_split_dgrad_matches_the_oracle_and_the_unsplit_dgrad(case, channels_l
     backward = lambda: scd2d_bwd(grad_y, x, w, p, q, c, norm, *args, "norm_q", 1e-12)
     split, single = backward(), unsplit(monkeypatch, bwd, backward)
     if interpreted:
-        assert dgrads[-3:] == [(True, 0), (False, 2), (False, 0)]
+        assert dgrads()[-3:] == [(True, 0), (False, 2), (False, 0)]
     assert (split[0][unread] == 0).all() and torch.isfinite(split[0]).all()
     torch.testing.assert_close(split[0], single[0], rtol=1e-5, atol=1e-6)
     for name, a, b in zip(("w", "p", "q"), split[1:], single[1:]):
@@ -738,7 +731,7 @@ def test_a_split_dgrads_workspace_never_lives_beside_the_weight_gradients(dgrad_
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_split_dgrad_is_deterministic_on_a_deep_layer(dtype, monkeypatch):
+def test_a_split_dgrad_is_deterministic_on_a_deep_layer(dtype, launched, monkeypatch):
     """3×3 512→512 7² b32 splits the dgrad's K on an H100/H200 (100 tiles of 72 K steps; 104
     of 144 in float32): four identical backward passes give the same grad_x bits (the parts
     are summed in split order, no atomics), close to the unsplit dgrad's and, on two samples,
@@ -747,21 +740,15 @@ def test_a_split_dgrad_is_deterministic_on_a_deep_layer(dtype, monkeypatch):
     x, w, p, q = _square_layer(32, 512, 7, dtype)
     x, w = x.requires_grad_(), w.requires_grad_()
     grad_y = torch.randn(32, 512, 7, 7, device=DEVICE, dtype=dtype)
-    splits, launch = [], bwd.Launch.__call__     # the dgrad's (the forward splits K too)
-
-    def recorded(self, *args):
-        if self.kernel is bwd.scd2d_dgrad_kernel:
-            splits.append(self.constexprs["SPLITS"])
-        return launch(self, *args)
-
-    monkeypatch.setattr(bwd.Launch, "__call__", recorded)
-
     def grad_x():
         y = scd_triton.scd2d(x, w, p, q, padding=1)
         return torch.autograd.grad(y, (x, w), grad_y)[0]
 
     got = [grad_x() for _ in range(4)]
-    assert splits[:2] == [0, 2], "no split on this GPU"     # the parts, then their sum
+    # the dgrad's launches (the forward splits K too): the parts, then their sum
+    splits = [made.constexprs["SPLITS"] for made in launched
+              if made.kernel is bwd.scd2d_dgrad_kernel]
+    assert splits[:2] == [0, 2], "no split on this GPU"
     single = unsplit(monkeypatch, bwd, grad_x)
     assert all(torch.equal(g, got[0]) for g in got[1:])
     rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
