@@ -187,8 +187,9 @@ def scd2d_dgrad_kernel(
     forward's: ``PARTIAL`` runs K steps ``[s·SPLIT_STEPS, (s + 1)·SPLIT_STEPS)`` of its phase
     for split ``s`` (grid axis 2 = s·G·sh·sw + i_z) and stores its float32 tile into the
     workspace WS [splits, G·sh·sw, M tiles, C/G tiles, BM·BN]; then ``SPLITS`` > 0 sums the
-    SPLITS tiles in split order, gathers the box sum and the read flags over all the phase's
-    taps (the unsplit loop's order: the same bits) and runs the epilogue.
+    SPLITS tiles in split order where the K loop would run. The epilogue's box sum of
+    grad_‖s‖/‖s‖ and its read flags gather the phase's taps after the K loop or the sum, the
+    same code for both (the same bits), out of the loop's steps.
     """
     Og, O = in_units(Og, OV), in_units(O, OV)
     Cg, sxn, sxh, sxw = in_units(Cg, XV), in_units(sxn, XV), in_units(sxh, XV), in_units(sxw, XV)
@@ -242,8 +243,6 @@ def scd2d_dgrad_kernel(
         j_s = tap - j_r * ns
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    b_box = tl.zeros((BM,), dtype=tl.float32)
-    b_read = o_ihq < 0                     # [BM] False: positions some tap reaches (UNREAD)
     if PARTIAL or SPLITS > 0:
         # split K: the workspace tile of (split 0, i_z, i_m, i_n), BM·BN contiguous, positions
         # innermost for NCHW grad_x (the epilogue's order); int32 (a split workspace holds at
@@ -255,20 +254,9 @@ def scd2d_dgrad_kernel(
         else:
             p_ws += tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
         ws_split = ws_tiles * (BM * BN)
-    if SPLITS > 0:              # the partial sums in split order, then the taps' box sum
+    if SPLITS > 0:              # the partial sums in split order instead of the K loop
         for i_p in range(SPLITS):
             acc += tl.load(p_ws + i_p * ws_split)
-        for _ in range(nr * ns):
-            o_oh = o_ihq + (d_h0 - j_r * dq_h)                 # as the unsplit loop's taps
-            o_ow = o_iwq + (d_w0 - j_s * dq_w)
-            m_t = m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
-            b_box += tl.load(p_ns + o_oh * OW + o_ow, mask=m_t, other=0.0)
-            if UNREAD:
-                b_read = b_read | m_t
-            j_s += 1                           # the next tap column, tap row
-            row_done = j_s == ns
-            j_s = tl.where(row_done, 0, j_s)
-            j_r += row_done.to(tl.int32)
     else:
         for _ in range(k_lo, k_hi):
             r = r0 + j_r * step_h
@@ -290,11 +278,6 @@ def scd2d_dgrad_kernel(
             b_gd = tl.load((p_gd + o_pos * O)[:, None] + o_o[None, :], mask=m_gd,
                            other=0.0)                                    # [BM, BK]
             acc = tl.dot(b_gd, b_w, acc, input_precision=PRECISION)
-            if not PARTIAL:   # once per tap (a [BM] mask: the interpreter's scalar and [BM]
-                m_box = m_t & (o_ihq * 0 + i_ob == 0)                    # masks do not mix)
-                b_box += tl.load(p_ns + o_pos, mask=m_box, other=0.0)
-                if UNREAD:
-                    b_read = b_read | m_t
             i_ob += 1                          # the next channel block, tap column, tap row
             tap_done = i_ob == n_ob
             i_ob = tl.where(tap_done, 0, i_ob)
@@ -306,6 +289,25 @@ def scd2d_dgrad_kernel(
         tl.store(p_ws + i_s * ws_split, acc)
         return
 
+    # the box sum of grad_‖s‖/‖s‖ over the phase's taps, unrolled after the K loop so that its
+    # loads issue together (in the loop, a load once a tap cost every step 13–38 SASS
+    # instructions, and the tap's first step waited for it)
+    b_box = tl.zeros((BM,), dtype=tl.float32)
+    b_read = o_ihq < 0                     # [BM] False: positions some tap reaches (UNREAD)
+    j_r = i_n * 0
+    j_s = i_n * 0
+    for t in tl.static_range(R * S):
+        o_oh = o_ihq + (d_h0 - j_r * dq_h)                 # as the K loop's taps, in its order
+        o_ow = o_iwq + (d_w0 - j_s * dq_w)
+        m_t = (m_m & (o_oh >= 0) & (o_oh < OH) & (o_ow >= 0) & (o_ow < OW)
+               & (o_ihq * 0 + t < nr * ns))    # a [BM] mask: the interpreter mixes no scalar
+        b_box += tl.load(p_ns + o_oh * OW + o_ow, mask=m_t, other=0.0)
+        if UNREAD:
+            b_read = b_read | m_t
+        j_s += 1                               # the next tap column, tap row
+        row_done = j_s == ns
+        j_s = tl.where(row_done, 0, j_s)
+        j_r += row_done.to(tl.int32)
     m = m_m[:, None] & m_c[None, :]
     o_cg = (i_g * Cg + o_c)[None, :]
     o_x = input_offsets(o_n, o_q, o_ih, o_iw, sxn, sxh, sxw, PLANES)

@@ -21,8 +21,9 @@ LOOP_BOUND = {"sm_80": 400, "sm_90": 300}
 # the backward GEMMs' main configs, which are issue-bound: a large config's K step is 256
 # cycles of MMA on an H100 (the small ones' 128) against 290 (dgrad) and 382 (wgrad) SASS
 # instructions of 4 warps before this gate; the wgrad's position cursor took its loops from
-# 262-309 (sm_80) and 226-251 (sm_90) to 185-253 and 160-191 (Triton 3.6 and 3.9)
-BACKWARD_LOOP_BOUND = {"scd2d_dgrad_kernel": {"sm_80": 330, "sm_90": 256},
+# 262-309 (sm_80) and 226-251 (sm_90) to 185-253 and 160-191 (Triton 3.6 and 3.9); the
+# dgrad's box sum out of its loop took its loops from 211-289 and 183-207 to 180-270 and 155-193
+BACKWARD_LOOP_BOUND = {"scd2d_dgrad_kernel": {"sm_80": 280, "sm_90": 200},
                        "scd2d_wgrad_kernel": {"sm_80": 270, "sm_90": 200}}
 
 _SNIPPET = """
@@ -160,20 +161,21 @@ def test_backward_gemm_configs_have_no_spills_and_use_tensor_cores(rows, kernel)
     assert len(every) - len(mine) == (4 if kernel == "scd2d_wgrad_kernel" else 0)
     # NCHW grad_x stored along positions: the K loop no longer than channels_last's (before
     # per-image tiles, the NCHW dgrad spilled 744-1232 B; NCHW x tiles in the wgrad loop
-    # took 2038 instructions per K step on sm_80 against 441 on a channels_last copy); 5% for
-    # the register allocator's moves (16 more IMAD.MOV in the large sm_80 dgrad)
+    # took 2038 instructions per K step on sm_80 against 441 on a channels_last copy); 10% for
+    # the register allocator's moves (the same memory instructions; 16 more predicate moves,
+    # PRMT / PLOP3, in the small sm_80 dgrad with Triton 3.9)
     key = lambda r: (r["config"], r["dtype"], r["arch"])
     cl = {key(r): r["loop_instructions"] for r in mine if r["layout"] == "channels_last"}
     for r in mine:
         if r["layout"] == "nchw":
-            assert 0 < r["loop_instructions"] <= cl[key(r)] * 1.05, r
+            assert 0 < r["loop_instructions"] <= cl[key(r)] * 1.10, r
 
 
 def test_a_split_dgrad_keeps_its_loop_and_sums_its_parts_without_mma(rows):
-    """3×3 512→512 7² b32 splits the dgrad's K too: the partial launch's loop (no box sum) is
-    within the unsplit dgrad's bound, on tensor cores, without spills; the second launch sums
-    the parts and the taps' box sums with no MMA and no spills (NCHW: its workspace tiles run
-    along positions, as grad_x: 120 B of spills with rows along channels, sm_90)."""
+    """3×3 512→512 7² b32 splits the dgrad's K too: the partial launch's loop is within the
+    unsplit dgrad's bound, on tensor cores, without spills; the second launch sums the parts
+    and the taps' box sums with no MMA and no spills (NCHW: its workspace tiles run along
+    positions, as grad_x: 120 B of spills with rows along channels, sm_90)."""
     split = [r for r in rows if r["kernel"] == "scd2d_dgrad_kernel" and "split K" in r["config"]]
     partial = [r for r in split if r["config"].endswith("partial")]
     summing = [r for r in split if r["config"].endswith("epilogue")]
