@@ -19,21 +19,27 @@ the depthwise layers' norms positions-innermost and the weight gradient's worksp
 (section 20), the next two the forward's K unsplit and channels_last weights read through
 their strides (section 21), and the last two the dgrad's K unsplit and a candidate, its K
 split without the memory cap (section 22). Writes
-``<out-dir>/<gpu>-sweep.json``. Needs torch with CUDA and the project installed; on the whole
-suite, expect a few minutes, most of them compiling each variant's kernels (``--shapes`` /
-``--variants`` narrow it).
+``<out-dir>/<gpu>-sweep.json`` after every row (``complete`` once all ran), so that a run cut
+short by a lease's time limit keeps what it timed. Needs torch with CUDA and the project
+installed. Most of a variant's first call is compiling its kernels, one after another on one
+core: on the whole suite that is a few hundred kernels, ~2–3 s each, past a lease command's 10
+minutes. So first ``--jobs`` processes (default: one per core, up to 16) make every (shape,
+variant) call once, side by side, which compiles them into Triton's on-disk cache; the timing
+pass then finds them there (``--no-warm`` skips it; ``--shapes`` / ``--variants`` narrow the
+run).
 """
 import argparse
 import contextlib
 import datetime
 import json
 import os
+import sys
 import time
 
 import torch
 
 import scd_triton
-from bench import run as bench
+from bench import gpu_check, run as bench
 from bench.shapes import suite
 from scd_triton.kernels import bwd, fwd, launch, weight
 
@@ -175,27 +181,64 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run(shapes, variants, device, log=print):
-    """Rows (shape, variant, forward and training-step µs, relative errors against "shipped")
-    for each shape and each of ``variants`` (names of ``VARIANTS``; "shipped" always first)."""
+def _layer(shape, device):
+    """``(fn, (x, w, p, q), grad_y)`` of ``shape``: the triton backend's call on channels_last
+    inputs, bfloat16 on CUDA, float32 on CPU (the interpreter)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    stride, padding = bench._conv_args(shape)
+    fn = lambda x, w, p, q: scd_triton.scd2d(x, w, p, q, stride, padding, 1, shape.groups,
+                                             backend="triton")
+    torch.manual_seed(0)
+    inputs = bench.make_inputs(shape, dtype, device, "channels_last")
+    return fn, inputs, torch.randn_like(fn(*inputs))
+
+
+def _variant_calls(fn, inputs, grad):
+    """``(results, forward, step)`` under the variant entered: y and the gradients of x and w
+    of one training step, and the two calls the sweep times (the no-grad forward and the
+    training step; their first calls compile what the variant changes)."""
+    x, w, p, q = inputs
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fn(xg, wg, p, q)
+    results = (y.detach(), *torch.autograd.grad(y, (xg, wg), grad))
+    forward = torch.no_grad()(lambda: fn(x, w, p, q))
+    step = lambda: torch.autograd.grad(fn(xg, wg, p, q), (xg, wg), grad)
+    return results, forward, step
+
+
+def _names(variants):
+    """The variants a run takes, "shipped" first."""
+    return ["shipped", *[v for v in variants if v != "shipped"]]
+
+
+def warm_shard(shapes, variants, index, count, device):
+    """Makes every call the sweep times once for the (shape, variant) pairs ``index``,
+    ``index + count``, … (shape by shape, variants in run order), which compiles their kernels
+    into Triton's on-disk cache; returns those pairs' labels."""
+    pairs = [(shape, name) for shape in shapes for name in _names(variants)][index::count]
+    layers = {}
+    for shape, name in pairs:
+        if shape.label not in layers:
+            layers[shape.label] = _layer(shape, device)
+        fn, inputs, grad = layers[shape.label]
+        with VARIANTS[name]():
+            _, forward, _ = _variant_calls(fn, inputs, grad)
+            forward()
+    return [(shape.label, name) for shape, name in pairs]
+
+
+def run(shapes, variants, device, log=print, on_row=None):
+    """Rows (shape, variant, forward and training-step µs, relative errors against "shipped")
+    for each shape and each of ``variants`` (names of ``VARIANTS``; "shipped" always first);
+    ``on_row(rows)`` after each row."""
     rows = []
     for shape in shapes:
-        stride, padding = bench._conv_args(shape)
-        fn = lambda x, w, p, q: scd_triton.scd2d(x, w, p, q, stride, padding, 1, shape.groups,
-                                                 backend="triton")
-        torch.manual_seed(0)
-        x, w, p, q = bench.make_inputs(shape, dtype, device, "channels_last")
-        grad = torch.randn_like(fn(x, w, p, q))
+        fn, inputs, grad = _layer(shape, device)
         reference = None
-        for name in ["shipped", *[v for v in variants if v != "shipped"]]:
+        for name in _names(variants):
             with VARIANTS[name]():
-                xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-                y = fn(xg, wg, p, q)
-                results = (y.detach(), *torch.autograd.grad(y, (xg, wg), grad))
-                fwd_us = _time_us(torch.no_grad()(lambda: fn(x, w, p, q)), device)
-                train_us = _time_us(lambda: torch.autograd.grad(fn(xg, wg, p, q), (xg, wg), grad),
-                                    device)
+                results, forward, step = _variant_calls(fn, inputs, grad)
+                fwd_us, train_us = _time_us(forward, device), _time_us(step, device)
             if reference is None:
                 reference = results
             row = dict(shape=shape.label, variant=name, fwd_us=round(fwd_us, 2),
@@ -206,7 +249,17 @@ def run(shapes, variants, device, log=print):
             log(f"{shape.label:36s} {name:36s} fwd {row['fwd_us']:9.2f} µs  train "
                 f"{row['train_us']:9.2f} µs  rel err y {row['rel_err_y']:.1e} grad_x "
                 f"{row['rel_err_grad_x']:.1e} grad_w {row['rel_err_grad_w']:.1e}")
+            if on_row is not None:
+                on_row(rows)
     return rows
+
+
+def save(path, device_name, rows, complete, **extra):
+    """Writes the sweep's JSON (``complete`` False while rows are still to come)."""
+    with open(path, "w") as f:
+        json.dump(dict(device=device_name, torch=torch.__version__,
+                       triton=bench._triton_version(), date=datetime.date.today().isoformat(),
+                       complete=complete, **extra, rows=rows), f, indent=1)
 
 
 def main(argv=None):
@@ -214,19 +267,40 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="*", help="keep shapes whose suite/name contains one")
     parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out-dir", default=bench.RESULTS_DIR)
+    parser.add_argument("--jobs", type=int, help="compiling processes (default: one per core, "
+                        "up to 16)")
+    parser.add_argument("--warm-timeout", type=float, default=300.0,
+                        help="seconds the compiling processes may take")
+    parser.add_argument("--no-warm", action="store_true", help="compile while timing instead")
+    parser.add_argument("--warm-shard", metavar="I/N", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.sweep needs a CUDA device (tests run `run` on CPU shapes)")
     device = torch.device("cuda")
     shapes = [s for s in suite(True, device.type)
               if not args.shapes or any(f in s.label for f in args.shapes)]
+    if args.warm_shard:      # a compiling process
+        index, count = map(int, args.warm_shard.split("/"))
+        warm_shard(shapes, args.variants, index, count, device)
+        return None
     name = bench.device_name(device)
-    rows = run(shapes, args.variants, device)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, bench.slug(name) + "-sweep.json")
-    with open(path, "w") as f:
-        json.dump(dict(device=name, torch=torch.__version__, triton=bench._triton_version(),
-                       date=datetime.date.today().isoformat(), rows=rows), f, indent=1)
+    warm = None
+    if not args.no_warm:
+        start = time.time()
+        jobs = args.jobs or min(16, os.cpu_count() or 1)
+        commands = [[sys.executable, "-m", "bench.sweep", "--warm-shard", f"{i}/{jobs}",
+                     "--shapes", *[s.label for s in shapes], "--variants", *args.variants]
+                    for i in range(jobs)]
+        codes, outs = gpu_check._run_processes(commands, [gpu_check._env()] * jobs,
+                                               [args.warm_timeout] * jobs)
+        code = gpu_check._first_failure(codes, outs, 3000)
+        warm = dict(exit_code=code, processes=jobs, seconds=round(time.time() - start, 1))
+        print(f"-- compiled in {warm['seconds']:.0f} s by {jobs} processes (exit {code})")
+    rows = run(shapes, args.variants, device,
+               on_row=lambda rows: save(path, name, rows, False, warm_up=warm))
+    save(path, name, rows, True, warm_up=warm)
     print(f"written: {path}")
     return rows
 

@@ -332,6 +332,30 @@ def test_sweep_variants_give_the_shipped_results_and_put_the_launchers_back():
     assert sweep._short_k_forward(wide, 128, 3, 3) == wide          # 18 steps
 
 
+def test_sweep_compiles_each_call_once_across_its_processes_and_saves_row_by_row(tmp_path):
+    """`python -m bench.sweep` first compiles in ``--jobs`` processes: their shards make every
+    (shape, variant) call once between them, none twice; the timing pass then writes its JSON
+    after every row, ``complete`` only at the end (a lease's time limit keeps what ran)."""
+    from bench import sweep
+    shapes = [Shape("test", "tiny", 1, 16, 16, 5, 5, 3), Shape("test", "wide", 1, 16, 24, 4, 4, 1)]
+    variants = ["dgrad K not split", "shipped", "forward K not split"]
+    done = [sweep.warm_shard(shapes, variants, i, 2, torch.device("cpu")) for i in range(2)]
+    assert sorted(done[0] + done[1]) == sorted((s.label, v) for s in shapes for v in variants)
+    assert not set(done[0]) & set(done[1])
+    path, seen = tmp_path / "cpu-sweep.json", []
+
+    def on_row(rows):
+        sweep.save(path, "cpu", rows, False, warm_up=None)
+        seen.append(json.loads(path.read_text()))
+    rows = sweep.run(shapes[:1], variants[:2], torch.device("cpu"), log=lambda line: None,
+                     on_row=on_row)
+    assert [len(data["rows"]) for data in seen] == [1, 2]
+    assert [r["variant"] for r in seen[-1]["rows"]] == ["shipped", "dgrad K not split"]
+    assert not any(data["complete"] for data in seen)
+    sweep.save(path, "cpu", rows, True)
+    assert json.loads(path.read_text())["complete"]
+
+
 def test_aligned_patches_report_what_readme_says():
     """`python -m bench.aligned_patches`: bfloat16 grad_x within SPEC's 1e-2 for loose matches,
     past it once patches nearly equal their kernels (reference and simulated kernels, also
