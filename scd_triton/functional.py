@@ -246,9 +246,11 @@ def _param_key(value):
 def _plan(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, backend, ndim,
           weight_norm, weight_norm_eps):
     """Validates a call (``x``, ``weight``: checked tensors, cast as autocast casts them); returns
-    ``(op args, p's value, q's value)``: the arguments of ``ops.scd2d`` from stride to the
-    resolved backend, and the values of a Python-float p and q (None for tensors, see
-    ``_check_param``). It reads metadata only, never a tensor's values."""
+    ``(op args, p's value, q's value, auto)``: the arguments of ``ops.scd2d`` from stride to
+    the resolved backend, the values of a Python-float p and q (None for tensors, see
+    ``_check_param``), and whether the backend was "auto"'s choice (``ops.scd2d`` then takes
+    the reference where the kernels cannot run the call). It reads metadata only, never a
+    tensor's values."""
     args = _core_args(x.shape, weight.shape, x.dtype, weight.dtype, stride, padding, dilation,
                       groups, eps, norm_eps, ndim)
     if weight_norm_eps is None:
@@ -258,11 +260,12 @@ def _plan(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, bac
         _check_fits(weight_norm_eps, "weight_norm_eps", compute_dtype(x.dtype))
     O = weight.shape[0]
     p_value, q_value = _check_param(p, "p", x, O), _check_param(q, "q", x, O)
+    auto = _backend_setting(backend) == "auto"
     backend = resolve_backend(backend, x.device, x.dtype)
     if x.shape[1] == 0:   # no input channels: every sum is 0; the kernels have no K to tile
         backend = "reference"
     return ((*args, float(eps), float(norm_eps), weight_norm, float(weight_norm_eps), backend),
-            p_value, q_value)
+            p_value, q_value, auto)
 
 
 _PLANS = {}   # a call's signature (everything _plan reads) -> its plan
@@ -313,12 +316,12 @@ def scd_nd(x, weight, p, q, stride, padding, dilation, groups, eps, norm_eps, ba
             _PLANS[key] = plan
     elif plan[0][-1] == "triton" and x.device.type == "cpu":
         resolve_backend("triton", x.device, x.dtype)   # TRITON_INTERPRET, read as Triton does
-    args, p_value, q_value = plan
+    args, p_value, q_value, auto = plan
     O = weight.shape[0]
     p_eff, q_eff = _effective(p, q, p_value, q_value, x, O)
     if ndim == 1:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
-    y = ops.scd2d(x, weight, p_eff, q_eff, args)
+    y = ops.scd2d(x, weight, p_eff, q_eff, args, auto)
     if ndim == 1:   # contiguous as conv1d's, also when x's channels were contiguous
         y = y.squeeze(2)
         return y if y.is_contiguous() else y.contiguous()

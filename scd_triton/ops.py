@@ -193,7 +193,8 @@ class _FirstOrderOnly(torch.autograd.Function):
     inputs are inputs here too, so that differentiating a gradient by any of them meets it
     (``torch.autograd.function.once_differentiable`` ties the gradients to ``grad_y`` only,
     and ``y.sum()``'s needs no grad: the second derivative came out as zero). In the form
-    ``torch.func`` takes (no ``ctx`` in ``forward``)."""
+    ``torch.func`` takes (no ``ctx`` in ``forward``), vmapped as its clones are."""
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(count, *tensors):
@@ -243,7 +244,11 @@ class _FuncSCD2d(torch.autograd.Function):
     """:class:`_EagerSCD2d` in the form ``torch.func`` transforms take (``grad``, ``vjp``; the
     reference backend): a forward without ``ctx`` that returns ``c`` and the norms as
     non-differentiable outputs, and ``setup_context``. Only under a transform: its ``apply``
-    costs ~80 µs more host time per training step (2-core CPU)."""
+    costs ~80 µs more host time per training step (2-core CPU). ``vmap`` runs its forward
+    and backward, the reference's torch ops, over the batched dimension (per-sample gradients:
+    ``vmap`` of ``grad`` over x); where an in-place op there would write a batched value into
+    an unbatched tensor (``vmap`` over p or q, ``jacrev``), torch raises."""
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, weight, p, q, args):
@@ -264,26 +269,32 @@ def _dual(*tensors):
             and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors))
 
 
-def scd2d(x, weight, p, q, args):
+def scd2d(x, weight, p, q, args, auto=False):
     """``y`` of the core op on validated arguments (p, q of shape [O]; ``args``: stride to
     backend, as :func:`forward` takes them), through the path that fits the call: the custom
-    op under torch.compile, else an autograd.Function or the bare forward."""
+    op under torch.compile, else an autograd.Function or the bare forward. Under a
+    ``torch.func`` transform or with dual tensors the Triton kernels cannot run: the reference
+    backend does if ``auto`` ("auto" chose Triton), else the call raises."""
     save = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or p.requires_grad or q.requires_grad)
     if torch.compiler.is_compiling():
         return torch.ops.scd_triton.scd2d_core(x, weight, p, q, *map(list, args[:3]), *args[3:],
                                                save)[0]
-    backend = args[-1]
     transform = under_func_transform()
-    if backend == "triton" and _dual(x, weight, p, q):
-        raise NotImplementedError("forward-mode AD (dual tensors) runs the reference backend "
-                                  "only: the Triton kernels would drop the tangents; pass "
-                                  "backend='reference' (or set SCD_BACKEND=reference)")
-    if transform and backend == "triton":
-        raise NotImplementedError("torch.func transforms (grad, vjp, vmap, ...) run the "
-                                  "reference backend only: they re-run a backward on wrapped "
-                                  "tensors, which the Triton kernels cannot read; pass "
-                                  "backend='reference' (or set SCD_BACKEND=reference)")
+    if args[-1] == "triton" and (transform or _dual(x, weight, p, q)):
+        if auto:
+            args = (*args[:-1], "reference")
+        elif _dual(x, weight, p, q):
+            raise NotImplementedError("forward-mode AD (dual tensors) runs the reference "
+                                      "backend only: the Triton kernels would drop the "
+                                      "tangents; pass backend='reference' or 'auto' (or set "
+                                      "SCD_BACKEND=reference)")
+        else:
+            raise NotImplementedError("torch.func transforms (grad, vjp, vmap, ...) run the "
+                                      "reference backend only: they re-run a backward on "
+                                      "wrapped tensors, which the Triton kernels cannot read; "
+                                      "pass backend='reference' or 'auto' (or set "
+                                      "SCD_BACKEND=reference)")
     if save:
         if transform:
             return _FuncSCD2d.apply(x, weight, p, q, args)[0]

@@ -435,6 +435,25 @@ def test_torch_func_grad_of_a_layer_matches_backward(parameterization):
         torch.testing.assert_close(grads[name], t.grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("parameterization", ["rohrer", "pisoni"])
+def test_per_sample_gradients_of_a_layer_are_each_samples_gradients(parameterization):
+    """Per-sample gradients as torch.func computes them for differentially private training:
+    ``vmap`` over the batch of ``grad`` over ``functional_call`` gives, for each sample, the
+    parameter gradients of that sample's own backward (float64: vmap batches the convolutions,
+    which moves float32's last bits)."""
+    layer = scd_triton.SCD2d(3, 4, 3, padding=1, parameterization=parameterization,
+                             dtype=torch.float64)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    params = {name: t.detach().clone() for name, t in layer.named_parameters()}
+    loss = lambda ps, sample: torch.func.functional_call(layer, ps, (sample[None],)).square().sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        layer.zero_grad()
+        layer(x[i:i + 1]).square().sum().backward()
+        for name, t in layer.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], t.grad)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "1d", "1d_transposed"])
 def test_output_can_be_modified_in_place_like_conv2d(backend, layout, monkeypatch):

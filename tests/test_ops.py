@@ -363,6 +363,39 @@ def test_second_derivatives_raise_and_first_derivatives_with_a_graph_do_not(back
                                    -2 * ((w - lr * grad_w) * grad_w).sum())
 
 
+@pytest.mark.skipif(not _triton_runs(), reason="needs CUDA or TRITON_INTERPRET=1")
+def test_auto_takes_the_reference_where_the_kernels_cannot_run():
+    """Where "auto" chose the Triton kernels, a torch.func transform or dual tensors run the
+    reference backend instead (the call gives the reference's gradients and tangents); where
+    the caller named "triton", they raise. Through ``ops.scd2d`` with the plan of a Triton
+    call, so that it runs on CPU too (there "auto" always takes the reference)."""
+    import torch.autograd.forward_ad as fwAD
+    from scd_triton import functional, ops
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = (t.to(device) for t in _args())
+    p, q = torch.rand(6, device=device) + 1, torch.rand(6, device=device) * 0.3
+    args = functional._plan(x, w, p, q, 1, 1, 1, 1, 1e-12, 1e-12, "triton", 2, "norm_q",
+                            None)[0]
+    assert args[-1] == "triton"
+    reference = (*args[:-1], "reference")
+    loss = lambda w, args, auto: ops.scd2d(x, w, p, q, args, auto).square().sum()
+    torch.testing.assert_close(torch.func.grad(loss)(w, args, True),
+                               torch.func.grad(loss)(w, reference, False), rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.grad(loss)(w, args, False)
+    v = torch.randn_like(x)
+    with fwAD.dual_level():
+        tangents = [fwAD.unpack_dual(ops.scd2d(fwAD.make_dual(x, v), w, p, q, a, auto)).tangent
+                    for a, auto in ((args, True), (reference, False))]
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            ops.scd2d(fwAD.make_dual(x, v), w, p, q, args, False)
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=0, atol=0)
+    if torch.cuda.is_available():   # the public call, "auto" by default
+        scd = lambda w, backend=None: scd_triton.scd2d(x, w, p, q, padding=1, backend=backend)
+        torch.testing.assert_close(torch.func.grad(lambda w: scd(w).sum())(w),
+                                   torch.func.grad(lambda w: scd(w, "reference").sum())(w))
+
+
 def test_forward_mode_runs_the_reference_backend_and_the_triton_backend_refuses_it():
     """Forward-mode AD: torch.func.jvp / jacfwd of a call that saves nothing for backward run
     the reference backend's torch ops (tangents against finite differences); the Triton
@@ -387,8 +420,9 @@ def test_forward_mode_runs_the_reference_backend_and_the_triton_backend_refuses_
 def test_torch_func_grad_and_vjp_match_autograd():
     """Under torch.func.grad / vjp the op (reference backend) runs as an autograd.Function of
     the transforms' form and gives autograd's gradients, bit for bit; vmap of its forward is
-    vmap of torch ops; per-sample gradients (vmap of grad) would need a batching rule for the
-    autograd.Function and raise torch's error; the Triton backend refuses transforms."""
+    vmap of torch ops; per-sample gradients (vmap of grad over x) are each sample's autograd
+    gradients (to float32 rounding: vmap batches the convolutions); vmap over p writes into an unbatched tensor in place and raises
+    torch's error; the Triton backend, asked for by name, refuses transforms."""
     x, w = _args()
     p, q = torch.rand(6) + 1, torch.rand(6) * 0.3
     scd = lambda x, w, p, q, backend="reference": scd_triton.scd2d(x, w, p, q, padding=1,
@@ -407,8 +441,15 @@ def test_torch_func_grad_and_vjp_match_autograd():
     xs = torch.stack([x, x.flip(0)])
     torch.testing.assert_close(torch.func.vmap(lambda x: scd(x, w, p, q))(xs),
                                torch.stack([scd(x, w, p, q) for x in xs]), rtol=0, atol=0)
+    sample_loss = lambda w, p, q, x: loss(x, w, p, q)      # x [C, H, W]: one sample
+    per_sample = torch.func.vmap(torch.func.grad(sample_loss, argnums=(0, 1, 2)),
+                                 in_dims=(None, None, None, 0))(w, p, q, x)
+    for i, x_i in enumerate(x):
+        leaves = [t.detach().clone().requires_grad_() for t in (w, p, q)]
+        for got, want in zip(per_sample, torch.autograd.grad(sample_loss(*leaves, x_i), leaves)):
+            torch.testing.assert_close(got[i], want)   # vmap batches the convolutions
     with pytest.raises(RuntimeError, match="vmap"):
-        torch.func.vmap(torch.func.grad(lambda x: scd(x, w, p, q).sum()))(xs)
+        torch.func.vmap(lambda p: scd(x, w, p, q))(torch.stack([p, p + 1]))
     if _triton_runs():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with pytest.raises(NotImplementedError, match="backend='reference'"):
