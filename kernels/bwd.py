@@ -38,7 +38,8 @@ from ._common import (advance_cursor, cursor_mask, cursor_step, dgrad_phase_taps
                       position_cursor, tile_positions, with_sign_of)
 from .bwd_direct import scd2d_dgrad_direct_kernel, scd2d_wgrad_direct_kernel
 from . import fwd
-from .fwd import NOMINAL_SMS, dot_precision, pow2_between, sm_count, split_k, split_launches
+from .fwd import (NOMINAL_SMS, dot_precision, pow2_between, sm_count, split_k,
+                  split_launches, whole_splits)
 from .launch import (Launch, cdiv, channel_unit, divisor_magic, next_power_of_2,
                      vector_unit)
 from .layout import CONFIG as COPY_CONFIG, copies_by_kernel, copy_tiles, to_channels_last
@@ -697,10 +698,8 @@ def _plan(x_shape, x_strides, x_contiguous, w_shape, out_hw, per_image, dtype, c
     room = math.prod(workspace[0]) * ws_dtype.itemsize if beside else 0
     programs = math.prod(dgrad.grid)
     tile_numel = dgrad.constexprs["BM"] * dgrad.constexprs["BN"]
-    splits = _dgrad_splits(programs, n_k, sms or NOMINAL_SMS, dgrad.warps,
-                           programs * tile_numel * 4, room)
-    split_steps = cdiv(n_k, splits)
-    splits = cdiv(n_k, split_steps)             # none empty
+    splits, split_steps = whole_splits(n_k, _dgrad_splits(
+        programs, n_k, sms or NOMINAL_SMS, dgrad.warps, programs * tile_numel * 4, room))
     dgrad_partial, dgrad_ws_numel = None, 0
     if splits > 1:
         dgrad_partial, dgrad = split_launches(
@@ -960,9 +959,9 @@ def report_jobs():
             lay, _ = layer(layout, 512, 512, 1, BM, H=7, W=7)
             tiles = (32 * cdiv(49, BM) if nchw else cdiv(32 * 49, BM)) * cdiv(512, BN)
             n_k = 9 * cdiv(512, BK)
-            splits = split_k(tiles, n_k, NOMINAL_SMS, warps)
+            splits, split_steps = whole_splits(n_k, split_k(tiles, n_k, NOMINAL_SMS, warps))
             if dtype != "fp16" and splits > 1:
-                lay["SPLIT_STEPS"] = cdiv(n_k, splits)
+                lay["SPLIT_STEPS"] = split_steps
                 flags = dict(R=3, S=3, PRECISION="tf32", BM=BM, BN=BN, BK=BK, PER_IMAGE=nchw,
                              PLANES=nchw, EVEN_O=True, EVEN_C=True, UNREAD=False,
                              **units(scd2d_dgrad_kernel, lay, itemsize))

@@ -394,6 +394,13 @@ def split_launches(main, splits):
     return partial, main._replace(constexprs=dict(main.constexprs, SPLITS=splits), stages=1)
 
 
+def whole_splits(n_k, splits):
+    """``(splits, steps a split)`` of ``n_k`` K steps cut at most ``splits`` ways into whole
+    steps, none of them empty (9 steps at most 4 ways: 3 splits of 3, a fourth would be empty)."""
+    steps = cdiv(n_k, splits)
+    return cdiv(n_k, steps), steps
+
+
 def k_steps(Cg, R, S, BK, flat_k):
     """K steps of the forward GEMM: (tap, channel block) pairs, or blocks of the flattened
     (tap, channel) index with ``flat_k``."""
@@ -543,9 +550,7 @@ def _plan(x_shape, x_strides, x_copies_by_kernel, w_shape, w_strides, weight_nor
     n_k = k_steps(Cg, R, S, BK, flat_k)
     tiles = cdiv(P_img, BM)
     grid = (N * tiles if per_image else cdiv(M, BM), cdiv(Og, BN), G)
-    splits = split_k(grid[0] * grid[1] * G, n_k, sms, warps)
-    split_steps = cdiv(n_k, splits)
-    splits = cdiv(n_k, split_steps)         # none empty
+    splits, split_steps = whole_splits(n_k, split_k(grid[0] * grid[1] * G, n_k, sms, warps))
     copy = transpose_x and x_copies_by_kernel
     # the prepare launch reads x, or torch's channels_last copy of it; the GEMM reads that copy
     prepare_strides = cl_strides if transpose_x and not copy else x_strides
@@ -730,10 +735,11 @@ def report_jobs():
                         Cg, Og, R, R, groups, N * H * W, dtype == "fp32")
                     n_k = k_steps(Cg, R, R, BK, flat_k)
                     m_tiles = N * cdiv(H * W, BM) if layout == "nchw" else cdiv(N * H * W, BM)
-                    splits = split_k(m_tiles * cdiv(Og, BN) * groups, n_k, NOMINAL_SMS, warps)
+                    splits, split_steps = whole_splits(n_k, split_k(
+                        m_tiles * cdiv(Og, BN) * groups, n_k, NOMINAL_SMS, warps))
                     ints.update(TILES=cdiv(H * W, BM), K=Cg * R * R, N_K=n_k,
                                 W_ROWS=n_k * BK, W_COLS=cdiv(Og, BN) * BN, M_TILES=m_tiles,
-                                SPLIT_STEPS=cdiv(n_k, splits))
+                                SPLIT_STEPS=split_steps)
                     ptrs["SQ"] = "*fp32"   # the GEMM's per-pixel Σ_c x²
                     consts = dict(flags, PRECISION="tf32", BM=BM, BN=BN, BK=BK, FLAT_K=flat_k,
                                   EVEN_K=Cg % BK == 0, CB_SHIFT=exact_log2(cdiv(Cg, BK)),

@@ -421,8 +421,9 @@ def test_torch_func_grad_and_vjp_match_autograd():
     """Under torch.func.grad / vjp the op (reference backend) runs as an autograd.Function of
     the transforms' form and gives autograd's gradients, bit for bit; vmap of its forward is
     vmap of torch ops; per-sample gradients (vmap of grad over x) are each sample's autograd
-    gradients (to float32 rounding: vmap batches the convolutions); vmap over p writes into an unbatched tensor in place and raises
-    torch's error; the Triton backend, asked for by name, refuses transforms."""
+    gradients (to float32 rounding: vmap batches the convolutions); vmap over p writes into
+    an unbatched tensor in place and raises torch's error; the Triton backend, asked for by
+    name, refuses transforms."""
     x, w = _args()
     p, q = torch.rand(6) + 1, torch.rand(6) * 0.3
     scd = lambda x, w, p, q, backend="reference": scd_triton.scd2d(x, w, p, q, padding=1,
